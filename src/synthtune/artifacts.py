@@ -1,0 +1,277 @@
+"""Artifact store on fsspec, and the one cache key every stage (and every Prefect task) uses.
+
+Layout: `{root}/{stage}/{key}/...files..., manifest.json`. A stage writes into a local staging
+folder, the files are copied to their final place, and `manifest.json` is written last: a folder
+without a manifest is unfinished and is never read. `{root}/latest.json` is the explicit pointer
+to the promoted adapter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import fsspec
+from pydantic import BaseModel
+
+MANIFEST = "manifest.json"
+LATEST = "latest.json"
+_VERSIONED_LIBS = ("synthtune", "torch", "transformers", "trl", "peft", "datasets", "distilabel", "lm_eval",
+                   "bitsandbytes", "accelerate", "prefect")
+
+
+class ArtifactRef(BaseModel):
+    """A finished stage output: where it is and what it holds (what Prefect passes between tasks)."""
+
+    stage: str
+    key: str
+    uri: str
+    summary: dict[str, Any] = {}
+
+
+# ---------------------------------------------------------------- cache keys
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_dir(path: str | Path) -> str:
+    """Contents of every file below `path` (names relative to it), in a stable order."""
+    h = hashlib.sha256()
+    root = Path(path)
+    for p in sorted(q for q in root.rglob("*") if q.is_file()):
+        h.update(str(p.relative_to(root)).encode() + b"\0" + sha256_file(p).encode() + b"\0")
+    return h.hexdigest()
+
+
+def key_payload(section: BaseModel) -> dict[str, Any]:
+    """A config section as key material: fields marked `affects_output=False` dropped, input
+    files and folders replaced by the sha256 of their contents (so moving a file changes nothing,
+    editing it changes the key)."""
+    out: dict[str, Any] = {}
+    for name, info in type(section).model_fields.items():
+        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        if extra.get("affects_output") is False:
+            continue
+        value = getattr(section, name)
+        content = extra.get("content") or _content_kind(info)
+        if value is None:
+            out[name] = None
+        elif isinstance(value, BaseModel):
+            out[name] = key_payload(value)
+        elif content == "file":
+            out[name] = {"sha256": sha256_file(value)}
+        elif content == "dir":
+            out[name] = {"sha256": sha256_dir(value)}
+        else:
+            out[name] = section.__pydantic_serializer__.to_python(section, mode="json", include={name})[name]
+    return out
+
+
+def _content_kind(info) -> str | None:
+    for meta in info.metadata:
+        extra = getattr(meta, "json_schema_extra", None)
+        if isinstance(extra, dict) and "content" in extra:
+            return extra["content"]
+    return None
+
+
+def stage_key(stage: str, version: str, payload: dict[str, Any], upstream: dict[str, str]) -> str:
+    """The cache key of a stage output: sha256 over stage name, stage code version, the config that
+    affects it (with file contents), the model identities it uses and its upstream keys."""
+    blob = json.dumps(
+        {"stage": stage, "version": version, "config": payload, "upstream": dict(sorted(upstream.items()))},
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- store
+
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for lib in _VERSIONED_LIBS:
+        try:
+            out[lib] = version(lib.replace("_", "-"))
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def git_sha() -> str | None:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True,
+            cwd=Path(__file__).resolve().parent,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+RUN_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("synthtune_run_id", default=None)
+
+
+def current_run_id() -> str | None:
+    """The orchestrator's run id for manifests (tasks/ set it to the Prefect flow run id)."""
+    return RUN_ID.get() or os.environ.get("SYNTHTUNE_RUN_ID")
+
+
+@dataclass
+class Staging:
+    """What a stage fills in while it writes: local files under `path`, plus manifest fields."""
+
+    path: Path
+    rows: dict[str, int] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class ArtifactStore:
+    """Stage outputs under one fsspec root (a local folder, s3://bucket/prefix, gs://...)."""
+
+    def __init__(self, root: str):
+        self.root_url = root
+        self.fs, path = fsspec.core.url_to_fs(root)
+        self.local = self.fs.protocol in ("file", "local") or "file" in self.fs.protocol
+        self.root = os.path.abspath(path) if self.local else path.rstrip("/")
+
+    def uri(self, *parts: str) -> str:
+        path = "/".join([self.root, *parts])
+        return path if self.local else self.fs.unstrip_protocol(path)
+
+    def _path(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    def manifest(self, stage: str, key: str) -> dict | None:
+        """The manifest of a finished output, or None when it is missing or unfinished."""
+        p = self._path(stage, key, MANIFEST)
+        if not self.fs.exists(p):
+            return None
+        with self.fs.open(p, "r") as f:
+            return json.load(f)
+
+    def ref(self, stage: str, key: str) -> ArtifactRef | None:
+        m = self.manifest(stage, key)
+        if m is None:
+            return None
+        return ArtifactRef(stage=stage, key=key, uri=self.uri(stage, key), summary=m.get("summary", {}))
+
+    @contextlib.contextmanager
+    def writing(self, stage: str, key: str, upstream: dict[str, str], config: dict) -> Iterator[Staging]:
+        """Stage files in a local folder; on success copy them to `{root}/{stage}/{key}/` and write the
+        manifest last. On error nothing that looks finished is left behind."""
+        tmp = Path(tempfile.mkdtemp(prefix=f"synthtune-{stage}-"))
+        staging = Staging(path=tmp)
+        try:
+            yield staging
+            files = {
+                str(p.relative_to(tmp)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+                for p in sorted(tmp.rglob("*"))
+                if p.is_file()
+            }
+            final = self._path(stage, key)
+            if self.fs.exists(final):  # leftovers of a crashed attempt: never finished, safe to replace
+                self.fs.rm(final, recursive=True)
+            self.fs.makedirs(final, exist_ok=True)
+            for rel in files:
+                self.fs.makedirs(os.path.dirname(self._path(stage, key, rel)), exist_ok=True)
+                self.fs.put_file(str(tmp / rel), self._path(stage, key, rel))
+            manifest = {
+                "stage": stage,
+                "key": key,
+                "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "run_id": current_run_id(),
+                "git_sha": git_sha(),
+                "versions": library_versions(),
+                "upstream": upstream,
+                "config": config,
+                "rows": staging.rows,
+                "metrics": staging.metrics,
+                "summary": {"rows": staging.rows, **staging.metrics},
+                "files": files,
+                **staging.extra,
+            }
+            self._write_json(self._path(stage, key, MANIFEST), manifest)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def _write_json(self, path: str, obj: Any) -> None:
+        # write-then-rename where the filesystem has rename; object stores put whole objects anyway
+        if self.local:
+            tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+            with open(tmp, "w") as f:
+                json.dump(obj, f, indent=2, default=str)
+            os.replace(tmp, path)
+        else:
+            with self.fs.open(path, "w") as f:
+                json.dump(obj, f, indent=2, default=str)
+
+    @contextlib.contextmanager
+    def local_copy(self, ref: ArtifactRef) -> Iterator[Path]:
+        """A local folder holding the files of `ref` (the folder itself on a local root)."""
+        if self.manifest(ref.stage, ref.key) is None:
+            raise FileNotFoundError(
+                f"artifact {ref.stage}/{ref.key} is missing or unfinished under {self.root_url} "
+                f"(no {MANIFEST}); rerun the {ref.stage} stage"
+            )
+        if self.local:
+            yield Path(self._path(ref.stage, ref.key))
+            return
+        tmp = Path(tempfile.mkdtemp(prefix=f"synthtune-{ref.stage}-"))
+        try:
+            self.fs.get(self._path(ref.stage, ref.key) + "/", str(tmp), recursive=True)
+            yield tmp
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def read_latest(self) -> dict | None:
+        p = self._path(LATEST)
+        if not self.fs.exists(p):
+            return None
+        with self.fs.open(p, "r") as f:
+            return json.load(f)
+
+    def write_latest(self, pointer: dict) -> None:
+        self.fs.makedirs(self.root, exist_ok=True)
+        self._write_json(self._path(LATEST), pointer)
+
+    def free_bytes(self) -> int | None:
+        """Free space at the root for local folders; None for object stores (no such limit)."""
+        if not self.local:
+            return None
+        p = Path(self.root)
+        while not p.exists():
+            p = p.parent
+        return shutil.disk_usage(p).free
+
+
+def produce(store: ArtifactStore, stage: str, key: str, upstream: dict[str, str], config: dict,
+            build) -> ArtifactRef:
+    """Return the finished output `{stage}/{key}` if its manifest exists; else run `build(staging)`
+    and commit what it wrote. The one place that decides skip-or-run, with or without Prefect."""
+    ref = store.ref(stage, key)
+    if ref is not None:
+        return ref
+    with store.writing(stage, key, upstream, config) as staging:
+        build(staging)
+    return store.ref(stage, key)

@@ -1,0 +1,116 @@
+"""Pipeline configuration: one typed model per stage, loaded from YAML with `a.b.c=value` overrides.
+
+Every model forbids unknown keys (a typo is an error), is frozen, and describes each field once:
+the description is what the Prefect parameter form and `--help` show.
+
+Relative paths of input files resolve against the folder of the YAML they were loaded from (or
+the working directory when the config comes from elsewhere, e.g. a Prefect parameter form).
+Fields created with `field(..., affects_output=False)` are left out of the stage cache key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError, model_validator
+
+from synthtune import STAGES
+from synthtune.fields import Section, field
+from synthtune.stages.evaluate import EvaluateConfig
+from synthtune.stages.filter import FilterConfig
+from synthtune.stages.generate import GenerateConfig
+from synthtune.stages.preflight import PreflightConfig
+from synthtune.stages.promote import PromoteConfig
+from synthtune.stages.template import TemplateConfig
+from synthtune.stages.train import TrainConfig
+
+
+class PipelineConfig(Section):
+    """The whole post-training loop: one section per stage."""
+
+    name: str = field("synthtune", "Name of this pipeline, shown in run names and reports.", affects_output=False)
+    student: str = field(
+        ..., "Student model: a Hugging Face id, a local folder, or `tiny:student` (the demo's locally built model)."
+    )
+    artifact_root: str = field(
+        ".synthtune/artifacts",
+        "Where every stage writes: a local folder or any fsspec URL (s3://, gs://).",
+        affects_output=False,
+    )
+    preflight: PreflightConfig = field(default_factory=PreflightConfig, description="Checks before any work.")
+    generate: GenerateConfig = field(..., description="Synthetic data from a teacher through distilabel.")
+    filter: FilterConfig = field(default_factory=FilterConfig, description="What synthetic rows are kept.")
+    template: TemplateConfig = field(default_factory=TemplateConfig, description="Chat template and lengths.")
+    train: TrainConfig = field(default_factory=TrainConfig, description="LoRA / QLoRA fine-tuning.")
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig, description="lm-eval, base vs tuned.")
+    promote: PromoteConfig = field(default_factory=PromoteConfig, description="When `latest` moves.")
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> PipelineConfig:
+        if self.promote.target_task not in self.evaluate.tasks:
+            raise ValueError(
+                f"promote.target_task '{self.promote.target_task}' is not in evaluate.tasks {self.evaluate.tasks}"
+            )
+        return self
+
+
+assert tuple(k for k in PipelineConfig.model_fields if k in STAGES) == STAGES
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names every field or file at fault."""
+
+
+def format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: {err.error_count()} problem(s)"]
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field (typo?)"
+        lines.append(f"  {where}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like a.b.c=value")
+    path, raw = text.split("=", 1)
+    return path.strip().split("."), yaml.safe_load(raw) if raw else ""
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Set `a.b.c=value` overrides (values parsed as YAML) into a nested dict."""
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{text}': '{k}' is not a section")
+        node[keys[-1]] = value
+    return data
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
+    """Load a pipeline YAML, apply overrides, validate. Raises ConfigError naming each bad field."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    data = apply_overrides(data, overrides or [])
+    try:
+        return PipelineConfig.model_validate(data, context={"base_dir": path.resolve().parent})
+    except ValidationError as e:
+        raise ConfigError(format_errors(e, str(path))) from None
+
+
+def to_yaml(cfg: PipelineConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

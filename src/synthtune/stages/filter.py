@@ -1,0 +1,118 @@
+"""filter: keep only synthetic rows worth training on, and count what each filter dropped.
+
+Filters run in order (exact dedup on normalized prompt text, then response length in student
+tokens). Every dropped row goes to `rejects.parquet` with the filter that dropped it; the funnel
+(rows in and out per filter) goes to the manifest. An empty result fails the stage before any
+training starts.
+
+Run as: synthtune filter configs/demo.yaml
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import TYPE_CHECKING
+
+from pydantic import model_validator
+
+from synthtune.artifacts import ArtifactRef, ArtifactStore, Staging, key_payload, produce, stage_key
+from synthtune.fields import Section, field
+from synthtune.models import fingerprint, load_tokenizer
+
+if TYPE_CHECKING:
+    from synthtune.config import PipelineConfig
+
+STAGE = "filter"
+VERSION = "1"
+UPSTREAM = ("generate",)
+
+
+class FilterConfig(Section):
+    dedup: bool = field(True, "Drop rows whose prompt repeats another's after lower-casing and collapsing spaces.")
+    min_tokens: int = field(1, "Fewest response tokens (student tokenizer) a row may have.", ge=0)
+    max_tokens: int = field(1024, "Most response tokens (student tokenizer) a row may have.", ge=1)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> FilterConfig:
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) is above max_tokens ({self.max_tokens})")
+        return self
+
+
+class EmptyDatasetError(RuntimeError):
+    pass
+
+
+def key(cfg: PipelineConfig, upstream: dict[str, str]) -> str:
+    payload = {"filter": key_payload(cfg.filter), "student": fingerprint(cfg.student)}
+    return stage_key(STAGE, VERSION, payload, upstream)
+
+
+def normalize(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip().casefold()
+
+
+def apply_filters(rows: list[dict], cfg: FilterConfig, count_tokens) -> tuple[list[dict], list[dict], list[dict]]:
+    """(kept, rejects with a `filter` and `reason`, funnel rows) for the configured filters, in order."""
+    funnel, rejects = [{"filter": "input", "rows_in": len(rows), "rows_out": len(rows), "dropped": 0}], []
+
+    def step(name: str, keep) -> None:
+        nonlocal rows
+        kept = []
+        for row in rows:
+            reason = keep(row)
+            if reason is None:
+                kept.append(row)
+            else:
+                rejects.append({**row, "filter": name, "reason": reason})
+        funnel.append({"filter": name, "rows_in": len(rows), "rows_out": len(kept), "dropped": len(rows) - len(kept)})
+        rows = kept
+
+    if cfg.dedup:
+        seen: dict[str, str] = {}
+
+        def first_of_prompt(row):
+            norm = normalize(row["prompt"])
+            if norm in seen:
+                return f"same prompt as row {seen[norm]}"
+            seen[norm] = row["id"]
+            return None
+
+        step("exact_dedup", first_of_prompt)
+
+    def within_bounds(row):
+        n = count_tokens(row["response"])
+        if n < cfg.min_tokens:
+            return f"{n} response tokens < min_tokens {cfg.min_tokens}"
+        if n > cfg.max_tokens:
+            return f"{n} response tokens > max_tokens {cfg.max_tokens}"
+        return None
+
+    step("token_length", within_bounds)
+    return rows, rejects, funnel
+
+
+def run(cfg: PipelineConfig, store: ArtifactStore, upstream: dict[str, ArtifactRef]) -> ArtifactRef:
+    import pandas as pd
+
+    src = upstream["generate"]
+
+    def build(staging: Staging) -> None:
+        with store.local_copy(src) as folder:
+            rows = pd.read_parquet(folder / "data.parquet").to_dict("records")
+        tok = load_tokenizer(cfg.student)
+        kept, rejects, funnel = apply_filters(rows, cfg.filter, lambda t: len(tok(t, add_special_tokens=False)["input_ids"]))
+        if not kept:
+            table = "\n".join(f"  {f['filter']:<14} in {f['rows_in']:>6}  out {f['rows_out']:>6}" for f in funnel)
+            raise EmptyDatasetError(f"every row was filtered out; nothing to train on. Funnel:\n{table}")
+        columns = list(rows[0].keys()) if rows else []
+        pd.DataFrame(kept, columns=columns).to_parquet(staging.path / "data.parquet", index=False)
+        pd.DataFrame(rejects, columns=columns + ["filter", "reason"]).to_parquet(
+            staging.path / "rejects.parquet", index=False)
+        (staging.path / "funnel.json").write_text(json.dumps(funnel, indent=2))
+        staging.rows.update(input=len(rows), kept=len(kept), rejected=len(rejects))
+        staging.extra["funnel"] = funnel
+
+    ups = {"generate": src.key}
+    return produce(store, STAGE, key(cfg, ups), ups, key_payload(cfg.filter), build)

@@ -1,0 +1,177 @@
+"""generate: synthetic answers from a teacher model through a distilabel pipeline.
+
+Seeds come from a JSONL file (`id` plus the prompt field). The teacher is a local transformers
+model (distilabel's `TransformersLLM`). distilabel's own cache is never used: it ignores changed
+input data and step code, so every run gets a fresh cache folder and `use_cache=False`; our
+cache key (seed contents, teacher identity, prompts, generation kwargs) decides instead.
+
+Run as: synthtune generate configs/demo.yaml
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import signal
+import threading
+from typing import TYPE_CHECKING
+
+from synthtune.artifacts import ArtifactRef, ArtifactStore, Staging, key_payload, produce, stage_key
+from synthtune.fields import InputFile, Section, field
+from synthtune.io import read_jsonl
+from synthtune.models import fingerprint, resolve
+
+if TYPE_CHECKING:
+    from synthtune.config import PipelineConfig
+
+STAGE = "generate"
+VERSION = "1"
+UPSTREAM: tuple[str, ...] = ()
+
+
+class GenerateConfig(Section):
+    teacher: str = field(
+        ..., "Teacher model: a Hugging Face id, a local folder, or `tiny:teacher` (the demo's locally built model)."
+    )
+    seeds: InputFile = field(..., "JSONL file of seed rows; each row needs an `id` and the prompt field.")
+    prompt_field: str = field("prompt", "Name of the field in each seed row that holds the instruction.")
+    system_prompt: str | None = field(None, "System prompt sent to the teacher with every seed.")
+    max_new_tokens: int = field(128, "Most tokens the teacher may write per answer.", ge=1, le=32768)
+    temperature: float = field(0.0, "Sampling temperature; 0 means greedy decoding.", ge=0, le=5)
+    num_generations: int = field(1, "Answers generated per seed.", ge=1, le=64)
+    batch_size: int = field(8, "Seeds sent to the teacher per batch.", ge=1, le=4096)
+    seed: int = field(0, "Random seed for sampling.")
+
+
+def key(cfg: PipelineConfig, upstream: dict[str, str]) -> str:
+    payload = {"generate": key_payload(cfg.generate), "teacher": fingerprint(cfg.generate.teacher)}
+    return stage_key(STAGE, VERSION, payload, upstream)
+
+
+class GenerationError(RuntimeError):
+    pass
+
+
+def load_seeds(gen: GenerateConfig) -> tuple[list[dict], list[dict]]:
+    """Valid seed rows, and quarantined ones with the reason (file, line, field)."""
+    rows, bad = read_jsonl(gen.seeds)
+    good = []
+    for row in rows:
+        prompt = row.get(gen.prompt_field)
+        where = {"file": str(gen.seeds), "line": row["_line"]}
+        if "id" not in row:
+            bad.append({**where, "reason": "missing field 'id'"})
+        elif not isinstance(prompt, str) or not prompt.strip():
+            bad.append({**where, "id": str(row["id"]), "reason": f"field '{gen.prompt_field}' missing or not text"})
+        else:
+            good.append({"id": str(row["id"]), "instruction": prompt})
+    return good, bad
+
+
+@contextlib.contextmanager
+def distilabel_guard():
+    """distilabel replaces the root logger's handlers during `run()` and installs a SIGINT handler,
+    which raises off the main thread (Prefect runs tasks in worker threads). Restore logging after,
+    and skip the handler where it cannot be installed."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    original_signal = signal.signal
+    if threading.current_thread() is not threading.main_thread():
+        signal.signal = lambda sig, handler: signal.getsignal(sig)  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        signal.signal = original_signal
+        root.handlers[:] = handlers
+        root.setLevel(level)
+
+
+def generation_kwargs(gen: GenerateConfig) -> dict:
+    greedy = gen.temperature == 0
+    return {
+        "max_new_tokens": gen.max_new_tokens,
+        "do_sample": not greedy,
+        "temperature": 1.0 if greedy else gen.temperature,
+        "repetition_penalty": 1.0,
+        "top_p": 1.0,
+        "top_k": 0,
+    }
+
+
+def _generate(cfg: PipelineConfig, staging: Staging, k: str) -> None:
+    seeds, quarantined = load_seeds(cfg.generate)
+    if not seeds:
+        raise GenerationError(f"{cfg.generate.seeds}: no usable seed rows; quarantined: {quarantined[:5]}")
+    # distilabel forks its workers: run it from a clean spawned process (see synthtune.child)
+    from synthtune.child import call_in_child
+
+    rows = call_in_child(_run_distilabel, cfg.generate, k, str(staging.path / ".distilabel"))
+    _write(cfg.generate, staging, rows, seeds, quarantined)
+
+
+def _run_distilabel(gen: GenerateConfig, k: str, cache_dir: str) -> list[dict]:
+    """Seeds through distilabel's TextGeneration; returns its rows (runs in a child process)."""
+    import torch
+    from distilabel.models.llms import TransformersLLM
+    from distilabel.pipeline import Pipeline
+    from distilabel.steps import LoadDataFromDicts
+    from distilabel.steps.tasks import TextGeneration
+
+    seeds, _ = load_seeds(gen)
+    torch.manual_seed(gen.seed)
+    llm = TransformersLLM(
+        model=resolve(gen.teacher),
+        device="cuda" if torch.cuda.is_available() else None,
+        torch_dtype="auto",
+        generation_kwargs=generation_kwargs(gen),
+    )
+    with Pipeline(name=f"synthtune-generate-{k}", cache_dir=cache_dir) as pipeline:
+        load = LoadDataFromDicts(data=seeds, batch_size=gen.batch_size)
+        task = TextGeneration(
+            llm=llm,
+            system_prompt=gen.system_prompt,
+            num_generations=gen.num_generations,
+            input_batch_size=gen.batch_size,
+            add_raw_output=False,
+            add_raw_input=False,
+        )
+        load >> task
+    with distilabel_guard():
+        distiset = pipeline.run(use_cache=False)
+    return distiset["default"]["train"].to_list()
+
+
+def _write(gen: GenerateConfig, staging: Staging, rows: list[dict], seeds: list[dict], quarantined: list[dict]) -> None:
+    import pandas as pd
+
+    # a step that raised makes distilabel emit rows of None instead of failing: fail here instead
+    failed = [r for r in rows if r.get("generation") is None and r.get("model_name") is None]
+    if rows and len(failed) == len(rows):
+        raise GenerationError(f"teacher {gen.teacher} produced no output for any of {len(rows)} seeds; "
+                              "see the distilabel log above for the step's error")
+    out, empty = [], 0
+    per_seed: dict[str, int] = {}
+    for r in rows:
+        text = r.get("generation")
+        if not isinstance(text, str) or not text.strip():
+            empty += 1
+            quarantined.append({"id": r["id"], "reason": "teacher returned no text"})
+            continue
+        idx = per_seed.get(r["id"], 0)
+        per_seed[r["id"]] = idx + 1
+        out.append({"id": r["id"], "prompt": r["instruction"], "response": text.strip(),
+                    "teacher": gen.teacher, "generation_index": idx})
+    shutil.rmtree(staging.path / ".distilabel", ignore_errors=True)
+    if not out:
+        raise GenerationError(f"teacher {gen.teacher} returned no usable text for any of {len(seeds)} seeds")
+    pd.DataFrame(out, columns=["id", "prompt", "response", "teacher", "generation_index"]).to_parquet(
+        staging.path / "data.parquet", index=False)
+    pd.DataFrame(quarantined, columns=["id", "file", "line", "reason"]).astype(str).to_parquet(
+        staging.path / "quarantine.parquet", index=False)
+    staging.rows.update(seeds=len(seeds), generated=len(out), quarantined=len(quarantined), empty=empty)
+
+
+def run(cfg: PipelineConfig, store: ArtifactStore, upstream: dict[str, ArtifactRef] | None = None) -> ArtifactRef:
+    k = key(cfg, {})
+    return produce(store, STAGE, k, {}, key_payload(cfg.generate), lambda st: _generate(cfg, st, k))

@@ -1,0 +1,110 @@
+"""preflight: cheap checks before any data or GPU time is spent.
+
+The config is already validated by pydantic (fields, ranges, files). Here: the student and teacher
+load without remote code, the student tokenizer has a chat template and a pad or eos token, the
+eval tasks exist, and the artifact root has the free disk the config asks for.
+
+Run as: synthtune preflight configs/demo.yaml
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING
+
+from synthtune.artifacts import ArtifactRef, ArtifactStore, Staging, key_payload, produce, stage_key
+from synthtune.fields import Section, field
+from synthtune.models import fingerprint, resolve
+
+if TYPE_CHECKING:
+    from synthtune.config import PipelineConfig
+
+STAGE = "preflight"
+VERSION = "1"
+GiB = 1 << 30
+
+
+class PreflightConfig(Section):
+    min_free_gb: float = field(1.0, "Free disk (GiB) required at the artifact root before anything runs.", ge=0)
+    allow_remote_code: bool = field(
+        False, "Allow models whose architecture needs `trust_remote_code`. Off: such models are refused."
+    )
+
+
+class PreflightError(RuntimeError):
+    """One or more checks failed; the message lists each with what to do."""
+
+
+def key(cfg: PipelineConfig, upstream: dict[str, str]) -> str:
+    # what it checks, and nothing else: a change to, say, train.lora.r must not rerun it
+    payload = {
+        "preflight": key_payload(cfg.preflight),
+        "evaluate_tasks": {"tasks": cfg.evaluate.tasks, **key_payload(cfg.evaluate)},
+        "models": [fingerprint(cfg.student), fingerprint(cfg.generate.teacher)],
+        "artifact_root": cfg.artifact_root,
+    }
+    return stage_key(STAGE, VERSION, payload, upstream)
+
+
+def check_model(spec: str, role: str, allow_remote_code: bool) -> list[str]:
+    """Problems with a model's config (architecture known locally, no remote code needed)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(resolve(spec), trust_remote_code=False)
+    except ValueError as e:
+        if "trust_remote_code" in str(e) and allow_remote_code:
+            return []
+        return [f"{role} '{spec}' needs remote code or is unknown to transformers: {e}. "
+                "Pick a natively supported model, or set preflight.allow_remote_code=true."]
+    except OSError as e:
+        return [f"{role} '{spec}' cannot be loaded: {e}"]
+    if getattr(config, "auto_map", None) and not allow_remote_code:
+        return [f"{role} '{spec}' ships custom code (auto_map); set preflight.allow_remote_code=true to allow it"]
+    return []
+
+
+def check_tokenizer(spec: str) -> list[str]:
+    from synthtune.models import load_tokenizer
+
+    tok = load_tokenizer(spec)
+    problems = []
+    if not tok.chat_template:
+        problems.append(f"student '{spec}' tokenizer has no chat template: use an instruct/chat variant "
+                        "or add `chat_template` to its tokenizer_config.json")
+    if tok.pad_token is None and tok.eos_token is None:
+        problems.append(f"student '{spec}' tokenizer has neither a pad nor an eos token")
+    return problems
+
+
+def check_disk(store: ArtifactStore, min_free_gb: float) -> tuple[list[str], float | None]:
+    free = store.free_bytes()
+    if free is None:
+        return [], None
+    if free < min_free_gb * GiB:
+        return [f"only {free / GiB:.2f} GiB free at {store.root_url}; preflight.min_free_gb asks for "
+                f"{min_free_gb:.2f} GiB. Free space or point artifact_root elsewhere."], free / GiB
+    return [], free / GiB
+
+
+def checks(cfg: PipelineConfig, store: ArtifactStore) -> tuple[list[str], dict]:
+    from synthtune.stages import evaluate
+
+    problems = check_model(cfg.student, "student", cfg.preflight.allow_remote_code)
+    problems += check_model(cfg.generate.teacher, "teacher", cfg.preflight.allow_remote_code)
+    if not problems:
+        problems += check_tokenizer(cfg.student)
+    problems += evaluate.check_tasks(cfg.evaluate)
+    disk, free_gb = check_disk(store, cfg.preflight.min_free_gb)
+    return problems + disk, {"free_gb": free_gb}
+
+
+def run(cfg: PipelineConfig, store: ArtifactStore, upstream: dict[str, ArtifactRef] | None = None) -> ArtifactRef:
+    def build(staging: Staging) -> None:
+        problems, facts = checks(cfg, store)
+        if problems:
+            raise PreflightError("preflight failed:\n" + "\n".join(f"  - {p}" for p in problems))
+        (staging.path / "report.json").write_text(json.dumps({"ok": True, **facts}, indent=2))
+        staging.metrics.update(facts)
+
+    return produce(store, STAGE, key(cfg, {}), {}, key_payload(cfg.preflight), build)
