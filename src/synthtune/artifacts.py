@@ -27,6 +27,8 @@ from typing import Any
 import fsspec
 from pydantic import BaseModel
 
+from synthtune.fields import content_kind
+
 MANIFEST = "manifest.json"
 LATEST = "latest.json"
 _VERSIONED_LIBS = ("synthtune", "torch", "transformers", "trl", "peft", "datasets", "distilabel", "lm_eval",
@@ -71,7 +73,7 @@ def key_payload(section: BaseModel) -> dict[str, Any]:
         if extra.get("affects_output") is False:
             continue
         value = getattr(section, name)
-        content = extra.get("content") or _content_kind(info)
+        content = content_kind(info.rebuild_annotation())
         if value is None:
             out[name] = None
         elif isinstance(value, BaseModel):
@@ -83,14 +85,6 @@ def key_payload(section: BaseModel) -> dict[str, Any]:
         else:
             out[name] = section.__pydantic_serializer__.to_python(section, mode="json", include={name})[name]
     return out
-
-
-def _content_kind(info) -> str | None:
-    for meta in info.metadata:
-        extra = getattr(meta, "json_schema_extra", None)
-        if isinstance(extra, dict) and "content" in extra:
-            return extra["content"]
-    return None
 
 
 def stage_key(stage: str, version: str, payload: dict[str, Any], upstream: dict[str, str]) -> str:

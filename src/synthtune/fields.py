@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, get_args, get_origin
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo
 
@@ -30,9 +30,22 @@ def _resolve_existing(kind: str):
     return check
 
 
-# Marked so the cache key hashes what is inside them, never their path.
-InputFile = Annotated[Path, AfterValidator(_resolve_existing("file")), Field(json_schema_extra={"content": "file"})]
-InputDir = Annotated[Path, AfterValidator(_resolve_existing("dir")), Field(json_schema_extra={"content": "dir"})]
+class ContentHashed:
+    """Annotation marker: the cache key hashes what is inside this file or folder, never its path."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+
+
+def content_kind(annotation: Any) -> str | None:
+    """'file' or 'dir' when an annotation (possibly inside Optional/Union) is an input path."""
+    if get_origin(annotation) is Annotated:
+        return next((m.kind for m in annotation.__metadata__ if isinstance(m, ContentHashed)), None)
+    return next((k for a in get_args(annotation) if (k := content_kind(a))), None)
+
+
+InputFile = Annotated[Path, AfterValidator(_resolve_existing("file")), ContentHashed("file")]
+InputDir = Annotated[Path, AfterValidator(_resolve_existing("dir")), ContentHashed("dir")]
 
 
 class Section(BaseModel):

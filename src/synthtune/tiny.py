@@ -161,6 +161,7 @@ def build(name: str, out: Path) -> Path:
     """Build `tiny:<name>` into `out` (written to a temporary folder first, then renamed)."""
     import torch
 
+    tiny_path(name)  # refuses unknown names
     torch.set_num_threads(min(2, torch.get_num_threads()))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,105 @@
+"""Configs: every shipped YAML validates; bad input fails early naming the field or file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from synthtune.cli import app
+from synthtune.config import ConfigError, PipelineConfig, load_config
+from tests.conftest import DEMO, ROOT
+
+PIPELINES = sorted(p for p in (ROOT / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", PIPELINES, ids=lambda p: p.name)
+def test_every_shipped_pipeline_validates(path: Path):
+    cfg = load_config(path)
+    assert isinstance(cfg, PipelineConfig)
+    result = CliRunner().invoke(app, ["validate", str(path)])
+    assert result.exit_code == 0, result.output
+
+
+def test_every_shipped_eval_task_has_its_data():
+    from synthtune.stages.evaluate import check_tasks, local_tasks
+
+    cfg = load_config(DEMO)
+    tasks = local_tasks(ROOT / "configs" / "eval_tasks")
+    assert "demo_facts" in tasks
+    assert check_tasks(cfg.evaluate.model_copy(update={"tasks": sorted(tasks)})) == []
+
+
+def test_shipped_configs_say_what_they_are_and_how_to_run():
+    for path in PIPELINES:
+        head = path.read_text().splitlines()[:12]
+        assert head[0].startswith("#"), f"{path.name} should start with what it is"
+        assert any("synthtune run" in line for line in head), f"{path.name} should say the command that runs it"
+
+
+def test_validate_reports_typo_missing_file_and_range_together(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "student: tiny:student\n"
+        "generate:\n  teacher: tiny:teacher\n  seeds: no_such_seeds.jsonl\n  max_new_tokenz: 32\n"
+        "train:\n  lora:\n    r: 0\n"
+    )
+    result = CliRunner().invoke(app, ["validate", str(bad)])
+    assert result.exit_code == 2
+    out = result.output
+    assert "generate.max_new_tokenz: unknown field" in out
+    assert "generate.seeds: file not found" in out and "no_such_seeds.jsonl" in out
+    assert "train.lora.r" in out and "greater than or equal to 1" in out
+
+
+def test_relative_paths_resolve_against_the_yaml_folder(tmp_path):
+    (tmp_path / "seeds.jsonl").write_text('{"id": 1, "prompt": "hi"}\n')
+    (tmp_path / "p.yaml").write_text("student: tiny:student\ngenerate:\n  teacher: tiny:teacher\n  seeds: seeds.jsonl\n")
+    cfg = load_config(tmp_path / "p.yaml")
+    assert cfg.generate.seeds == tmp_path / "seeds.jsonl"
+
+
+def test_overrides_set_nested_values_parsed_as_yaml():
+    cfg = load_config(DEMO, ["train.lora.r=8", "train.lora.target_modules=[q_proj, v_proj]", "filter.dedup=false"])
+    assert cfg.train.lora.r == 8
+    assert cfg.train.lora.target_modules == ["q_proj", "v_proj"]
+    assert cfg.filter.dedup is False
+
+
+def test_override_typo_is_an_error_naming_the_path():
+    with pytest.raises(ConfigError, match=r"train\.lora\.rank: unknown field"):
+        load_config(DEMO, ["train.lora.rank=8"])
+
+
+def test_cross_field_checks():
+    with pytest.raises(ConfigError, match="promote.target_task 'nope' is not in evaluate.tasks"):
+        load_config(DEMO, ["promote.target_task=nope"])
+    with pytest.raises(ConfigError, match="min_tokens .* is above max_tokens"):
+        load_config(DEMO, ["filter.min_tokens=100", "filter.max_tokens=10"])
+
+
+def test_configs_are_frozen():
+    cfg = load_config(DEMO)
+    with pytest.raises(Exception, match="frozen"):
+        cfg.train.lora.r = 4  # type: ignore[misc]
+
+
+def test_every_field_is_described():
+    def walk(model, prefix=""):
+        for name, info in model.model_fields.items():
+            assert info.description, f"{prefix}{name} has no description"
+            ann = info.annotation
+            if isinstance(ann, type) and hasattr(ann, "model_fields"):
+                walk(ann, f"{prefix}{name}.")
+
+    walk(PipelineConfig)
+
+
+@pytest.mark.integration  # indexes lm-eval's registry (~12 s)
+def test_unknown_eval_task_is_refused_with_close_matches():
+    from synthtune.stages.evaluate import check_tasks
+
+    cfg = load_config(DEMO)
+    problems = check_tasks(cfg.evaluate.model_copy(update={"tasks": ["demo_fact"]}))
+    assert problems and "unknown task 'demo_fact'" in problems[0] and "demo_facts" in problems[0]
