@@ -34,3 +34,14 @@ def tiny_tokenizer():
     from synthtune.models import load_tokenizer
 
     return load_tokenizer("tiny:student")
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """The whole demo loop, run once per session without Prefect (the `local` engine)."""
+    from synthtune.config import load_config
+    from synthtune.runner import run_all
+
+    root = tmp_path_factory.mktemp("demo") / "artifacts"
+    cfg = load_config(DEMO, [f"artifact_root={root}"])
+    return cfg, run_all(cfg)

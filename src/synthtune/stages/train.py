@@ -136,7 +136,6 @@ def sft_args(cfg: PipelineConfig, output_dir: str):
         packing=False,
         dataloader_num_workers=0,
         disable_tqdm=True,
-        gradient_checkpointing=False,
     )
 
 

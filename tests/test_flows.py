@@ -1,0 +1,68 @@
+"""The Prefect flow on a real (temporary) Prefect server: caching and partial reruns by task state."""
+
+from __future__ import annotations
+
+import pytest
+
+pytestmark = pytest.mark.flows
+
+
+@pytest.fixture(scope="module")
+def prefect_server():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def _task_states(flow_run_id) -> dict[str, str]:
+    """Task run name -> state name, polled until every state is final (they land after the flow's)."""
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        for _ in range(50):
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            if len(runs) == 8 and all(r.state and r.state.is_final() for r in runs):
+                break
+            time.sleep(0.2)
+    return {r.name: r.state.name for r in runs}
+
+
+def _run(cfg):
+    from flows.pipeline import pipeline
+
+    state = pipeline(cfg, return_state=True)
+    assert state.is_completed(), state
+    return state.state_details.flow_run_id, state.result()
+
+
+def test_rerun_is_cached_and_one_field_reruns_only_downstream(prefect_server, demo_cfg):
+    from prefect.client.orchestration import get_client
+
+    first_id, refs = _run(demo_cfg)
+    first = _task_states(first_id)
+    assert set(first) == {"preflight", "generate", "filter", "template", "train", "evaluate[base]",
+                          "evaluate[tuned]", "promote"}
+    assert set(first.values()) == {"Completed"}
+    assert refs["evaluate[tuned]"].summary["scores"]["demo_facts"]["acc"] > \
+        refs["evaluate[base]"].summary["scores"]["demo_facts"]["acc"]
+
+    second_id, again = _run(demo_cfg)
+    assert set(_task_states(second_id).values()) == {"Cached"}  # no stage body ran
+    assert {k: v.key for k, v in again.items()} == {k: v.key for k, v in refs.items()}
+
+    changed = demo_cfg.model_copy(update={"train": demo_cfg.train.model_copy(
+        update={"lora": demo_cfg.train.lora.model_copy(update={"r": 8}), "epochs": 5.0})})
+    third = _task_states(_run(changed)[0])
+    assert {n for n, s in third.items() if s != "Cached"} == {"train", "evaluate[tuned]", "promote"}
+    assert {third[n] for n in ("train", "evaluate[tuned]", "promote")} == {"Completed"}
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts()
+    keys = {a.key for a in artifacts}
+    assert {"resolved-config", "data-funnel", "eval-comparison", "promotion-verdict"} <= keys
+    config_md = next(a for a in artifacts if a.key == "resolved-config").data
+    assert "lora:" in config_md and "student: tiny:student" in config_md

@@ -1,0 +1,63 @@
+"""generate: a real distilabel pipeline with a local transformers teacher."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pandas as pd
+import pytest
+
+from synthtune.artifacts import ArtifactStore
+from synthtune.stages import generate
+from synthtune.stages.generate import GenerationError, distilabel_guard, load_seeds
+from synthtune.tiny import demo_facts
+
+
+def test_bad_seed_rows_are_quarantined_with_file_and_line(demo_cfg, tmp_path):
+    seeds = tmp_path / "seeds.jsonl"
+    seeds.write_text('{"id": 1, "prompt": "ok"}\nnot json\n{"prompt": "no id"}\n{"id": 4, "prompt": 5}\n')
+    good, bad = load_seeds(demo_cfg.generate.model_copy(update={"seeds": seeds}))
+    assert good == [{"id": "1", "instruction": "ok"}]
+    assert [(b["line"], b["reason"].split(":")[0]) for b in bad] == [
+        (2, "not JSON"), (3, "missing field 'id'"), (4, "field 'prompt' missing or not text")]
+
+
+def test_guard_restores_root_logging():
+    root = logging.getLogger()
+    before = list(root.handlers)
+    with distilabel_guard():
+        root.handlers[:] = [logging.NullHandler()]
+    assert root.handlers == before
+
+
+@pytest.mark.integration
+def test_teacher_answers_through_distilabel(demo_run):
+    cfg, refs = demo_run
+    data = pd.read_parquet(f"{refs['generate'].uri}/data.parquet")
+    answers = {f["id"]: f["answer"] for f in demo_facts()}
+    assert len(data) == 35 and set(data["teacher"]) == {"tiny:teacher"}
+    matched = [r.response == answers[r.id] for r in data.itertuples() if r.id in answers]
+    assert sum(matched) == len(answers)  # the tiny teacher knows every fact, greedily
+    manifest = json.loads(open(f"{refs['generate'].uri}/manifest.json").read())
+    assert manifest["rows"]["seeds"] == 35 and "distilabel" in manifest["versions"]
+
+
+@pytest.mark.integration
+def test_seed_content_change_regenerates_never_stale(demo_run, tmp_path):
+    cfg, refs = demo_run
+    seeds = tmp_path / "seeds.jsonl"
+    seeds.write_text(json.dumps({"id": "only", "prompt": demo_facts()[3]["question"]}) + "\n")
+    changed = cfg.model_copy(update={"generate": cfg.generate.model_copy(update={"seeds": seeds})})
+    ref = generate.run(changed, ArtifactStore(cfg.artifact_root))
+    assert ref.key != refs["generate"].key
+    data = pd.read_parquet(f"{ref.uri}/data.parquet")
+    assert list(data["id"]) == ["only"] and data["response"][0] == demo_facts()[3]["answer"]
+
+
+def test_no_usable_seed_fails_before_loading_the_teacher(demo_cfg, tmp_path):
+    seeds = tmp_path / "seeds.jsonl"
+    seeds.write_text('{"prompt": "no id"}\n')
+    cfg = demo_cfg.model_copy(update={"generate": demo_cfg.generate.model_copy(update={"seeds": seeds})})
+    with pytest.raises(GenerationError, match="no usable seed rows"):
+        generate.run(cfg, ArtifactStore(cfg.artifact_root))
