@@ -16,19 +16,19 @@ def test_mask_is_the_reply_plus_end_of_turn(tiny_tokenizer):
     tok = tiny_tokenizer
     ids, mask, n_prompt = encode_row(tok, "What is the capital of Vardon?", "The capital of Vardon is Quellis.", None)
     assert len(ids) == len(mask) and mask[:n_prompt] == [0] * n_prompt and all(mask[n_prompt:])
-    trained = tok.decode([i for i, m in zip(ids, mask) if m])
+    trained = tok.decode([i for i, m in zip(ids, mask, strict=True) if m])
     assert trained.startswith("The capital of Vardon is Quellis.<|im_end|>")
     # the whole row renders exactly as the tokenizer's own chat template
     full = tok.apply_chat_template([{"role": "user", "content": "What is the capital of Vardon?"},
                                     {"role": "assistant", "content": "The capital of Vardon is Quellis."}], tokenize=False)
     assert tok.decode(ids) == full
-    assert tok.convert_tokens_to_ids("<|im_end|>") in [i for i, m in zip(ids, mask) if m]
+    assert tok.convert_tokens_to_ids("<|im_end|>") in [i for i, m in zip(ids, mask, strict=True) if m]
 
 
 def test_system_prompt_is_in_the_untrained_prefix(tiny_tokenizer):
     ids, mask, n_prompt = encode_row(tiny_tokenizer, "hi", "hello", "Be brief.")
     assert "Be brief." in tiny_tokenizer.decode(ids[:n_prompt])
-    assert "Be brief." not in tiny_tokenizer.decode([i for i, m in zip(ids, mask) if m])
+    assert "Be brief." not in tiny_tokenizer.decode([i for i, m in zip(ids, mask, strict=True) if m])
 
 
 def _filter_output(store, rows):
@@ -55,7 +55,7 @@ def test_over_length_policy_is_counted(demo_cfg, policy, kept, dropped, truncate
     ref = template.run(cfg, store, {"filter": _filter_output(store, ROWS)})
     out = pd.read_parquet(f"{ref.uri}/data.parquet")
     assert list(out["id"]) == kept
-    assert all(len(ids) <= 40 and sum(m) > 0 for ids, m in zip(out["input_ids"], out["assistant_masks"]))
+    assert all(len(ids) <= 40 and sum(m) > 0 for ids, m in zip(out["input_ids"], out["assistant_masks"], strict=True))
     report = json.loads(open(f"{ref.uri}/report.json").read())
     assert (report["dropped"], report["truncated"], report["over_max_length"]) == (dropped, truncated, 2)
     assert report["worst_rows"][0]["id"] in ("long_answer", "long_prompt")

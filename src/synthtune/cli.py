@@ -69,7 +69,7 @@ def validate(config: Annotated[Path, typer.Argument(help="Pipeline YAML.")], ove
 def run(
     config: ConfigArg = None,
     overrides: Overrides = None,
-    engine: Annotated[str, typer.Option(help="`prefect` (the flow, embedded server by default) or `local` (no Prefect).")] = "prefect",
+    engine: Annotated[str, typer.Option(help="`prefect` (embedded unless PREFECT_API_URL is set) or `local`")] = "prefect",
 ) -> None:
     """Run the whole loop; finished stages are skipped (Prefect: `Cached`)."""
     cfg = _load(config, overrides)
