@@ -12,6 +12,7 @@ from pydantic import BaseModel
 
 from synthtune.artifacts import ArtifactStore, produce, stage_key
 from synthtune.config import PipelineConfig
+from synthtune.fields import content_kind
 from synthtune.runner import DAG, plan
 
 STEP_OF_SECTION = {"preflight": "preflight", "generate": "generate", "filter": "filter", "template": "template",
@@ -28,7 +29,11 @@ def _mutations(model: BaseModel, tmp: Path, prefix: str = ""):
             for sub in _mutations(value, tmp, f"{path}."):
                 yield sub[0], sub[1], sub[2] and affects
             continue
-        if isinstance(value, Path) and value.is_dir():
+        if value is None and content_kind(info.rebuild_annotation()) == "file":
+            new = tmp / f"{path}.txt"
+            new.write_text("{{ messages }}")
+            yield path, new, affects
+        elif isinstance(value, Path) and value.is_dir():
             new = tmp / path
             shutil.copytree(value, new)
             (new / "extra_task.yaml").write_text("task: extra_task\n")

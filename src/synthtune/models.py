@@ -18,7 +18,7 @@ def fingerprint(spec: str) -> str:
 
     `tiny:*` names carry their recipe hash; a local folder is its small files' contents plus the
     names and sizes of its weight files (hashing 16 GB of weights every run would cost minutes);
-    a Hub id is the id itself (pin `@revision` in the id for reproducible keys).
+    a Hub id is the id plus the contents of its small files when they are in the local HF cache.
     """
     if spec.startswith("tiny:"):
         return tiny.tiny_path(spec.removeprefix("tiny:")).name
@@ -31,6 +31,19 @@ def fingerprint(spec: str) -> str:
             elif p.suffix in (".safetensors", ".bin", ".gguf"):
                 parts[p.name] = p.stat().st_size
         return "dir:" + hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+    # a Hub id: its cached small files when present (tokenizer and chat template contents), else the id
+    from huggingface_hub import try_to_load_from_cache
+
+    parts = {}
+    for name in _SMALL_FILES:
+        try:
+            hit = try_to_load_from_cache(spec, name)
+        except Exception:  # not a valid repo id: the id alone identifies it
+            break
+        if isinstance(hit, str):
+            parts[name] = sha256_file(hit)
+    if parts:
+        return "hub:" + spec + ":" + hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
     return "hub:" + spec
 
 
