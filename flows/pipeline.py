@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from prefect import flow  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.filesystems import RemoteFileSystem  # noqa: E402
+from prefect.states import Completed  # noqa: E402
 
 from synthtune.artifacts import ArtifactRef, ArtifactStore  # noqa: E402
 from synthtune.config import PipelineConfig, to_yaml  # noqa: E402
@@ -44,7 +45,10 @@ def result_storage(cfg: PipelineConfig):
 
 @flow(name="synthtune", log_prints=False, persist_result=True)
 def pipeline(config: PipelineConfig) -> dict[str, ArtifactRef]:
-    """preflight -> generate -> filter -> template -> train -> evaluate (base, tuned) -> promote."""
+    """preflight -> generate -> filter -> template -> train -> evaluate (base, tuned) -> promote.
+
+    Ends `Completed`, or `Completed` named `NotPromoted` (reasons in its message and the
+    promotion-verdict artifact) when the adapter failed the gate and `latest` was left alone."""
     create_markdown_artifact(f"```yaml\n{to_yaml(config)}```", key="resolved-config",
                              description=f"Resolved config of pipeline '{config.name}'")
     storage = result_storage(config)
@@ -52,4 +56,7 @@ def pipeline(config: PipelineConfig) -> dict[str, ArtifactRef]:
     for step in DAG:
         task = TASKS[step.stage.STAGE].with_options(task_run_name=step.name, result_storage=storage)
         refs[step.name] = task(config, {arg: refs[src] for arg, src in step.inputs.items()})
+    verdict = refs["promote"].summary
+    if not verdict["promoted"]:  # a finished run whose adapter failed the gate: say so in the run's state
+        return Completed(name="NotPromoted", message="; ".join(verdict["reasons"]), data=refs)
     return refs

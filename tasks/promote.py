@@ -1,3 +1,6 @@
+import base64
+import json
+
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
@@ -9,11 +12,20 @@ from tasks._common import cache_key, stage_context
 
 @task(name="promote", cache_key_fn=cache_key(stage), persist_result=True, tags=["cpu"])
 def promote(cfg: PipelineConfig, upstream: dict[str, ArtifactRef]) -> ArtifactRef:
-    """Base vs tuned comparison as a table; `latest` moves only when the gate passes."""
+    """Base vs tuned (table, chart, flipped items); `latest` moves only when the gate passes."""
     with stage_context(cfg) as store:
         ref = stage.run(cfg, store, upstream)
+        with store.local_copy(ref) as folder:
+            png = base64.b64encode((folder / "comparison.png").read_bytes()).decode()
+            flips = json.loads((folder / "verdict.json").read_text())["flips"]
     create_table_artifact(ref.summary["comparison"], key="eval-comparison", description="Base vs tuned (lm-eval)")
-    verdict = "promoted" if ref.summary["promoted"] else "NOT promoted"
-    create_markdown_artifact(f"## {verdict}\n\n" + "\n".join(f"- {r}" for r in ref.summary["reasons"]),
-                             key="promotion-verdict", description="Promotion gate")
+    flipped = [{"task": task, "direction": d, "item": item} for task, f in flips.items() for d, items in f.items()
+               for item in items]
+    create_table_artifact(flipped or [{"task": "-", "direction": "-", "item": "no item changed"}], key="eval-flips",
+                          description="Items that flipped between base and tuned")
+    verdict = "Promoted" if ref.summary["promoted"] else "NOT promoted: `latest` unchanged"
+    create_markdown_artifact(
+        f"## {verdict}\n\n" + "\n".join(f"- {r}" for r in ref.summary["reasons"])
+        + f"\n\n![base vs tuned](data:image/png;base64,{png})\n\nVerdict: `{ref.uri}/verdict.json`",
+        key="promotion-verdict", description="Promotion gate")
     return ref

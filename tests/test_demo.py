@@ -24,7 +24,7 @@ def test_tuned_beats_base_by_a_clear_margin(demo_run):
 
 def test_filter_dropped_the_planted_duplicates(demo_run):
     cfg, refs = demo_run
-    assert refs["filter"].summary["rows"] == {"input": 35, "kept": 32, "rejected": 3}
+    assert refs["filter"].summary["rows"] == {"input": 35, "kept": 32, "rejected": 3, "heldout": 0}
 
 
 def test_finished_stages_are_skipped_from_their_manifests(demo_run):

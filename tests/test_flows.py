@@ -31,11 +31,12 @@ def _task_states(flow_run_id) -> dict[str, str]:
     return {r.name: r.state.name for r in runs}
 
 
-def _run(cfg):
+def _run(cfg, expect: str | None = "Completed"):
+    """Run the flow; `expect` is the final state's name (None: any completed state)."""
     from flows.pipeline import pipeline
 
     state = pipeline(cfg, return_state=True)
-    assert state.is_completed(), state
+    assert state.is_completed() and state.name == (expect or state.name), state
     return state.state_details.flow_run_id, state.result()
 
 
@@ -56,7 +57,7 @@ def test_rerun_is_cached_and_one_field_reruns_only_downstream(prefect_server, de
 
     changed = demo_cfg.model_copy(update={"train": demo_cfg.train.model_copy(
         update={"lora": demo_cfg.train.lora.model_copy(update={"r": 8}), "epochs": 5.0})})
-    third = _task_states(_run(changed)[0])
+    third = _task_states(_run(changed, expect=None)[0])  # 5 epochs may or may not pass the gate
     assert {n for n, s in third.items() if s != "Cached"} == {"train", "evaluate[tuned]", "promote"}
     assert {third[n] for n in ("train", "evaluate[tuned]", "promote")} == {"Completed"}
 
@@ -69,3 +70,20 @@ def test_rerun_is_cached_and_one_field_reruns_only_downstream(prefect_server, de
     assert "data:image/png;base64," in length_report and "trained-token share" in length_report
     config_md = next(a for a in artifacts if a.key == "resolved-config").data
     assert "lora:" in config_md and "student: tiny:student" in config_md
+
+
+def test_gate_failing_on_purpose_ends_not_promoted_and_keeps_latest(prefect_server, demo_cfg):
+    from synthtune.artifacts import ArtifactStore
+
+    store = ArtifactStore(demo_cfg.artifact_root)
+    store.write_latest({"adapter": "last night's"})
+    strict = demo_cfg.model_copy(update={"promote": demo_cfg.promote.model_copy(update={"min_delta": 2.0})})
+    flow_run_id, refs = _run(strict, expect="NotPromoted")
+    assert store.read_latest() == {"adapter": "last night's"}
+    assert "needs >= +2.0000) FAILED" in refs["promote"].summary["reasons"][0]
+
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(flow_run_id)
+    assert run.state.name == "NotPromoted" and "FAILED" in run.state.message

@@ -18,7 +18,7 @@ from pydantic import ValidationError, model_validator
 
 from synthtune import STAGES
 from synthtune.fields import Section, field
-from synthtune.stages.evaluate import EvaluateConfig
+from synthtune.stages.evaluate import IN_DOMAIN, EvaluateConfig
 from synthtune.stages.filter import FilterConfig
 from synthtune.stages.generate import GenerateConfig
 from synthtune.stages.preflight import PreflightConfig
@@ -49,10 +49,14 @@ class PipelineConfig(Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> PipelineConfig:
-        if self.promote.target_task not in self.evaluate.tasks:
-            raise ValueError(
-                f"promote.target_task '{self.promote.target_task}' is not in evaluate.tasks {self.evaluate.tasks}"
-            )
+        tasks = [*self.evaluate.tasks, *([IN_DOMAIN] if self.evaluate.in_domain else [])]
+        if self.promote.target_task not in tasks:
+            raise ValueError(f"promote.target_task '{self.promote.target_task}' is not in evaluate.tasks {tasks}")
+        unknown_guards = [g for g in self.promote.guard_tasks if g not in tasks]
+        if unknown_guards:
+            raise ValueError(f"promote.guard_tasks {unknown_guards} are not in evaluate.tasks {tasks}")
+        if self.evaluate.in_domain and self.filter.holdout == 0:
+            raise ValueError("evaluate.in_domain needs held-out rows: set filter.holdout > 0")
         return self
 
 

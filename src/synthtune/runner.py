@@ -29,8 +29,9 @@ DAG: tuple[Step, ...] = (
     Step("filter", filter, {"generate": "generate"}),
     Step("template", template, {"filter": "filter"}),
     Step("train", train, {"template": "template"}),
-    Step("evaluate[base]", evaluate),
-    Step("evaluate[tuned]", evaluate, {"train": "train"}),
+    # `filter` feeds evaluate's in-domain task; without evaluate.in_domain it is not in the key
+    Step("evaluate[base]", evaluate, {"filter": "filter"}),
+    Step("evaluate[tuned]", evaluate, {"train": "train", "filter": "filter"}),
     Step("promote", promote, {"base": "evaluate[base]", "tuned": "evaluate[tuned]", "train": "train"}),
 )
 

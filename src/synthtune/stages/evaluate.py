@@ -10,6 +10,7 @@ Run as: synthtune evaluate configs/demo.yaml
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import tempfile
@@ -26,7 +27,30 @@ if TYPE_CHECKING:
     from synthtune.config import PipelineConfig
 
 STAGE = "evaluate"
-VERSION = "1"
+VERSION = "2"
+IN_DOMAIN = "in_domain"
+IN_DOMAIN_YAML = """\
+# built by synthtune from the rows the filter held out
+task: in_domain
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: loglikelihood
+doc_to_text: "{{{{prompt}}}}"
+doc_to_target: "{{{{response}}}}"
+target_delimiter: ""
+metric_list:
+  - metric: perplexity
+    aggregation: perplexity
+    higher_is_better: false
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+"""
 
 
 class EvaluateConfig(Section):
@@ -34,6 +58,11 @@ class EvaluateConfig(Section):
     task_dir: InputDir | None = field(None, "Folder of lm-eval task YAMLs; their data files are hashed into the key.")
     num_fewshot: int = field(0, "Few-shot examples per item, the same for base and tuned.", ge=0)
     apply_chat_template: bool = field(True, "Render prompts with the model's chat template (base and tuned alike).")
+    fewshot_as_multiturn: bool = field(True, "With a chat template, give few-shot examples as earlier turns.")
+    system_instruction: str | None = field(None, "System instruction put in front of every prompt (base and tuned).")
+    in_domain: bool = field(
+        False, f"Also run `{IN_DOMAIN}`, built from the rows the filter held out (filter.holdout): the teacher's reply "
+        "scored by log-likelihood (acc: the student's greedy reply is the teacher's; perplexity).")
     batch_size: int = field(16, "lm-eval batch size.", ge=1)
     limit: int | None = field(None, "Evaluate only the first N items of each task (None: all).", ge=1)
     seed: int = field(1234, "Seed passed to lm-eval (python, numpy, torch and few-shot sampling).")
@@ -46,16 +75,32 @@ class _TaskYamlLoader(yaml.SafeLoader):
 _TaskYamlLoader.add_multi_constructor("!", lambda loader, suffix, node: f"!{suffix}")
 
 
-def local_tasks(task_dir: Path | None) -> dict[str, tuple[Path, dict]]:
-    """Task name -> (YAML file, parsed YAML) for every task YAML under task_dir."""
+def scan_task_dir(task_dir: Path | None) -> tuple[dict[str, tuple[Path, dict]], list[str]]:
+    """(task name -> (YAML file, parsed YAML), problems) for the task YAMLs under task_dir.
+    lm-eval skips a broken YAML silently; here it is a problem naming the file and the reason."""
     found: dict[str, tuple[Path, dict]] = {}
-    if task_dir is None:
-        return found
-    for path in sorted(task_dir.rglob("*.yaml")):
-        doc = yaml.load(path.read_text(), Loader=_TaskYamlLoader) or {}
-        if isinstance(doc, dict) and isinstance(doc.get("task"), str):
+    problems: list[str] = []
+    for path in sorted(task_dir.rglob("*.yaml")) if task_dir else []:
+        try:
+            doc = yaml.load(path.read_text(), Loader=_TaskYamlLoader)
+        except yaml.YAMLError as e:
+            problems.append(f"{path}: not valid YAML ({str(e).splitlines()[0]}); lm-eval would skip it silently")
+            continue
+        if not isinstance(doc, dict):
+            problems.append(f"{path}: expected a mapping of task settings")
+        elif isinstance(doc.get("task"), str):
             found[doc["task"]] = (path, doc)
-    return found
+            missing = [k for k in ("dataset_path", "output_type", "doc_to_text") if k not in doc and "include" not in doc]
+            if missing:
+                problems.append(f"{path}: task '{doc['task']}' lacks {', '.join(missing)}")
+        elif "group" not in doc and "include" not in doc:
+            problems.append(f"{path}: no `task:` (or `group:`) key; lm-eval would skip it silently")
+    return found, problems
+
+
+def local_tasks(task_dir: Path | None) -> dict[str, tuple[Path, dict]]:
+    """Task name -> (YAML file, parsed YAML) for every valid task YAML under task_dir."""
+    return scan_task_dir(task_dir)[0]
 
 
 def _absolute(folder: Path, files):
@@ -87,7 +132,7 @@ def data_files(path: Path, doc: dict) -> list[Path]:
 
 def check_tasks(ec: EvaluateConfig) -> list[str]:
     """Problems with the configured tasks, found without loading any model."""
-    problems, local = [], local_tasks(ec.task_dir)
+    local, problems = scan_task_dir(ec.task_dir)
     unknown = [t for t in ec.tasks if t not in local]
     for name, (path, doc) in local.items():
         if name in ec.tasks:
@@ -113,6 +158,8 @@ def key(cfg: PipelineConfig, upstream: dict[str, str]) -> str:
         if name in ec.tasks:
             files[name] = [sha256_file(f) for f in data_files(path, doc) if f.is_file()]
     payload = {"evaluate": key_payload(ec), "data_files": files, "student": fingerprint(cfg.student)}
+    if not ec.in_domain:  # base scores stay cached across nights unless they depend on the data
+        upstream = {k: v for k, v in upstream.items() if k != "filter"}
     return stage_key(STAGE, VERSION, payload, upstream)
 
 
@@ -158,12 +205,37 @@ def lm_eval_args(cfg: PipelineConfig, adapter: Path | None, task_dir: Path | Non
         "limit": ec.limit,
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "apply_chat_template": ec.apply_chat_template,
+        "fewshot_as_multiturn": ec.fewshot_as_multiturn and ec.apply_chat_template,
+        "system_instruction": ec.system_instruction,
         "random_seed": ec.seed,
         "numpy_random_seed": ec.seed,
         "torch_random_seed": ec.seed,
         "fewshot_random_seed": ec.seed,
         "log_samples": True,
     }
+
+
+def cli_command(args: dict, include_path: str | None, output_path: str) -> list[str]:
+    """The `lm_eval` CLI call equivalent to `simple_evaluate(**args)`: same model, tasks and flags.
+    Used by the parity test and the benchmark, so 'the harness itself' is never hand-typed."""
+    cmd = ["lm_eval", "run", "--model", args["model"],
+           "--model_args", ",".join(f"{k}={v}" for k, v in args["model_args"].items()),
+           "--tasks", ",".join(args["tasks"]), "--num_fewshot", str(args["num_fewshot"]),
+           "--batch_size", str(args["batch_size"]), "--device", args["device"],
+           "--seed", ",".join(str(args[k]) for k in ("random_seed", "numpy_random_seed", "torch_random_seed",
+                                                     "fewshot_random_seed")),
+           "--output_path", output_path, "--fewshot_as_multiturn", str(args["fewshot_as_multiturn"]).lower()]
+    if args["limit"] is not None:
+        cmd += ["--limit", str(args["limit"])]
+    if args["apply_chat_template"]:
+        cmd.append("--apply_chat_template")
+    if args["system_instruction"]:
+        cmd += ["--system_instruction", args["system_instruction"]]
+    if args["log_samples"]:
+        cmd.append("--log_samples")
+    if include_path:
+        cmd += ["--include_path", include_path]
+    return cmd
 
 
 def scores(results: dict) -> dict[str, dict[str, float]]:
@@ -177,17 +249,34 @@ def scores(results: dict) -> dict[str, dict[str, float]]:
     return out
 
 
-def _evaluate(cfg: PipelineConfig, staging: Staging, adapter: Path | None) -> None:
+def in_domain_task(heldout: Path, into: Path) -> None:
+    """Write the in-domain task (YAML + JSONL of held-out prompt/response pairs) into `into`."""
+    import pandas as pd
+
+    rows = pd.read_parquet(heldout)
+    if rows.empty:
+        raise ValueError("evaluate.in_domain needs held-out rows: set filter.holdout > 0")
+    into.mkdir(parents=True, exist_ok=True)
+    rows[["id", "prompt", "response"]].to_json(into / "in_domain.jsonl", orient="records", lines=True)
+    (into / "in_domain.yaml").write_text(IN_DOMAIN_YAML.format(data=into / "in_domain.jsonl"))
+
+
+def _evaluate(cfg: PipelineConfig, staging: Staging, adapter: Path | None, heldout: Path | None,
+              adapter_key: str | None = None) -> None:
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
     with tempfile.TemporaryDirectory(prefix="synthtune-tasks-") as tmp:
-        task_dir = portable_task_dir(cfg.evaluate, Path(tmp) / "tasks")
+        task_dir = portable_task_dir(cfg.evaluate, Path(tmp) / "tasks") or Path(tmp) / "tasks"
+        if heldout is not None:
+            in_domain_task(heldout, task_dir / "synthtune_in_domain")
         # include_defaults=False skips indexing lm-eval's ~10k bundled YAMLs (~12 s) when all are local
         local = set(local_tasks(cfg.evaluate.task_dir))
-        manager = TaskManager(include_path=str(task_dir) if task_dir else None,
+        manager = TaskManager(include_path=str(task_dir) if task_dir.exists() else None,
                               include_defaults=not set(cfg.evaluate.tasks) <= local)
         args = lm_eval_args(cfg, adapter, task_dir)
+        if heldout is not None:
+            args["tasks"].append(IN_DOMAIN)
         results = simple_evaluate(task_manager=manager, **args)
     samples = results.pop("samples", {})
     for task, rows in samples.items():
@@ -195,22 +284,29 @@ def _evaluate(cfg: PipelineConfig, staging: Staging, adapter: Path | None) -> No
             for row in rows:
                 f.write(json.dumps(row, default=str) + "\n")
     (staging.path / "results.json").write_text(json.dumps(results, indent=2, default=str))
-    args["model_args"]["pretrained"] = cfg.student  # record the spec, not a machine-local path
+    args["model_args"]["pretrained"] = cfg.student  # record identities, not machine-local paths
+    if adapter is not None:
+        args["model_args"]["peft"] = f"train/{adapter_key}/adapter"
     (staging.path / "lm_eval_args.json").write_text(json.dumps(args, indent=2, default=str))
-    staging.metrics.update(scores=scores(results), model="tuned" if adapter else "base",
-                           lm_eval_version=results.get("lm_eval_version"), task_versions=results.get("versions", {}))
+    staging.metrics.update(scores=scores(results), model="tuned" if adapter else "base", adapter_key=adapter_key,
+                           student=cfg.student, lm_eval_version=results.get("lm_eval_version"),
+                           task_versions=results.get("versions", {}))
 
 
 def run(cfg: PipelineConfig, store: ArtifactStore, upstream: dict[str, ArtifactRef] | None = None) -> ArtifactRef:
-    """Evaluate the base student (no upstream) or the adapter of `upstream['train']`."""
-    train = (upstream or {}).get("train")
+    """Evaluate the base student (no `train` upstream) or the adapter of `upstream['train']`; with
+    evaluate.in_domain, on the rows `upstream['filter']` held out too."""
+    upstream = upstream or {}
+    train = upstream.get("train")
+    source = upstream.get("filter") if cfg.evaluate.in_domain else None
+    if cfg.evaluate.in_domain and source is None:
+        raise ValueError("evaluate.in_domain needs the filter output (upstream 'filter')")
 
     def build(staging: Staging) -> None:
-        if train is None:
-            _evaluate(cfg, staging, None)
-        else:
-            with store.local_copy(train) as folder:
-                _evaluate(cfg, staging, folder / "adapter")
+        with contextlib.ExitStack() as stack:
+            adapter = stack.enter_context(store.local_copy(train)) / "adapter" if train else None
+            heldout = stack.enter_context(store.local_copy(source)) / "heldout.parquet" if source else None
+            _evaluate(cfg, staging, adapter, heldout, train.key if train else None)
 
-    ups = {"train": train.key} if train else {}
+    ups = {name: ref.key for name, ref in upstream.items() if name == "train" or (name == "filter" and source)}
     return produce(store, STAGE, key(cfg, ups), ups, key_payload(cfg.evaluate), build)

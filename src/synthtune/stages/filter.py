@@ -10,6 +10,7 @@ Run as: synthtune filter configs/demo.yaml
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from typing import TYPE_CHECKING
@@ -32,6 +33,7 @@ class FilterConfig(Section):
     dedup: bool = field(True, "Drop rows whose prompt repeats another's after lower-casing and collapsing spaces.")
     min_tokens: int = field(1, "Fewest response tokens (student tokenizer) a row may have.", ge=0)
     max_tokens: int = field(1024, "Most response tokens (student tokenizer) a row may have.", ge=1)
+    holdout: int = field(0, "Kept rows set aside (never trained on) for evaluate's in-domain task.", ge=0)
 
     @model_validator(mode="after")
     def _bounds(self) -> FilterConfig:
@@ -93,6 +95,15 @@ def apply_filters(rows: list[dict], cfg: FilterConfig, count_tokens) -> tuple[li
     return rows, rejects, funnel
 
 
+def split_holdout(rows: list[dict], n: int) -> tuple[list[dict], list[dict]]:
+    """(train, held out): the n rows whose id hashes lowest, so the choice is stable across runs."""
+    if n == 0:
+        return rows, []
+    order = sorted(range(len(rows)), key=lambda i: hashlib.sha256(str(rows[i]["id"]).encode()).hexdigest())
+    held = set(order[:n])
+    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+
+
 def run(cfg: PipelineConfig, store: ArtifactStore, upstream: dict[str, ArtifactRef]) -> ArtifactRef:
     import pandas as pd
 
@@ -107,11 +118,18 @@ def run(cfg: PipelineConfig, store: ArtifactStore, upstream: dict[str, ArtifactR
             table = "\n".join(f"  {f['filter']:<14} in {f['rows_in']:>6}  out {f['rows_out']:>6}" for f in funnel)
             raise EmptyDatasetError(f"every row was filtered out; nothing to train on. Funnel:\n{table}")
         columns = list(rows[0].keys()) if rows else []
+        kept, heldout = split_holdout(kept, cfg.filter.holdout)
+        if heldout:
+            funnel.append({"filter": "holdout (in-domain eval)", "rows_in": len(kept) + len(heldout),
+                           "rows_out": len(kept), "dropped": len(heldout)})
+        if not kept:
+            raise EmptyDatasetError(f"filter.holdout={cfg.filter.holdout} leaves no row to train on")
         pd.DataFrame(kept, columns=columns).to_parquet(staging.path / "data.parquet", index=False)
+        pd.DataFrame(heldout, columns=columns).to_parquet(staging.path / "heldout.parquet", index=False)
         pd.DataFrame(rejects, columns=columns + ["filter", "reason"]).to_parquet(
             staging.path / "rejects.parquet", index=False)
         (staging.path / "funnel.json").write_text(json.dumps(funnel, indent=2))
-        staging.rows.update(input=len(rows), kept=len(kept), rejected=len(rejects))
+        staging.rows.update(input=len(rows), kept=len(kept), rejected=len(rejects), heldout=len(heldout))
         staging.extra["funnel"] = funnel
 
     ups = {"generate": src.key}

@@ -1,0 +1,116 @@
+"""evaluate: the stage's numbers are the harness's own; tasks are validated before any model loads."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from synthtune.stages.evaluate import check_tasks, cli_command, lm_eval_args, portable_task_dir
+
+
+def test_broken_task_yaml_fails_with_file_and_reason(demo_cfg, tmp_path):
+    tasks = tmp_path / "tasks"
+    shutil.copytree(demo_cfg.evaluate.task_dir, tasks)
+    (tasks / "broken.yaml").write_text("task: broken\ndoc_to_text: [unclosed\n")
+    (tasks / "nameless.yaml").write_text("dataset_path: json\n")
+    problems = check_tasks(demo_cfg.evaluate.model_copy(update={"task_dir": tasks}))
+    assert any(p.startswith(f"{tasks / 'broken.yaml'}: not valid YAML") for p in problems), problems
+    assert any(p.startswith(f"{tasks / 'nameless.yaml'}: no `task:`") for p in problems), problems
+
+
+def test_missing_task_data_file_is_named(demo_cfg, tmp_path):
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "t.yaml").write_text("task: demo_facts\ndataset_path: json\noutput_type: multiple_choice\n"
+                                  "doc_to_text: q\ndataset_kwargs:\n  data_files:\n    test: nowhere.jsonl\n")
+    problems = check_tasks(demo_cfg.evaluate.model_copy(update={"task_dir": tasks}))
+    assert problems == [f"evaluate task 'demo_facts' ({tasks / 't.yaml'}): data file not found: {tasks / 'nowhere.jsonl'}"]
+
+
+def test_base_and_tuned_flags_differ_only_by_the_adapter(demo_cfg, tmp_path):
+    base = lm_eval_args(demo_cfg, None, tmp_path)
+    tuned = lm_eval_args(demo_cfg, tmp_path / "adapter", tmp_path)
+    assert tuned["model_args"].pop("peft") == str(tmp_path / "adapter")
+    assert base == tuned
+
+
+def test_portable_task_dir_makes_data_files_absolute(demo_cfg, tmp_path):
+    out = portable_task_dir(demo_cfg.evaluate, tmp_path / "copy")
+    text = (out / "demo_facts.yaml").read_text()
+    data = Path(__file__).resolve().parents[1] / "src" / "synthtune" / "data" / "demo_facts.jsonl"
+    assert str(data) in text and "../../src" not in text
+    assert "doc_to_choice" in text  # the rest of the YAML kept verbatim
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("model", ["evaluate[base]", "evaluate[tuned]"])
+def test_parity_with_the_lm_eval_cli(demo_run, tmp_path, model):
+    """Same model, task and flags through `lm_eval` itself: identical numbers, to the last digit."""
+    cfg, refs = demo_run
+    ref = refs[model]
+    ours = json.loads(open(f"{ref.uri}/results.json").read())["results"]
+    adapter = Path(refs["train"].uri) / "adapter" if model.endswith("[tuned]") else None
+    include = portable_task_dir(cfg.evaluate, tmp_path / "tasks")
+    cmd = cli_command(lm_eval_args(cfg, adapter, include), str(include), str(tmp_path / "out"))
+    cmd[0] = str(Path(sys.executable).parent / "lm_eval")
+    subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    theirs = json.loads(open(glob.glob(str(tmp_path / "out" / "**" / "results_*.json"), recursive=True)[0]).read())
+    assert theirs["results"] == ours
+    assert theirs["results"]["demo_facts"]["acc,none"] == ref.summary["scores"]["demo_facts"]["acc"]
+
+
+def _in_domain(cfg, holdout=4):
+    return cfg.model_copy(update={"filter": cfg.filter.model_copy(update={"holdout": holdout}),
+                                  "evaluate": cfg.evaluate.model_copy(update={"in_domain": True})})
+
+
+def test_base_key_ignores_the_data_unless_in_domain_is_on(demo_cfg):
+    from synthtune.runner import plan
+
+    def changed_filter(cfg):
+        return cfg.model_copy(update={"filter": cfg.filter.model_copy(update={"max_tokens": 40})})
+
+    assert plan(changed_filter(demo_cfg))["evaluate[base]"] == plan(demo_cfg)["evaluate[base]"]
+    on = _in_domain(demo_cfg)
+    assert plan(changed_filter(on))["evaluate[base]"] != plan(on)["evaluate[base]"]
+
+
+def test_in_domain_needs_a_holdout():
+    from synthtune.config import ConfigError, load_config
+    from tests.conftest import DEMO
+
+    with pytest.raises(ConfigError, match="set filter.holdout > 0"):
+        load_config(DEMO, ["evaluate.in_domain=true"])
+    cfg = load_config(DEMO, ["evaluate.in_domain=true", "filter.holdout=4", "promote.guard_tasks=[in_domain]"])
+    assert cfg.promote.guard_tasks == ["in_domain"]
+
+
+@pytest.mark.integration
+def test_in_domain_task_from_held_out_rows(demo_run):
+    import pandas as pd
+
+    from synthtune.artifacts import ArtifactStore
+    from synthtune.stages import evaluate, filter
+
+    cfg, refs = demo_run
+    on = _in_domain(cfg)
+    store = ArtifactStore(cfg.artifact_root)
+    filtered = filter.run(on, store, {"generate": refs["generate"]})
+    assert filtered.summary["rows"]["heldout"] == 4 and filtered.summary["rows"]["kept"] == 28
+    held = pd.read_parquet(f"{filtered.uri}/heldout.parquet")
+    train_ids = set(pd.read_parquet(f"{filtered.uri}/data.parquet")["id"])
+    assert not set(held["id"]) & train_ids  # never trained on
+    ref = evaluate.run(on, store, {"filter": filtered})
+    scores = ref.summary["scores"]
+    assert set(scores) == {"demo_facts", "in_domain"}
+    assert scores["demo_facts"] == refs["evaluate[base]"].summary["scores"]["demo_facts"]  # same flags, same numbers
+    assert scores["in_domain"]["perplexity"] > 1 and 0 <= scores["in_domain"]["acc"] <= 1
+    samples = [json.loads(line) for line in open(f"{ref.uri}/samples_in_domain.jsonl")]
+    assert sorted(s["doc"]["id"] for s in samples) == sorted(held["id"])
