@@ -1,30 +1,102 @@
-"""train: real TRL + PEFT on the tiny student; every LoRA parameter moves, the loss falls."""
+"""train: real TRL + PEFT on the tiny student in a child process; resumable, safe with disk and memory."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
+import pandas as pd
 import pytest
 
-from synthtune.artifacts import ArtifactStore
-from synthtune.stages import train
+from synthtune.artifacts import ArtifactStore, produce
+from synthtune.stages import template, train
+from synthtune.stages.train import (
+    CHECKPOINT_FILES,
+    latest_valid_checkpoint,
+    launch_command,
+    next_batch_plan,
+    param_counts,
+    work_dir,
+)
 
-pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _with_train(cfg, **update):
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update=update)})
 
 
 def _check_trained(ref):
     s = ref.summary
     assert s["trainable_params_changed"] == s["trainable_params"] > 0
     assert s["last_loss"] < 0.8 * s["first_loss"]
-    history = json.loads(open(f"{ref.uri}/loss_history.json").read())
-    assert len(history) >= 3
+    assert len(json.loads(open(f"{ref.uri}/loss_history.json").read())) >= 3
+    assert open(f"{ref.uri}/loss.png", "rb").read(4) == b"\x89PNG"
 
 
-def test_lora_sft_on_cpu(demo_run):
+# ---------------------------------------------------------------- unit
+
+
+def _checkpoint(folder: Path, step: int, files=CHECKPOINT_FILES, state: str | None = None) -> Path:
+    ckpt = folder / f"checkpoint-{step}"
+    ckpt.mkdir(parents=True)
+    for f in files:
+        (ckpt / f).write_text(state if f == "trainer_state.json" and state else json.dumps({"global_step": step}))
+    (ckpt / "rng_state.pth").write_text("rng")
+    return ckpt
+
+
+def test_corrupt_latest_checkpoint_is_skipped_for_the_previous_one(tmp_path, caplog):
+    good = _checkpoint(tmp_path, 20)
+    _checkpoint(tmp_path, 40, files=[f for f in CHECKPOINT_FILES if f != "optimizer.pt"])
+    _checkpoint(tmp_path, 60, state="{half written")
+    assert latest_valid_checkpoint(tmp_path) == good
+    assert "checkpoint-60: trainer_state.json does not parse" in caplog.text
+    assert "checkpoint-40: missing optimizer.pt" in caplog.text
+
+
+def test_oom_plan_keeps_the_effective_batch():
+    assert next_batch_plan(8, 1) == (4, 2)
+    assert next_batch_plan(1, 8) is None
+
+
+def test_multi_gpu_launch_commands(tmp_path):
+    spec = tmp_path / "spec.json"
+    assert launch_command(spec, 1, True) == [sys.executable, "-m", "synthtune.stages.train", str(spec)]
+    ddp = launch_command(spec, 4, False)
+    assert ddp[1:5] == ["-m", "accelerate.commands.launch", "--num_processes", "4"] and "--multi_gpu" in ddp
+    fsdp = launch_command(spec, 8, True)
+    assert "--use_fsdp" in fsdp and fsdp[fsdp.index("--fsdp_sharding_strategy") + 1] == "FULL_SHARD"
+    assert fsdp[-3:] == ["-m", "synthtune.stages.train", str(spec)]
+
+
+def test_peft_must_find_the_target_modules(demo_cfg):
+    base, lora = param_counts(demo_cfg)
+    assert base > lora > 0
+    bad = demo_cfg.model_copy(update={"train": demo_cfg.train.model_copy(
+        update={"lora": demo_cfg.train.lora.model_copy(update={"target_modules": ["no_such_proj"]})})})
+    with pytest.raises(ValueError, match=r"train.lora.target_modules=\['no_such_proj'\]"):
+        param_counts(bad)
+
+
+# ---------------------------------------------------------------- integration
+
+
+
+@pytest.mark.integration
+def test_lora_sft_in_a_child_process(demo_run):
     cfg, refs = demo_run
     ref = refs["train"]
     _check_trained(ref)
-    assert ref.summary["quantization"] == "none"
+    assert ref.summary["quantization"] == "none" and ref.summary["resumed_from_step"] == 0
+    assert ref.summary["tokens_per_s"] > 0 and ref.summary["step_time_s"] > 0
+    card = open(f"{ref.uri}/adapter/README.md").read()
+    assert "base_model: tiny:student" in card and refs["template"].key in card
 
     import torch
     from peft import PeftModel
@@ -38,11 +110,110 @@ def test_lora_sft_on_cpu(demo_run):
     assert lora and all(p.abs().sum() > 0 for p in lora)  # B starts at zero: non-zero means it learned
 
 
+@pytest.mark.integration
 def test_qlora_nf4_path_on_cpu(demo_run):
     """Real bitsandbytes 4-bit on CPU, with the Linear4bit avx512bf16 fix applied to every layer."""
     cfg, refs = demo_run
-    nf4 = cfg.model_copy(update={"train": cfg.train.model_copy(update={"quantization": "nf4", "epochs": 10})})
-    ref = train.run(nf4, ArtifactStore(cfg.artifact_root), {"template": refs["template"]})
+    ref = train.run(_with_train(cfg, quantization="nf4", epochs=10.0), ArtifactStore(cfg.artifact_root),
+                    {"template": refs["template"]})
     _check_trained(ref)
     assert ref.summary["quantization"] == "nf4"
     assert ref.summary["cpu_4bit_layers_fixed"] == 14  # 2 layers x (q, k, v, o, gate, up, down)
+
+
+@pytest.mark.integration
+def test_dpo_on_learnable_preference_pairs(demo_cfg):
+    from synthtune.tiny import demo_facts
+
+    rows = [{"id": f["id"], "prompt": f["question"], "chosen": f["answer"],
+             "rejected": next(c for c in f["choices"] if c != f["answer"])} for f in demo_facts()]
+    store = ArtifactStore(demo_cfg.artifact_root)
+    pairs = produce(store, "filter", "pairs", {}, {}, lambda st: pd.DataFrame(rows).to_parquet(st.path / "data.parquet"))
+    templated = template.run(demo_cfg, store, {"filter": pairs})
+    cfg = _with_train(demo_cfg, mode="dpo", epochs=10.0, learning_rate=0.005, beta=1.0, logging_steps=4)
+    ref = train.run(cfg, store, {"template": templated})
+    _check_trained(ref)
+    assert ref.summary["mode"] == "dpo"
+    logged = [h for h in json.loads(open(f"{ref.uri}/loss_history.json").read()) if "loss" in h]
+    # the policy prefers chosen over rejected far more often, and by a wider margin, than at the start
+    assert logged[-1]["rewards/accuracies"] >= logged[0]["rewards/accuracies"] + 0.3
+    assert logged[-1]["rewards/margins"] > 3 * logged[0]["rewards/margins"] > 0
+
+
+@pytest.mark.integration
+def test_sft_mode_refuses_preference_rows_before_training(demo_cfg):
+    store = ArtifactStore(demo_cfg.artifact_root)
+    rows = [{"id": "p", "prompt": "q", "chosen": "a", "rejected": "b"}]
+    pairs = produce(store, "filter", "p1", {}, {}, lambda st: pd.DataFrame(rows).to_parquet(st.path / "data.parquet"))
+    with pytest.raises(ValueError, match="train.mode=sft needs SFT"):
+        train.run(demo_cfg, store, {"template": template.run(demo_cfg, store, {"filter": pairs})})
+
+
+@pytest.mark.integration
+def test_sigkill_mid_run_then_retry_resumes_from_the_checkpoint(demo_run, tmp_path):
+    cfg, refs = demo_run
+    long = _with_train(cfg, max_steps=400, save_steps=20, save_total_limit=3, logging_steps=20, seed=7)
+    store = ArtifactStore(cfg.artifact_root)
+    k = train.key(long, {"template": refs["template"].key})
+    work = work_dir(store, k)
+    script = (f"from synthtune.config import PipelineConfig; from synthtune.artifacts import ArtifactStore, ArtifactRef\n"
+              f"from synthtune.stages import train\ncfg = PipelineConfig.model_validate_json({long.model_dump_json()!r})\n"
+              f"train.run(cfg, ArtifactStore(cfg.artifact_root), "
+              f"{{'template': ArtifactRef.model_validate_json({refs['template'].model_dump_json()!r})}})\n")
+    parent = subprocess.Popen([sys.executable, "-c", script], start_new_session=True, cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while latest_valid_checkpoint(work / "checkpoints") is None and time.time() < deadline:
+        time.sleep(0.2)
+    killed_at = latest_valid_checkpoint(work / "checkpoints")
+    assert killed_at is not None, "no checkpoint appeared"
+    children = subprocess.run(["pgrep", "-f", f"synthtune.stages.train {work}"], capture_output=True, text=True)
+    os.killpg(parent.pid, signal.SIGKILL)  # the stage process dies hard; its training child must follow
+    parent.wait()
+    time.sleep(1.0)
+    for pid in children.stdout.split():
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower(), \
+            f"training child {pid} outlived its parent"
+    assert store.ref("train", k) is None  # nothing committed
+
+    ref = train.run(long, store, {"template": refs["template"]})  # the retry
+    resumed = ref.summary["resumed_from_step"]
+    assert resumed >= int(killed_at.name.split("-")[1]) > 0 and ref.summary["steps"] == 400
+    assert ref.summary["first_step_this_run"] == resumed + 1  # continued from the checkpoint, not from 0
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from synthtune.models import resolve
+
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(resolve(cfg.student), dtype=torch.float32),
+                              f"{ref.uri}/adapter")
+    assert not work.exists()  # checkpoints dropped once the adapter is committed
+
+
+@pytest.mark.integration
+def test_out_of_memory_halves_the_micro_batch(demo_run, monkeypatch):
+    cfg, refs = demo_run
+    monkeypatch.setenv("SYNTHTUNE_FAULT_OOM_ABOVE_BATCH", "2")  # the child behaves as if CUDA ran out
+    ref = train.run(_with_train(cfg, epochs=2.0, seed=3), ArtifactStore(cfg.artifact_root), {"template": refs["template"]})
+    assert (ref.summary["micro_batch"], ref.summary["gradient_accumulation_steps"]) == (2, 4)
+
+
+@pytest.mark.integration
+def test_disk_preflight_refuses_on_a_small_filesystem(demo_run, tmp_path):
+    cfg, refs = demo_run
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        small = _with_train(cfg, merge=True).model_copy(update={"artifact_root": str(mount / "artifacts")})
+        store = ArtifactStore(small.artifact_root)
+        tpl = produce(store, "template", refs["template"].key, {}, {}, lambda st: (st.path / "data.parquet").write_bytes(
+            open(f"{refs['template'].uri}/data.parquet", "rb").read()))
+        with pytest.raises(RuntimeError, match=r"not enough disk at .*training needs about [\d.]+ MiB \(checkpoints .*"
+                                               r"merged [\d.]+ MiB.*only [\d.]+ MiB is free"):
+            train.run(small, store, {"template": tpl})
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)

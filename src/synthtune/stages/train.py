@@ -1,9 +1,16 @@
-"""train: LoRA / QLoRA supervised fine-tuning of the student with TRL + PEFT.
+"""train: LoRA / QLoRA fine-tuning of the student with TRL + PEFT, SFT or DPO.
 
-Consumes the template stage's tokenized rows (`input_ids`, `assistant_masks`) untouched. QLoRA
-(bitsandbytes NF4, double quantization) whenever CUDA is present; full-precision LoRA on CPU,
-where the 4-bit path is available too (`train.quantization=nf4`). Writes the adapter in PEFT
-format with the tokenizer, the loss history and a small model card.
+Consumes the template stage's tokenized rows untouched (SFT: `input_ids` + `assistant_masks`;
+DPO: `prompt_ids` / `chosen_ids` / `rejected_ids`). QLoRA (bitsandbytes NF4, double quantization,
+bf16 compute) whenever CUDA is present; full-precision LoRA on CPU, where the 4-bit path is an
+option (`train.quantization=nf4`, with the `Linear4bit` avx512bf16 fix).
+
+Before any GPU time: PEFT must find the target modules (checked on an empty-weight model), and the
+disk needed by checkpoints, the adapter and a merged export must be free. Training then runs in a
+child process in its own process group, which dies with its parent (no orphan holds the GPU).
+Checkpoints land in a work folder that survives a crash; a retry resumes from the newest checkpoint
+that validates, skipping half-written ones. A CUDA out-of-memory halves the micro-batch and doubles
+gradient accumulation (same effective batch), at most three times.
 
 Run as: synthtune train configs/demo.yaml
 """
@@ -11,8 +18,14 @@ Run as: synthtune train configs/demo.yaml
 from __future__ import annotations
 
 import json
+import logging
+import os
 import shutil
+import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from synthtune.artifacts import ArtifactRef, ArtifactStore, Staging, key_payload, produce, stage_key
@@ -23,8 +36,14 @@ if TYPE_CHECKING:
     from synthtune.config import PipelineConfig
 
 STAGE = "train"
-VERSION = "1"
+VERSION = "2"
 UPSTREAM = ("template",)
+OOM_EXIT = 3
+MAX_OOM_RETRIES = 3
+log = logging.getLogger("synthtune.train")
+
+# Dense bf16 peak FLOP/s by device name, for MFU. Unknown devices report MFU as None.
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12}
 
 
 class LoraParams(Section):
@@ -39,6 +58,7 @@ class LoraParams(Section):
 
 
 class TrainConfig(Section):
+    mode: Literal["sft", "dpo"] = field("sft", "`sft` on conversations, or `dpo` on chosen/rejected pairs.")
     quantization: Literal["auto", "nf4", "none"] = field(
         "auto", "`nf4`: QLoRA (4-bit NF4 base). `none`: LoRA on a full-precision base. `auto`: nf4 when CUDA is present."
     )
@@ -46,18 +66,30 @@ class TrainConfig(Section):
     learning_rate: float = field(2e-4, "Peak learning rate.", gt=0, le=1)
     epochs: float = field(1.0, "Passes over the training data (ignored when max_steps > 0).", gt=0)
     max_steps: int = field(-1, "Optimizer steps to run; -1 runs `epochs` instead.", ge=-1)
-    batch_size: int = field(4, "Micro-batch size per device.", ge=1)
+    batch_size: int = field(4, "Micro-batch size per device (halved on CUDA out-of-memory).", ge=1)
     gradient_accumulation_steps: int = field(1, "Micro-batches per optimizer step.", ge=1)
     warmup_ratio: float = field(0.0, "Share of optimizer steps spent warming up the learning rate.", ge=0, lt=1)
+    beta: float = field(0.1, "DPO beta: how far the policy may move from the reference.", gt=0)
     seed: int = field(0, "Random seed for initialisation and data order.")
+    packing: bool | None = field(
+        None, "Pack rows into max_length blocks. None: on when CUDA and FlashAttention (no cross-row attention) exist.")
+    liger: bool | None = field(None, "Liger kernels. None: on when CUDA is present and liger-kernel is installed.")
+    merge: bool = field(False, "Also export the base with the adapter merged in (safetensors).")
     logging_steps: int = field(5, "Log the loss every this many steps.", ge=1, affects_output=False)
+    save_steps: int = field(50, "Save a checkpoint every this many steps.", ge=1, affects_output=False)
     save_total_limit: int = field(2, "Checkpoints kept on disk.", ge=1, affects_output=False)
+    num_processes: int = field(
+        1, "GPUs to train on: above 1 the child is started with `accelerate launch` (DDP; FSDP for QLoRA).",
+        ge=1, affects_output=False)
 
 
 def key(cfg: PipelineConfig, upstream: dict[str, str]) -> str:
     # max_length is the template stage's, already part of its key through upstream
     payload = {"train": key_payload(cfg.train), "student": fingerprint(cfg.student)}
     return stage_key(STAGE, VERSION, payload, upstream)
+
+
+# ---------------------------------------------------------------- model pieces
 
 
 def use_4bit(tc: TrainConfig) -> bool:
@@ -76,7 +108,7 @@ def lora_config(tc: TrainConfig):
     )
 
 
-def load_student(spec: str, four_bit: bool):
+def load_student(spec: str, four_bit: bool, attn: str | None = None):
     """The student ready for LoRA: NF4-quantized (QLoRA) or full precision."""
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -84,12 +116,14 @@ def load_student(spec: str, four_bit: bool):
     cuda = torch.cuda.is_available()
     compute = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
     kwargs: dict = {"dtype": compute if cuda else torch.float32}
+    if attn:
+        kwargs["attn_implementation"] = attn
     if four_bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=compute,
         )
-        kwargs["device_map"] = {"": 0} if cuda else {"": "cpu"}
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))} if cuda else {"": "cpu"}
     return AutoModelForCausalLM.from_pretrained(resolve(spec), **kwargs)
 
 
@@ -108,101 +142,386 @@ def fix_cpu_4bit(model) -> int:
     return n
 
 
-def sft_args(cfg: PipelineConfig, output_dir: str):
+def param_counts(cfg: PipelineConfig) -> tuple[int, int]:
+    """(base parameters, LoRA parameters) on an empty-weight model: no download of weights, and
+    PEFT's own check that the target modules exist. Raises ValueError naming the modules."""
+    from accelerate import init_empty_weights
+    from peft import get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(resolve(cfg.student))
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    total = sum(p.numel() for p in model.parameters())
+    try:
+        peft_model = get_peft_model(model, lora_config(cfg.train))
+    except ValueError as e:
+        raise ValueError(f"train.lora.target_modules={cfg.train.lora.target_modules!r} on {cfg.student}: {e}") from None
+    lora = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    return total, lora
+
+
+# ---------------------------------------------------------------- safety checks
+
+
+def disk_needed(cfg: PipelineConfig, base_params: int, lora_params: int, data_bytes: int) -> dict[str, int]:
+    """Bytes the run will write: each checkpoint holds the adapter (fp32) and AdamW's two moments,
+    `save_total_limit` of them live at once; then the final adapter, a merged export in bf16/fp32
+    if asked, and a copy of the data."""
+    tc = cfg.train
+    adapter = lora_params * 4
+    parts = {"checkpoints": tc.save_total_limit * (adapter + 2 * adapter + (1 << 20)), "adapter": adapter,
+             "data": data_bytes}
+    if tc.merge:
+        parts["merged"] = base_params * (2 if use_4bit(tc) else 4)
+    return parts
+
+
+def check_disk(where: Path, needed: dict[str, int]) -> None:
+    probe = where
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    total = sum(needed.values())
+    if total > free:
+        parts = ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in needed.items())
+        raise RuntimeError(f"not enough disk at {where}: training needs about {total / 2**20:.1f} MiB ({parts}) "
+                           f"but only {free / 2**20:.1f} MiB is free. Free space, lower train.save_total_limit, "
+                           "turn off train.merge, or point artifact_root elsewhere.")
+
+
+def check_gpu_memory(base_params: int, lora_params: int, four_bit: bool, batch: int, max_length: int) -> None:
+    """Rough need (weights, LoRA with AdamW, activations) against free GPU memory; refuses early."""
     import torch
-    from trl import SFTConfig
+
+    if not torch.cuda.is_available():
+        return
+    free, _ = torch.cuda.mem_get_info()
+    weights = base_params * (0.55 if four_bit else 2)
+    need = weights + lora_params * 16 + batch * max_length * 2 * 1024 * 64  # activations: a coarse upper guess
+    if need > free:
+        raise RuntimeError(f"the model needs about {need / 2**30:.1f} GiB of GPU memory, {free / 2**30:.1f} GiB is "
+                           "free: use quantization=nf4, a smaller batch_size, or a bigger GPU")
+
+
+CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt", "adapter_config.json",
+                    "adapter_model.safetensors")
+
+
+def latest_valid_checkpoint(folder: Path) -> Path | None:
+    """The newest `checkpoint-N` whose trainer state parses (at step N) and whose optimizer,
+    scheduler, RNG and adapter files are all there; half-written ones are skipped with a log line."""
+    if not folder.is_dir():
+        return None
+    found = sorted((p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+                   key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+    for ckpt in found:
+        missing = [f for f in CHECKPOINT_FILES if not (ckpt / f).is_file()]
+        if not list(ckpt.glob("rng_state*.pth")):
+            missing.append("rng_state.pth")
+        problem = f"missing {', '.join(missing)}" if missing else None
+        if not problem:
+            try:
+                step = json.loads((ckpt / "trainer_state.json").read_text())["global_step"]
+                if step != int(ckpt.name.split("-")[-1]):
+                    problem = f"trainer_state.json says step {step}"
+            except (ValueError, KeyError) as e:
+                problem = f"trainer_state.json does not parse ({e})"
+        if problem is None:
+            return ckpt
+        log.warning("skipping %s: %s", ckpt, problem)
+    return None
+
+
+def next_batch_plan(batch: int, accum: int) -> tuple[int, int] | None:
+    """After an out-of-memory: half the micro-batch, twice the accumulation (same effective batch)."""
+    return (batch // 2, accum * 2) if batch > 1 else None
+
+
+def launch_command(spec: Path, num_processes: int, four_bit: bool) -> list[str]:
+    """The child's command: a plain interpreter, or `accelerate launch` across GPUs (FSDP for QLoRA)."""
+    if num_processes == 1:
+        return [sys.executable, "-m", "synthtune.stages.train", str(spec)]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes),
+           "--mixed_precision", "bf16"]
+    if four_bit:  # QLoRA across GPUs: shard with FSDP, 4-bit weights kept as stored
+        cmd += ["--use_fsdp", "--fsdp_version", "1", "--fsdp_sharding_strategy", "FULL_SHARD",
+                "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP", "--fsdp_use_orig_params", "false",
+                "--fsdp_cpu_ram_efficient_loading", "true"]
+    else:
+        cmd += ["--multi_gpu"]
+    return cmd + ["-m", "synthtune.stages.train", str(spec)]
+
+
+# ---------------------------------------------------------------- the child process
+
+
+def _die_with_parent() -> None:
+    """Linux: the kernel kills this process when its parent dies, however it dies."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def _trainer_args(cfg: PipelineConfig, output_dir: str, batch: int, accum: int, packing: bool, liger: bool):
+    import torch
+    from trl import DPOConfig, SFTConfig
 
     tc = cfg.train
     cuda = torch.cuda.is_available()
-    bf16 = cuda and torch.cuda.is_bf16_supported()
-    return SFTConfig(
-        output_dir=output_dir,
-        num_train_epochs=tc.epochs,
-        max_steps=tc.max_steps,
-        per_device_train_batch_size=tc.batch_size,
-        gradient_accumulation_steps=tc.gradient_accumulation_steps,
-        learning_rate=tc.learning_rate,
-        lr_scheduler_type="cosine",
-        warmup_steps=tc.warmup_ratio,
-        logging_steps=tc.logging_steps,
-        save_strategy="no",
-        report_to="none",
-        seed=tc.seed,
-        data_seed=tc.seed,
-        bf16=bf16,  # TRL defaults to bf16, which fails on CPU
-        fp16=False,
-        use_cpu=not cuda,
-        max_length=cfg.template.max_length,
-        packing=False,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
+    common = dict(
+        output_dir=output_dir, num_train_epochs=tc.epochs, max_steps=tc.max_steps,
+        per_device_train_batch_size=batch, gradient_accumulation_steps=accum, learning_rate=tc.learning_rate,
+        lr_scheduler_type="cosine", warmup_steps=tc.warmup_ratio, logging_steps=tc.logging_steps,
+        save_strategy="steps", save_steps=tc.save_steps, save_total_limit=tc.save_total_limit,
+        report_to="none", seed=tc.seed, data_seed=tc.seed,
+        bf16=cuda and torch.cuda.is_bf16_supported(), fp16=False,  # TRL defaults to bf16, which fails on CPU
+        use_cpu=not cuda, max_length=cfg.template.max_length, dataloader_num_workers=0, disable_tqdm=True,
+        use_liger_kernel=liger,
     )
+    if tc.mode == "dpo":
+        return DPOConfig(beta=tc.beta, **common)
+    return SFTConfig(packing=packing, **common)
 
 
-def _train(cfg: PipelineConfig, staging: Staging, data_dir) -> None:
+def _child(spec_path: str) -> int:
+    """Train once (resuming from the newest valid checkpoint) and write result.json. Exit 3 on OOM."""
+    _die_with_parent()
     import torch
     from datasets import Dataset
     from peft import get_peft_model
     from transformers import AutoTokenizer
-    from trl import SFTTrainer
+    from trl import DPOTrainer, SFTTrainer
+
+    from synthtune.config import PipelineConfig
+
+    spec = json.loads(Path(spec_path).read_text())
+    cfg = PipelineConfig.model_validate(spec["cfg"])
+    tc, work = cfg.train, Path(spec["work"])
+    batch, accum = spec["batch_size"], spec["gradient_accumulation_steps"]
+    fault = os.environ.get("SYNTHTUNE_FAULT_OOM_ABOVE_BATCH")  # test hook: behave as if memory ran out
+    try:
+        if fault and batch > int(fault):
+            raise torch.OutOfMemoryError(f"injected: batch {batch} > {fault}")
+        torch.manual_seed(tc.seed)
+        columns = ["prompt_ids", "chosen_ids", "rejected_ids"] if tc.mode == "dpo" else ["input_ids", "assistant_masks"]
+        dataset = Dataset.from_parquet(spec["data"]).select_columns(columns)
+        tokenizer = AutoTokenizer.from_pretrained(resolve(cfg.student))
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        four_bit, cuda = use_4bit(tc), torch.cuda.is_available()
+        flash = cuda and _has("flash_attn")
+        packing = tc.mode == "sft" and (tc.packing if tc.packing is not None else flash)
+        liger = tc.liger if tc.liger is not None else (cuda and _has("liger_kernel"))
+        model = load_student(cfg.student, four_bit, "flash_attention_2" if packing and flash else None)
+        model = get_peft_model(model, lora_config(tc))
+        fixed = fix_cpu_4bit(model) if four_bit and not cuda else 0
+        before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        args = _trainer_args(cfg, str(work / "checkpoints"), batch, accum, packing, liger)
+        trainer_cls = _pretokenized_dpo(DPOTrainer) if tc.mode == "dpo" else SFTTrainer
+        first_step = _first_step_callback()
+        trainer = trainer_cls(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                              callbacks=[first_step])
+        resume = latest_valid_checkpoint(work / "checkpoints")
+        resumed = json.loads((resume / "trainer_state.json").read_text())["global_step"] if resume else 0
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        seconds = time.perf_counter() - start
+    except torch.OutOfMemoryError as e:
+        print(f"synthtune: CUDA out of memory at micro-batch {batch}: {e}", file=sys.stderr)
+        return OOM_EXIT
+    if trainer.accelerator.is_main_process:
+        _finish(cfg, trainer, model, tokenizer, dataset, before, result, seconds, resumed, fixed, four_bit,
+                batch, accum, packing, liger, work, first_step.step)
+    return 0
+
+
+def _first_step_callback():
+    """A callback recording the first optimizer step this process ran: resumed+1 after a resume."""
+    from transformers import TrainerCallback
+
+    class FirstStep(TrainerCallback):
+        step: int | None = None
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.step is None:
+                self.step = state.global_step
+
+    return FirstStep()
+
+
+def _pretokenized_dpo(base):
+    """TRL 1.16's DPOTrainer re-tokenizes from text; ours takes the template stage's ids as they are
+    (prompt budget and max_length already enforced there), so training sees exactly what was reported."""
+
+    class PretokenizedDPOTrainer(base):
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            if "prompt_ids" in dataset.column_names:
+                return dataset
+            return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+
+    return PretokenizedDPOTrainer
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def _finish(cfg, trainer, model, tokenizer, dataset, before, result, seconds, resumed, fixed, four_bit, batch,
+            accum, packing, liger, work: Path, first_step: int | None) -> None:
+    import torch
 
     tc = cfg.train
-    torch.manual_seed(tc.seed)
-    dataset = Dataset.from_parquet(str(data_dir / "data.parquet")).select_columns(["input_ids", "assistant_masks"])
-    tokenizer = AutoTokenizer.from_pretrained(resolve(cfg.student))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    four_bit = use_4bit(tc)
-    model = load_student(cfg.student, four_bit)
-    model = get_peft_model(model, lora_config(tc))
-    fixed = fix_cpu_4bit(model) if four_bit and not torch.cuda.is_available() else 0
-    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    trainer = SFTTrainer(
-        model=model, args=sft_args(cfg, str(staging.path / ".checkpoints")), train_dataset=dataset,
-        processing_class=tokenizer,
-    )
-    start = time.perf_counter()
-    result = trainer.train()
-    seconds = time.perf_counter() - start
     changed = sum(int(not torch.equal(before[n], p.detach())) for n, p in model.named_parameters() if n in before)
-    tokens = sum(len(x) for x in dataset["input_ids"]) * (trainer.state.epoch or 1)
     history = [h for h in trainer.state.log_history if "loss" in h]
-    adapter = staging.path / "adapter"
+    steps_run = trainer.state.global_step - resumed
+    columns = ["prompt_ids", "chosen_ids", "rejected_ids"] if tc.mode == "dpo" else ["input_ids"]
+    tokens_per_epoch = sum(sum(len(x) for x in dataset[c]) for c in columns)
+    epochs_run = (trainer.state.epoch or 1) * steps_run / max(trainer.state.global_step, 1)
+    tokens_per_s = tokens_per_epoch * epochs_run / seconds if seconds else None
+    n_params = sum(p.numel() for p in model.parameters())
+    cuda = torch.cuda.is_available()
+    device = torch.cuda.get_device_name() if cuda else "cpu"
+    peak = next((v for k, v in PEAK_FLOPS.items() if k in device), None)
+    # MFU: a frozen base costs ~2N FLOPs per token forward and ~2N backward (activation gradients only)
+    mfu = tokens_per_s * 4 * n_params / peak if peak and tokens_per_s else None
+    adapter = work / "final" / "adapter"
     model.save_pretrained(adapter)
     tokenizer.save_pretrained(adapter)
-    shutil.rmtree(staging.path / ".checkpoints", ignore_errors=True)
+    if tc.merge:
+        merged = model.merge_and_unload() if not four_bit else None
+        if merged is not None:
+            merged.save_pretrained(work / "final" / "merged", safe_serialization=True)
+            tokenizer.save_pretrained(work / "final" / "merged")
     metrics = {
-        "train_loss": round(float(result.training_loss), 4),
-        "first_loss": history[0]["loss"] if history else None,
-        "last_loss": history[-1]["loss"] if history else None,
-        "steps": trainer.state.global_step,
+        "mode": tc.mode, "train_loss": round(float(result.training_loss), 4),
+        "first_loss": history[0]["loss"] if history else None, "last_loss": history[-1]["loss"] if history else None,
+        "steps": trainer.state.global_step, "resumed_from_step": resumed, "first_step_this_run": first_step,
         "seconds": round(seconds, 2),
-        "tokens_per_s": round(tokens / seconds, 1) if seconds else None,
-        "quantization": "nf4" if four_bit else "none",
-        "trainable_params": len(before),
-        "trainable_params_changed": changed,
+        "step_time_s": round(seconds / steps_run, 4) if steps_run else None,
+        "tokens_per_s": round(tokens_per_s, 1) if tokens_per_s else None,
+        "mfu": round(mfu, 4) if mfu else None, "device": device,
+        "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+        "quantization": "nf4" if four_bit else "none", "micro_batch": batch, "gradient_accumulation_steps": accum,
+        "packing": packing, "liger": liger, "trainable_params": len(before), "trainable_params_changed": changed,
         "cpu_4bit_layers_fixed": fixed,
     }
+    (work / "final" / "loss_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
+    (work / "final" / "metrics.json").write_text(json.dumps(metrics, indent=2))
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def work_dir(store: ArtifactStore, k: str) -> Path:
+    """Where checkpoints of run `k` live until it finishes: beside the artifacts on a local root (a
+    retry finds them), else in the local cache."""
+    if store.local:
+        return Path(store.root) / STAGE / ".work" / k
+    from synthtune.tiny import cache_root
+
+    return cache_root() / "work" / STAGE / k
+
+
+def run_child(cmd: list[str]) -> int:
+    """Run the training child in its own process group; whatever happens here, the group dies."""
+    proc = subprocess.Popen(cmd, start_new_session=True)
+    try:
+        return proc.wait()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def loss_curve(history: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.plot([p[0] for p in points], [p[1] for p in points], marker=".", color="#4c72b0")
+    ax.set_xlabel("step")
+    ax.set_ylabel("train loss")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def model_card(cfg: PipelineConfig, data_key: str, metrics: dict) -> str:
+    body = {"base_model": cfg.student, "data_key": data_key, "train": cfg.train.model_dump(mode="json"),
+            "metrics": metrics}
+    return (f"---\nbase_model: {cfg.student}\nlibrary_name: peft\ntags: [synthtune, lora, trl]\n---\n"
+            f"# {cfg.name} adapter\n\nLoRA adapter for `{cfg.student}` trained by synthtune ({cfg.train.mode}) on "
+            f"template output `{data_key}`.\n\n```json\n{json.dumps(body, indent=2)}\n```\n")
+
+
+def _train(cfg: PipelineConfig, store: ArtifactStore, staging: Staging, data_dir: Path, k: str, data_key: str) -> None:
+    import pyarrow.parquet as pq
+
+    tc = cfg.train
+    work = work_dir(store, k)
+    work.mkdir(parents=True, exist_ok=True)
+    data = data_dir / "data.parquet"
+    needs = "prompt_ids" if tc.mode == "dpo" else "input_ids"
+    if needs not in pq.read_schema(data).names:
+        kind = "preference (prompt/chosen/rejected)" if tc.mode == "dpo" else "SFT (messages or prompt/response)"
+        raise ValueError(f"train.mode={tc.mode} needs {kind} rows from the template stage; {data} has "
+                         f"{pq.read_schema(data).names}")
+    base_params, lora_params = param_counts(cfg)
+    check_disk(work, disk_needed(cfg, base_params, lora_params, data.stat().st_size))
+    check_gpu_memory(base_params, lora_params, use_4bit(tc), tc.batch_size, cfg.template.max_length)
+    batch, accum = tc.batch_size, tc.gradient_accumulation_steps
+    for attempt in range(MAX_OOM_RETRIES + 1):
+        spec = work / "spec.json"
+        spec.write_text(json.dumps({"cfg": cfg.model_dump(mode="json"), "work": str(work), "data": str(data),
+                                    "batch_size": batch, "gradient_accumulation_steps": accum}))
+        rc = run_child(launch_command(spec, tc.num_processes, use_4bit(tc)))
+        if rc == 0:
+            break
+        if rc == OOM_EXIT and attempt < MAX_OOM_RETRIES and (plan := next_batch_plan(batch, accum)):
+            log.warning("out of memory at micro-batch %d: retrying with micro-batch %d x accumulation %d",
+                        batch, *plan)
+            batch, accum = plan
+            continue
+        raise RuntimeError(f"training failed (exit code {rc}); checkpoints kept in {work} for the retry")
+    final = work / "final"
+    metrics = json.loads((final / "metrics.json").read_text())
+    history = json.loads((final / "loss_history.json").read_text())
+    shutil.copytree(final / "adapter", staging.path / "adapter")
+    if (final / "merged").is_dir():
+        shutil.copytree(final / "merged", staging.path / "merged")
+    (staging.path / "adapter" / "README.md").write_text(model_card(cfg, data_key, metrics))
     (staging.path / "loss_history.json").write_text(json.dumps(history, indent=2))
     (staging.path / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    (adapter / "README.md").write_text(model_card(cfg, metrics))
-    staging.rows.update(train=len(dataset))
-    staging.metrics.update(metrics)
-
-
-def model_card(cfg: PipelineConfig, metrics: dict) -> str:
-    return (
-        f"# {cfg.name} adapter\n\nLoRA adapter for `{cfg.student}` trained by synthtune.\n\n"
-        f"```json\n{json.dumps({'train': cfg.train.model_dump(mode='json'), 'metrics': metrics}, indent=2)}\n```\n"
-    )
+    loss_curve(history, staging.path / "loss.png", f"{cfg.name}: {tc.mode} loss")
+    staging.rows.update(train=pq.read_metadata(data).num_rows)
+    staging.metrics.update(metrics, base_params=base_params, lora_params=lora_params)
 
 
 def run(cfg: PipelineConfig, store: ArtifactStore, upstream: dict[str, ArtifactRef]) -> ArtifactRef:
     src = upstream["template"]
+    ups = {"template": src.key}
+    k = key(cfg, ups)
 
     def build(staging: Staging) -> None:
         with store.local_copy(src) as folder:
-            _train(cfg, staging, folder)
+            _train(cfg, store, staging, folder, k, src.key)
 
-    ups = {"template": src.key}
-    return produce(store, STAGE, key(cfg, ups), ups, key_payload(cfg.train), build)
+    ref = produce(store, STAGE, k, ups, key_payload(cfg.train), build)
+    shutil.rmtree(work_dir(store, k), ignore_errors=True)  # committed: checkpoints no longer needed
+    return ref
+
+
+if __name__ == "__main__":
+    sys.exit(_child(sys.argv[1]))
