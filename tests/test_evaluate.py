@@ -114,3 +114,14 @@ def test_in_domain_task_from_held_out_rows(demo_run):
     assert scores["in_domain"]["perplexity"] > 1 and 0 <= scores["in_domain"]["acc"] <= 1
     samples = [json.loads(line) for line in open(f"{ref.uri}/samples_in_domain.jsonl")]
     assert sorted(s["doc"]["id"] for s in samples) == sorted(held["id"])
+
+
+def test_scores_keep_filters_apart():
+    from synthtune.stages.evaluate import scores
+
+    results = {"results": {"gsm8k": {"alias": "gsm8k", "exact_match,strict-match": 0.25,
+                                     "exact_match_stderr,strict-match": 0.01, "exact_match,flexible-extract": 0.5},
+                           "arc": {"acc,none": 0.7, "acc_stderr,none": 0.02}}}
+    assert scores(results) == {"gsm8k": {"exact_match[strict-match]": 0.25, "exact_match[strict-match]_stderr": 0.01,
+                                         "exact_match[flexible-extract]": 0.5},
+                               "arc": {"acc": 0.7, "acc_stderr": 0.02}}

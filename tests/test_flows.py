@@ -64,8 +64,8 @@ def test_rerun_is_cached_and_one_field_reruns_only_downstream(prefect_server, de
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts()
     keys = {a.key for a in artifacts}
-    assert {"resolved-config", "data-funnel", "length-report", "length-percentiles", "eval-comparison",
-            "promotion-verdict"} <= keys
+    assert {"resolved-config", "data-funnel", "length-report", "length-percentiles", "train-metrics", "loss-curve",
+            "eval-comparison", "eval-flips", "promotion-verdict"} <= keys
     length_report = next(a for a in artifacts if a.key == "length-report").data
     assert "data:image/png;base64," in length_report and "trained-token share" in length_report
     config_md = next(a for a in artifacts if a.key == "resolved-config").data

@@ -239,12 +239,16 @@ def cli_command(args: dict, include_path: str | None, output_path: str) -> list[
 
 
 def scores(results: dict) -> dict[str, dict[str, float]]:
-    """{task: {metric: value}} from lm-eval's results, filter suffixes (`,none`) removed."""
+    """{task: {metric: value}} from lm-eval's results. The default filter (`,none`) is dropped from
+    the name; other filters stay in brackets, e.g. `exact_match[strict-match]`, so they never collide."""
     out: dict[str, dict[str, float]] = {}
     for task, metrics in results["results"].items():
         for name, value in metrics.items():
             if "," in name and isinstance(value, (int, float)):
-                metric, _filter = name.split(",", 1)
+                metric, filt = name.split(",", 1)
+                if filt != "none":
+                    base, _, stderr = metric.partition("_stderr")
+                    metric = f"{base}[{filt}]" + ("_stderr" if _ else "")
                 out.setdefault(task, {})[metric] = float(value)
     return out
 
