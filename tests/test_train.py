@@ -114,11 +114,22 @@ def test_lora_sft_in_a_child_process(demo_run):
 def test_qlora_nf4_path_on_cpu(demo_run):
     """Real bitsandbytes 4-bit on CPU, with the Linear4bit avx512bf16 fix applied to every layer."""
     cfg, refs = demo_run
-    ref = train.run(_with_train(cfg, quantization="nf4", epochs=10.0), ArtifactStore(cfg.artifact_root),
+    ref = train.run(_with_train(cfg, quantization="nf4", epochs=10.0, merge=True), ArtifactStore(cfg.artifact_root),
                     {"template": refs["template"]})
     _check_trained(ref)
     assert ref.summary["quantization"] == "nf4"
     assert ref.summary["cpu_4bit_layers_fixed"] == 14  # 2 layers x (q, k, v, o, gate, up, down)
+    assert ref.summary["activation_checkpointing"] is False  # on CPU memory never asks for it
+
+    # the merged export: the adapter folded into the unquantized base, loadable on its own
+    from transformers import AutoModelForCausalLM
+
+    from synthtune.models import resolve
+
+    merged = AutoModelForCausalLM.from_pretrained(f"{ref.uri}/merged")
+    base = AutoModelForCausalLM.from_pretrained(resolve(cfg.student))
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert not merged.state_dict()[name].equal(base.state_dict()[name])
 
 
 @pytest.mark.integration

@@ -29,7 +29,7 @@ UPSTREAM = ("base", "tuned", "train")
 
 class PromoteConfig(Section):
     target_task: str = field("demo_facts", "Task whose score decides promotion; must be one of evaluate.tasks.")
-    metric: str = field("acc", "Metric compared for every task, e.g. acc, acc_norm or exact_match.")
+    metric: str = field("acc", "Metric compared for every task, e.g. acc, acc_norm, exact_match[strict-match].")
     min_delta: float = field(0.0, "Tuned minus base on the target task must be at least this to promote.")
     guard_tasks: list[str] = field([], "Tasks that must not get worse: each may drop by at most max_guard_drop.")
     max_guard_drop: float = field(0.02, "Largest drop (base minus tuned) allowed on any guard task.", ge=0)

@@ -145,6 +145,11 @@ def fix_cpu_4bit(model) -> int:
 def param_counts(cfg: PipelineConfig) -> tuple[int, int]:
     """(base parameters, LoRA parameters) on an empty-weight model: no download of weights, and
     PEFT's own check that the target modules exist. Raises ValueError naming the modules."""
+    return _shape(cfg)[:2]
+
+
+def _shape(cfg: PipelineConfig) -> tuple[int, int, int, int]:
+    """(base parameters, LoRA parameters, hidden size, layers) of the student, from its config."""
     from accelerate import init_empty_weights
     from peft import get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -158,7 +163,7 @@ def param_counts(cfg: PipelineConfig) -> tuple[int, int]:
     except ValueError as e:
         raise ValueError(f"train.lora.target_modules={cfg.train.lora.target_modules!r} on {cfg.student}: {e}") from None
     lora = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    return total, lora
+    return total, lora, config.hidden_size, config.num_hidden_layers
 
 
 # ---------------------------------------------------------------- safety checks
@@ -190,18 +195,25 @@ def check_disk(where: Path, needed: dict[str, int]) -> None:
                            "turn off train.merge, or point artifact_root elsewhere.")
 
 
-def check_gpu_memory(base_params: int, lora_params: int, four_bit: bool, batch: int, max_length: int) -> None:
-    """Rough need (weights, LoRA with AdamW, activations) against free GPU memory; refuses early."""
+def plan_gpu_memory(base_params: int, lora_params: int, hidden: int, layers: int, four_bit: bool, batch: int,
+                    max_length: int) -> bool:
+    """Whether activation checkpointing is needed, from a rough estimate against free GPU memory:
+    weights (NF4 ~0.55 byte/param, else bf16), LoRA with AdamW (16 bytes/param) and activations
+    (~34 bytes per token per hidden unit per layer in bf16 without checkpointing, ~2 with it).
+    Refuses before training when even checkpointed it would not fit. CPU: never needed."""
     import torch
 
     if not torch.cuda.is_available():
-        return
+        return False
     free, _ = torch.cuda.mem_get_info()
-    weights = base_params * (0.55 if four_bit else 2)
-    need = weights + lora_params * 16 + batch * max_length * 2 * 1024 * 64  # activations: a coarse upper guess
-    if need > free:
-        raise RuntimeError(f"the model needs about {need / 2**30:.1f} GiB of GPU memory, {free / 2**30:.1f} GiB is "
-                           "free: use quantization=nf4, a smaller batch_size, or a bigger GPU")
+    fixed = base_params * (0.55 if four_bit else 2) + lora_params * 16
+    tokens = batch * max_length
+    full, checkpointed = fixed + tokens * hidden * layers * 34, fixed + tokens * hidden * layers * 2
+    if checkpointed > free:
+        raise RuntimeError(f"the model needs about {checkpointed / 2**30:.1f} GiB of GPU memory even with activation "
+                           f"checkpointing, {free / 2**30:.1f} GiB is free: use quantization=nf4, a smaller batch_size "
+                           "or max_length, or a bigger GPU")
+    return full > 0.85 * free
 
 
 CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt", "adapter_config.json",
@@ -266,7 +278,8 @@ def _die_with_parent() -> None:
         pass
 
 
-def _trainer_args(cfg: PipelineConfig, output_dir: str, batch: int, accum: int, packing: bool, liger: bool):
+def _trainer_args(cfg: PipelineConfig, output_dir: str, batch: int, accum: int, packing: bool, liger: bool,
+                  checkpointing: bool = False):
     import torch
     from trl import DPOConfig, SFTConfig
 
@@ -281,6 +294,7 @@ def _trainer_args(cfg: PipelineConfig, output_dir: str, batch: int, accum: int, 
         bf16=cuda and torch.cuda.is_bf16_supported(), fp16=False,  # TRL defaults to bf16, which fails on CPU
         use_cpu=not cuda, max_length=cfg.template.max_length, dataloader_num_workers=0, disable_tqdm=True,
         use_liger_kernel=liger,
+        activation_checkpointing=checkpointing,  # TRL turns it on by default; only when memory needs it here
     )
     if tc.mode == "dpo":
         return DPOConfig(beta=tc.beta, **common)
@@ -320,7 +334,8 @@ def _child(spec_path: str) -> int:
         model = get_peft_model(model, lora_config(tc))
         fixed = fix_cpu_4bit(model) if four_bit and not cuda else 0
         before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-        args = _trainer_args(cfg, str(work / "checkpoints"), batch, accum, packing, liger)
+        args = _trainer_args(cfg, str(work / "checkpoints"), batch, accum, packing, liger,
+                             spec.get("activation_checkpointing", False))
         trainer_cls = _pretokenized_dpo(DPOTrainer) if tc.mode == "dpo" else SFTTrainer
         first_step = _first_step_callback()
         trainer = trainer_cls(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
@@ -396,10 +411,15 @@ def _finish(cfg, trainer, model, tokenizer, dataset, before, result, seconds, re
     model.save_pretrained(adapter)
     tokenizer.save_pretrained(adapter)
     if tc.merge:
-        merged = model.merge_and_unload() if not four_bit else None
-        if merged is not None:
-            merged.save_pretrained(work / "final" / "merged", safe_serialization=True)
-            tokenizer.save_pretrained(work / "final" / "merged")
+        if four_bit:  # merging into NF4 weights would lose precision: merge into the unquantized base
+            from peft import PeftModel
+
+            base = load_student(cfg.student, four_bit=False)
+            merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
+        else:
+            merged = model.merge_and_unload()
+        merged.save_pretrained(work / "final" / "merged", safe_serialization=True)
+        tokenizer.save_pretrained(work / "final" / "merged")
     metrics = {
         "mode": tc.mode, "train_loss": round(float(result.training_loss), 4),
         "first_loss": history[0]["loss"] if history else None, "last_loss": history[-1]["loss"] if history else None,
@@ -410,7 +430,8 @@ def _finish(cfg, trainer, model, tokenizer, dataset, before, result, seconds, re
         "mfu": round(mfu, 4) if mfu else None, "device": device,
         "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
         "quantization": "nf4" if four_bit else "none", "micro_batch": batch, "gradient_accumulation_steps": accum,
-        "packing": packing, "liger": liger, "trainable_params": len(before), "trainable_params_changed": changed,
+        "packing": packing, "liger": liger, "activation_checkpointing": bool(trainer.args.activation_checkpointing),
+        "trainable_params": len(before), "trainable_params_changed": changed,
         "cpu_4bit_layers_fixed": fixed,
     }
     (work / "final" / "loss_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
@@ -478,14 +499,16 @@ def _train(cfg: PipelineConfig, store: ArtifactStore, staging: Staging, data_dir
         kind = "preference (prompt/chosen/rejected)" if tc.mode == "dpo" else "SFT (messages or prompt/response)"
         raise ValueError(f"train.mode={tc.mode} needs {kind} rows from the template stage; {data} has "
                          f"{pq.read_schema(data).names}")
-    base_params, lora_params = param_counts(cfg)
+    base_params, lora_params, hidden, layers = _shape(cfg)
     check_disk(work, disk_needed(cfg, base_params, lora_params, data.stat().st_size))
-    check_gpu_memory(base_params, lora_params, use_4bit(tc), tc.batch_size, cfg.template.max_length)
+    checkpointing = plan_gpu_memory(base_params, lora_params, hidden, layers, use_4bit(tc), tc.batch_size,
+                                    cfg.template.max_length)
     batch, accum = tc.batch_size, tc.gradient_accumulation_steps
     for attempt in range(MAX_OOM_RETRIES + 1):
         spec = work / "spec.json"
         spec.write_text(json.dumps({"cfg": cfg.model_dump(mode="json"), "work": str(work), "data": str(data),
-                                    "batch_size": batch, "gradient_accumulation_steps": accum}))
+                                    "batch_size": batch, "gradient_accumulation_steps": accum,
+                                    "activation_checkpointing": checkpointing}))
         rc = run_child(launch_command(spec, tc.num_processes, use_4bit(tc)))
         if rc == 0:
             break
