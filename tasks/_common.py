@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 from collections.abc import Callable, Iterator
 from types import ModuleType
@@ -34,7 +35,8 @@ def stage_context(cfg) -> Iterator[ArtifactStore]:
         RUN_ID.reset(token)
 
 
-def summary_markdown(ref: ArtifactRef) -> str:
-    rows = "\n".join(f"| {k} | {v} |" for k, v in ref.summary.items() if not isinstance(v, (list, dict)))
-    counts = ", ".join(f"{k}={v}" for k, v in ref.summary.get("rows", {}).items())
-    return f"**{ref.stage}** `{ref.key}` at `{ref.uri}`\n\nrows: {counts or '-'}\n\n| field | value |\n|---|---|\n{rows}\n"
+def inline_png(store: ArtifactStore, ref: ArtifactRef, name: str, alt: str) -> str:
+    """Markdown embedding a PNG of an artifact folder, so the Prefect UI shows it without file access."""
+    with store.local_copy(ref) as folder:
+        data = base64.b64encode((folder / name).read_bytes()).decode()
+    return f"![{alt}](data:image/png;base64,{data})"

@@ -1,4 +1,3 @@
-import base64
 import json
 
 from prefect import task
@@ -7,7 +6,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from synthtune.artifacts import ArtifactRef
 from synthtune.config import PipelineConfig
 from synthtune.stages import promote as stage
-from tasks._common import cache_key, stage_context
+from tasks._common import cache_key, inline_png, stage_context
 
 
 @task(name="promote", cache_key_fn=cache_key(stage), persist_result=True, tags=["cpu"])
@@ -15,8 +14,8 @@ def promote(cfg: PipelineConfig, upstream: dict[str, ArtifactRef]) -> ArtifactRe
     """Base vs tuned (table, chart, flipped items); `latest` moves only when the gate passes."""
     with stage_context(cfg) as store:
         ref = stage.run(cfg, store, upstream)
+        png = inline_png(store, ref, "comparison.png", "base vs tuned")
         with store.local_copy(ref) as folder:
-            png = base64.b64encode((folder / "comparison.png").read_bytes()).decode()
             flips = json.loads((folder / "verdict.json").read_text())["flips"]
     create_table_artifact(ref.summary["comparison"], key="eval-comparison", description="Base vs tuned (lm-eval)")
     flipped = [{"task": task, "direction": d, "item": item} for task, f in flips.items() for d, items in f.items()
@@ -26,6 +25,6 @@ def promote(cfg: PipelineConfig, upstream: dict[str, ArtifactRef]) -> ArtifactRe
     verdict = "Promoted" if ref.summary["promoted"] else "NOT promoted: `latest` unchanged"
     create_markdown_artifact(
         f"## {verdict}\n\n" + "\n".join(f"- {r}" for r in ref.summary["reasons"])
-        + f"\n\n![base vs tuned](data:image/png;base64,{png})\n\nVerdict: `{ref.uri}/verdict.json`",
+        + f"\n\n{png}\n\nVerdict: `{ref.uri}/verdict.json`",
         key="promotion-verdict", description="Promotion gate")
     return ref

@@ -1,12 +1,10 @@
-import base64
-
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from synthtune.artifacts import ArtifactRef
 from synthtune.config import PipelineConfig
 from synthtune.stages import template as stage
-from tasks._common import cache_key, stage_context
+from tasks._common import cache_key, inline_png, stage_context
 
 
 @task(name="template", cache_key_fn=cache_key(stage), persist_result=True, retries=1, tags=["cpu"])
@@ -15,8 +13,7 @@ def template(cfg: PipelineConfig, upstream: dict[str, ArtifactRef]) -> ArtifactR
     with stage_context(cfg) as store:
         ref = stage.run(cfg, store, upstream)
         report = store.manifest(ref.stage, ref.key)["report"]
-        with store.local_copy(ref) as folder:
-            png = base64.b64encode((folder / "lengths.png").read_bytes()).decode()
+        png = inline_png(store, ref, "lengths.png", "token lengths")
     table = [{"split": split, "part": part, **stats} for split, parts in report["lengths"].items()
              for part, stats in parts.items()]
     create_table_artifact(table, key="length-percentiles", description="Token length percentiles per split")
@@ -26,6 +23,6 @@ def template(cfg: PipelineConfig, upstream: dict[str, ArtifactRef]) -> ArtifactR
     create_markdown_artifact(
         f"## Length report\n{warnings}\n{counts}; trained-token share {report['trained_token_share']}\n\n"
         f"Worst rows: {report['worst_rows'][:5] or 'none over the limits'}\n\n"
-        f"![token lengths](data:image/png;base64,{png})\n\nFiles: `{ref.uri}/lengths.png`, `{ref.uri}/report.json`",
+        f"{png}\n\nFiles: `{ref.uri}/lengths.png`, `{ref.uri}/report.json`",
         key="length-report", description="Templating and token lengths")
     return ref

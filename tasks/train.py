@@ -1,12 +1,10 @@
-import base64
-
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from synthtune.artifacts import ArtifactRef
 from synthtune.config import PipelineConfig
 from synthtune.stages import train as stage
-from tasks._common import cache_key, stage_context
+from tasks._common import cache_key, inline_png, stage_context
 
 RUN_FIELDS = ("mode", "quantization", "steps", "resumed_from_step", "micro_batch", "gradient_accumulation_steps",
               "tokens_per_s", "step_time_s", "mfu", "peak_gpu_memory_gib", "device", "packing", "liger",
@@ -18,10 +16,9 @@ def train(cfg: PipelineConfig, upstream: dict[str, ArtifactRef]) -> ArtifactRef:
     """LoRA / QLoRA in a child process; a retry resumes from the newest valid checkpoint."""
     with stage_context(cfg) as store:
         ref = stage.run(cfg, store, upstream)
-        with store.local_copy(ref) as folder:
-            png = base64.b64encode((folder / "loss.png").read_bytes()).decode()
+        png = inline_png(store, ref, "loss.png", "loss")
     create_table_artifact([{"field": f, "value": str(ref.summary.get(f))} for f in RUN_FIELDS],
                           key="train-metrics", description="Training run: throughput, memory, resume point")
-    create_markdown_artifact(f"## Loss curve\n\n![loss](data:image/png;base64,{png})\n\nAdapter: `{ref.uri}/adapter`",
+    create_markdown_artifact(f"## Loss curve\n\n{png}\n\nAdapter: `{ref.uri}/adapter`",
                              key="loss-curve", description="Training loss")
     return ref

@@ -156,13 +156,15 @@ class ArtifactStore:
     def _path(self, *parts: str) -> str:
         return "/".join([self.root, *parts])
 
+    def _read_json(self, path: str) -> dict | None:
+        if not self.fs.exists(path):
+            return None
+        with self.fs.open(path, "r") as f:
+            return json.load(f)
+
     def manifest(self, stage: str, key: str) -> dict | None:
         """The manifest of a finished output, or None when it is missing or unfinished."""
-        p = self._path(stage, key, MANIFEST)
-        if not self.fs.exists(p):
-            return None
-        with self.fs.open(p, "r") as f:
-            return json.load(f)
+        return self._read_json(self._path(stage, key, MANIFEST))
 
     def ref(self, stage: str, key: str) -> ArtifactRef | None:
         m = self.manifest(stage, key)
@@ -239,11 +241,7 @@ class ArtifactStore:
             shutil.rmtree(tmp, ignore_errors=True)
 
     def read_latest(self) -> dict | None:
-        p = self._path(LATEST)
-        if not self.fs.exists(p):
-            return None
-        with self.fs.open(p, "r") as f:
-            return json.load(f)
+        return self._read_json(self._path(LATEST))
 
     def write_latest(self, pointer: dict) -> None:
         self.fs.makedirs(self.root, exist_ok=True)
