@@ -5,13 +5,19 @@ from __future__ import annotations
 from synthtune.stages.filter import FilterConfig, apply_filters, normalize
 
 
+def _only(**on):
+    """A config with only the named filters on (token_length always runs)."""
+    off = dict(quality=False, dedup=False, near_dedup=False, decontaminate=False)
+    return FilterConfig(**{**off, **on})
+
+
 def rows(*pairs):
     return [{"id": f"r{i}", "prompt": p, "response": r} for i, (p, r) in enumerate(pairs)]
 
 
 def test_exact_dedup_on_normalized_prompt_keeps_the_first():
     data = rows(("What is X?", "a b"), ("  what IS   x? ", "c d"), ("What is Y?", "e f"))
-    kept, rejects, funnel = apply_filters(data, FilterConfig(), lambda t: len(t.split()))
+    kept, rejects, funnel = apply_filters(data, _only(dedup=True), lambda t: len(t.split()))
     assert [r["id"] for r in kept] == ["r0", "r2"]
     assert rejects == [{**data[1], "filter": "exact_dedup", "reason": "same prompt as row r0"}]
     assert funnel[1] == {"filter": "exact_dedup", "rows_in": 3, "rows_out": 2, "dropped": 1}
@@ -19,7 +25,7 @@ def test_exact_dedup_on_normalized_prompt_keeps_the_first():
 
 def test_length_bounds_in_tokens_with_reasons():
     data = rows(("a", "one"), ("b", "one two three"), ("c", "1 2 3 4 5 6"))
-    kept, rejects, funnel = apply_filters(data, FilterConfig(min_tokens=2, max_tokens=5), lambda t: len(t.split()))
+    kept, rejects, funnel = apply_filters(data, _only(min_tokens=2, max_tokens=5), lambda t: len(t.split()))
     assert [r["id"] for r in kept] == ["r1"]
     assert {r["id"]: r["reason"] for r in rejects} == {
         "r0": "1 response tokens < min_tokens 2", "r2": "6 response tokens > max_tokens 5"}
@@ -28,9 +34,48 @@ def test_length_bounds_in_tokens_with_reasons():
 
 def test_dedup_can_be_switched_off():
     data = rows(("same", "x y"), ("same", "x y"))
-    kept, _, funnel = apply_filters(data, FilterConfig(dedup=False), lambda t: 2)
+    kept, _, funnel = apply_filters(data, _only(), lambda t: 2)
     assert len(kept) == 2 and [f["filter"] for f in funnel] == ["input", "token_length"]
 
 
 def test_normalize():
     assert normalize("  A\tB \n c ") == "a b c"
+
+
+
+def test_near_duplicates_found_with_high_recall_and_precision():
+    from tests.synthetic_text import corpus
+
+    data, near, _ = corpus(n_base=3000, n_near=400)
+    kept, rejects, funnel = apply_filters(data, _only(near_dedup=True), lambda t: 2)
+    flagged = {r["id"] for r in rejects}
+    # a planted copy may be kept while its source is dropped (whichever comes first is kept); count pairs
+    hits = len(flagged & near) + sum(1 for r in rejects if r["id"].startswith("b") and
+                                      r["reason"].split("row ")[1].split(" ")[0].startswith("n"))
+    recall, precision = hits / len(near), hits / len(flagged)
+    assert recall >= 0.95 and precision >= 0.95, (recall, precision)
+    assert all("near-duplicate of row" in r["reason"] and "Jaccard" in r["reason"] for r in rejects)
+
+
+def test_decontamination_drops_planted_copies_of_eval_items():
+    eval_item = "In which year did the fictional kingdom of Vardon sign the treaty of the seven rivers with Eskaria"
+    data = rows(("Tell me a story.", "Once upon a time " + eval_item.lower() + " and then what?"),
+                ("What is 2+2?", "It is four."),
+                ("Paraphrase", "Vardon signed a treaty once."))
+    kept, rejects, _ = apply_filters(data, _only(decontaminate=True), lambda t: 2, eval_docs=[eval_item])
+    assert [r["id"] for r in rejects] == ["r0"] and rejects[0]["reason"] == "shares a 13-word n-gram with an eval item"
+
+
+def test_quality_heuristics_with_reasons():
+    data = rows(("a", "As an AI language model, I cannot answer that."), ("b", "yes " * 30), ("c", "Quellis."),
+                ("d", "  "))
+    kept, rejects, _ = apply_filters(data, _only(quality=True), lambda t: 2)
+    assert [r["id"] for r in kept] == ["r2"]
+    assert [r["reason"].split(" (")[0] for r in rejects] == ["refusal boilerplate", "runaway repetition", "empty response"]
+
+
+def test_judge_score_threshold():
+    data = [{"id": "a", "prompt": "p", "response": "x y", "rating": 4.5},
+            {"id": "b", "prompt": "q", "response": "x y", "rating": 2.0}]
+    kept, rejects, _ = apply_filters(data, _only(min_judge_score=3.0), lambda t: 2)
+    assert [r["id"] for r in kept] == ["a"] and rejects[0]["reason"] == "judge rating 2.0 < 3.0"

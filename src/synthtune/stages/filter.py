@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING
 
 from pydantic import model_validator
 
-from synthtune.artifacts import ArtifactRef, ArtifactStore, Staging, key_payload, produce, stage_key
+from synthtune.artifacts import ArtifactRef, ArtifactStore, Staging, key_payload, produce, sha256_file, stage_key
+from synthtune.dedup import contaminated, near_duplicates, ngram_index, quality_problem
 from synthtune.fields import Section, field
 from synthtune.models import fingerprint, load_tokenizer
 
@@ -25,12 +26,20 @@ if TYPE_CHECKING:
     from synthtune.config import PipelineConfig
 
 STAGE = "filter"
-VERSION = "1"
+VERSION = "2"
 UPSTREAM = ("generate",)
 
 
 class FilterConfig(Section):
+    quality: bool = field(True, "Drop empty responses, refusal boilerplate and runaway repetition.")
     dedup: bool = field(True, "Drop rows whose prompt repeats another's after lower-casing and collapsing spaces.")
+    near_dedup: bool = field(True, "Drop near-duplicate rows (MinHash LSH over prompt + response word n-grams).")
+    near_dedup_threshold: float = field(0.7, "Estimated Jaccard similarity at which two rows are near-duplicates.",
+                                        gt=0, lt=1)
+    near_dedup_ngram: int = field(3, "Words per shingle for near-duplicate detection.", ge=1, le=16)
+    decontaminate: bool = field(True, "Drop rows sharing a long n-gram with any item of the local eval tasks.")
+    decontaminate_ngram: int = field(13, "Words in the n-gram that marks contamination.", ge=4, le=64)
+    min_judge_score: float | None = field(None, "Drop rows whose `rating` column (judge score) is below this.")
     min_tokens: int = field(1, "Fewest response tokens (student tokenizer) a row may have.", ge=0)
     max_tokens: int = field(1024, "Most response tokens (student tokenizer) a row may have.", ge=1)
     holdout: int = field(0, "Kept rows set aside (never trained on) for evaluate's in-domain task.", ge=0)
@@ -48,6 +57,8 @@ class EmptyDatasetError(RuntimeError):
 
 def key(cfg: PipelineConfig, upstream: dict[str, str]) -> str:
     payload = {"filter": key_payload(cfg.filter), "student": fingerprint(cfg.student)}
+    if cfg.filter.decontaminate:  # what counts as contamination is in the eval tasks' data
+        payload["eval_data"] = {str(p.name): sha256_file(p) for p in eval_data_files(cfg)}
     return stage_key(STAGE, VERSION, payload, upstream)
 
 
@@ -55,7 +66,38 @@ def normalize(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip().casefold()
 
 
-def apply_filters(rows: list[dict], cfg: FilterConfig, count_tokens) -> tuple[list[dict], list[dict], list[dict]]:
+def eval_data_files(cfg: PipelineConfig) -> list:
+    """Data files of the configured local eval tasks (registry tasks are not read here)."""
+    from synthtune.stages.evaluate import data_files, local_tasks
+
+    return sorted({f for name, (path, doc) in local_tasks(cfg.evaluate.task_dir).items()
+                   if name in cfg.evaluate.tasks for f in data_files(path, doc) if f.is_file()})
+
+
+def eval_documents(cfg: PipelineConfig) -> list[str]:
+    """Every string in the local eval tasks' items, for decontamination."""
+    docs: list[str] = []
+
+    def strings(value):
+        if isinstance(value, str):
+            docs.append(value)
+        elif isinstance(value, dict):
+            for v in value.values():
+                strings(v)
+        elif isinstance(value, list):
+            for v in value:
+                strings(v)
+
+    for path in eval_data_files(cfg):
+        with open(path) as f:
+            for line in f:
+                if line.strip():
+                    strings(json.loads(line))
+    return docs
+
+
+def apply_filters(rows: list[dict], cfg: FilterConfig, count_tokens,
+                  eval_docs: list[str] | None = None) -> tuple[list[dict], list[dict], list[dict]]:
     """(kept, rejects with a `filter` and `reason`, funnel rows) for the configured filters, in order."""
     funnel, rejects = [{"filter": "input", "rows_in": len(rows), "rows_out": len(rows), "dropped": 0}], []
 
@@ -71,6 +113,9 @@ def apply_filters(rows: list[dict], cfg: FilterConfig, count_tokens) -> tuple[li
         funnel.append({"filter": name, "rows_in": len(rows), "rows_out": len(kept), "dropped": len(rows) - len(kept)})
         rows = kept
 
+    if cfg.quality:
+        step("quality", lambda row: quality_problem(row["response"]))
+
     if cfg.dedup:
         seen: dict[str, str] = {}
 
@@ -83,6 +128,19 @@ def apply_filters(rows: list[dict], cfg: FilterConfig, count_tokens) -> tuple[li
 
         step("exact_dedup", first_of_prompt)
 
+    if cfg.near_dedup:
+        matches = near_duplicates([f"{r['prompt']} {r['response']}" for r in rows], cfg.near_dedup_threshold,
+                                  cfg.near_dedup_ngram)
+        verdict = {id(r): m for r, m in zip(rows, matches, strict=True)}
+        ids = [r["id"] for r in rows]
+        step("near_dedup", lambda row: None if (m := verdict[id(row)]) is None
+             else f"near-duplicate of row {ids[m[0]]} (Jaccard ~{m[1]:.2f})")
+
+    if cfg.decontaminate and eval_docs:
+        index, n = ngram_index(eval_docs, cfg.decontaminate_ngram), cfg.decontaminate_ngram
+        step("decontaminate", lambda row: f"shares a {n}-word n-gram with an eval item"
+             if contaminated(f"{row['prompt']} {row['response']}", index, n) else None)
+
     def within_bounds(row):
         n = count_tokens(row["response"])
         if n < cfg.min_tokens:
@@ -92,6 +150,10 @@ def apply_filters(rows: list[dict], cfg: FilterConfig, count_tokens) -> tuple[li
         return None
 
     step("token_length", within_bounds)
+
+    if cfg.min_judge_score is not None:
+        step("judge_score", lambda row: None if row.get("rating") is not None and row["rating"] >= cfg.min_judge_score
+             else f"judge rating {row.get('rating')} < {cfg.min_judge_score}")
     return rows, rejects, funnel
 
 
@@ -113,7 +175,9 @@ def run(cfg: PipelineConfig, store: ArtifactStore, upstream: dict[str, ArtifactR
         with store.local_copy(src) as folder:
             rows = pd.read_parquet(folder / "data.parquet").to_dict("records")
         tok = load_tokenizer(cfg.student)
-        kept, rejects, funnel = apply_filters(rows, cfg.filter, lambda t: len(tok(t, add_special_tokens=False)["input_ids"]))
+        docs = eval_documents(cfg) if cfg.filter.decontaminate else None
+        kept, rejects, funnel = apply_filters(rows, cfg.filter, lambda t: len(tok(t, add_special_tokens=False)["input_ids"]),
+                                              docs)
         if not kept:
             table = "\n".join(f"  {f['filter']:<14} in {f['rows_in']:>6}  out {f['rows_out']:>6}" for f in funnel)
             raise EmptyDatasetError(f"every row was filtered out; nothing to train on. Funnel:\n{table}")
