@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
 import signal
 import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from synthtune.artifacts import ArtifactRef, ArtifactStore, Staging, key_payload, produce, stage_key
 from synthtune.fields import InputFile, Section, field
@@ -32,8 +33,20 @@ UPSTREAM: tuple[str, ...] = ()
 
 class GenerateConfig(Section):
     teacher: str = field(
-        ..., "Teacher model: a Hugging Face id, a local folder, or `tiny:teacher` (the demo's locally built model)."
+        ..., "Teacher model: a Hugging Face id, a local folder or `tiny:teacher` (kind transformers), or the model "
+        "name an OpenAI-compatible server knows (kind openai)."
     )
+    teacher_kind: Literal["transformers", "openai"] = field(
+        "transformers", "`transformers`: the teacher runs in-process. `openai`: any OpenAI-compatible `base_url` "
+        "(vLLM, TGI, `transformers serve`, a hosted API).")
+    base_url: str | None = field(None, "OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 (kind openai).")
+    api_key_env: str = field(
+        "OPENAI_API_KEY", "Name of the environment variable holding the API key (the key itself is never in the "
+        "config, logs, artifacts or manifests). Unset: no key is sent.")
+    timeout_s: float = field(120, "Seconds before an HTTP request to the teacher times out (then retried).", gt=0,
+                             affects_output=False)
+    max_retries: int = field(6, "Retries with exponential backoff on HTTP 429/5xx and timeouts.", ge=0,
+                             affects_output=False)
     seeds: InputFile = field(..., "JSONL file of seed rows; each row needs an `id` and the prompt field.")
     prompt_field: str = field("prompt", "Name of the field in each seed row that holds the instruction.")
     system_prompt: str | None = field(None, "System prompt sent to the teacher with every seed.")
@@ -45,7 +58,9 @@ class GenerateConfig(Section):
 
 
 def key(cfg: PipelineConfig, upstream: dict[str, str]) -> str:
-    payload = {"generate": key_payload(cfg.generate), "teacher": fingerprint(cfg.generate.teacher)}
+    gen = cfg.generate
+    teacher = fingerprint(gen.teacher) if gen.teacher_kind == "transformers" else f"openai:{gen.base_url}:{gen.teacher}"
+    payload = {"generate": key_payload(gen), "teacher": teacher}
     return stage_key(STAGE, VERSION, payload, upstream)
 
 
@@ -88,6 +103,8 @@ def distilabel_guard():
 
 
 def generation_kwargs(gen: GenerateConfig) -> dict:
+    if gen.teacher_kind == "openai":
+        return {"max_new_tokens": gen.max_new_tokens, "temperature": gen.temperature, "top_p": 1.0}
     greedy = gen.temperature == 0
     return {
         "max_new_tokens": gen.max_new_tokens,
@@ -99,10 +116,41 @@ def generation_kwargs(gen: GenerateConfig) -> dict:
     }
 
 
+def check_endpoint(gen: GenerateConfig) -> None:
+    """Before any generation: the OpenAI-compatible teacher answers `GET /models`, retried with
+    backoff like generation requests; one that stays down fails naming the endpoint and last error."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    if not gen.base_url:
+        raise GenerationError("generate.teacher_kind=openai needs generate.base_url")
+    key = os.environ.get(gen.api_key_env)
+    request = urllib.request.Request(gen.base_url.rstrip("/") + "/models",
+                                     headers={"Authorization": f"Bearer {key}"} if key else {})
+    last = None
+    for attempt in range(gen.max_retries + 1):
+        try:
+            with urllib.request.urlopen(request, timeout=gen.timeout_s) as response:
+                if response.status < 400:
+                    return
+        except urllib.error.HTTPError as e:
+            last = f"HTTP {e.code} {e.reason}"
+            if e.code not in (408, 409, 429) and e.code < 500:
+                break
+        except (urllib.error.URLError, TimeoutError, OSError) as e:
+            last = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
+        time.sleep(min(0.5 * 2 ** attempt, 20))
+    raise GenerationError(f"teacher endpoint {gen.base_url} is not answering after {gen.max_retries + 1} tries; "
+                          f"last error: {last}")
+
+
 def _generate(cfg: PipelineConfig, staging: Staging, k: str) -> None:
     seeds, quarantined = load_seeds(cfg.generate)
     if not seeds:
         raise GenerationError(f"{cfg.generate.seeds}: no usable seed rows; quarantined: {quarantined[:5]}")
+    if cfg.generate.teacher_kind == "openai":
+        check_endpoint(cfg.generate)
     # distilabel forks its workers: run it from a clean spawned process (see synthtune.child)
     from synthtune.child import call_in_child
 
@@ -120,12 +168,19 @@ def _run_distilabel(gen: GenerateConfig, k: str, cache_dir: str) -> list[dict]:
 
     seeds, _ = load_seeds(gen)
     torch.manual_seed(gen.seed)
-    llm = TransformersLLM(
-        model=resolve(gen.teacher),
-        device="cuda" if torch.cuda.is_available() else None,
-        torch_dtype="auto",
-        generation_kwargs=generation_kwargs(gen),
-    )
+    if gen.teacher_kind == "openai":
+        from distilabel.models.llms import OpenAILLM
+
+        key = os.environ.get(gen.api_key_env)
+        llm = OpenAILLM(model=gen.teacher, base_url=gen.base_url, api_key=key or "not-needed",
+                        max_retries=gen.max_retries, timeout=int(gen.timeout_s), generation_kwargs=generation_kwargs(gen))
+    else:
+        llm = TransformersLLM(
+            model=resolve(gen.teacher),
+            device="cuda" if torch.cuda.is_available() else None,
+            torch_dtype="auto",
+            generation_kwargs=generation_kwargs(gen),
+        )
     with Pipeline(name=f"synthtune-generate-{k}", cache_dir=cache_dir) as pipeline:
         load = LoadDataFromDicts(data=seeds, batch_size=gen.batch_size)
         task = TextGeneration(
@@ -148,7 +203,8 @@ def _write(gen: GenerateConfig, staging: Staging, rows: list[dict], seeds: list[
     # a step that raised makes distilabel emit rows of None instead of failing: fail here instead
     failed = [r for r in rows if r.get("generation") is None and r.get("model_name") is None]
     if rows and len(failed) == len(rows):
-        raise GenerationError(f"teacher {gen.teacher} produced no output for any of {len(rows)} seeds; "
+        where = f" at {gen.base_url}" if gen.teacher_kind == "openai" else ""
+        raise GenerationError(f"teacher {gen.teacher}{where} produced no output for any of {len(rows)} seeds; "
                               "see the distilabel log above for the step's error")
     out, empty = [], 0
     per_seed: dict[str, int] = {}

@@ -40,7 +40,7 @@ def key(cfg: PipelineConfig, upstream: dict[str, str]) -> str:
     payload = {
         "preflight": key_payload(cfg.preflight),
         "evaluate_tasks": {"tasks": cfg.evaluate.tasks, **key_payload(cfg.evaluate)},
-        "models": [fingerprint(cfg.student), fingerprint(cfg.generate.teacher)],
+        "models": [fingerprint(cfg.student), fingerprint(cfg.generate.teacher), cfg.generate.teacher_kind],
         "artifact_root": cfg.artifact_root,
     }
     return stage_key(STAGE, VERSION, payload, upstream)
@@ -91,7 +91,8 @@ def checks(cfg: PipelineConfig, store: ArtifactStore) -> tuple[list[str], dict]:
     from synthtune.stages import evaluate
 
     problems = check_model(cfg.student, "student", cfg.preflight.allow_remote_code)
-    problems += check_model(cfg.generate.teacher, "teacher", cfg.preflight.allow_remote_code)
+    if cfg.generate.teacher_kind == "transformers":
+        problems += check_model(cfg.generate.teacher, "teacher", cfg.preflight.allow_remote_code)
     if not problems:
         problems += check_tokenizer(cfg.student)
     problems += evaluate.check_tasks(cfg.evaluate)

@@ -1,0 +1,145 @@
+"""The HTTP teacher path against a real OpenAI-compatible server (`transformers serve` with the tiny
+teacher on 127.0.0.1), through a fault-injecting hop: 429, 500 and a hang are retried."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from synthtune.artifacts import ArtifactStore
+from synthtune.stages import generate
+from synthtune.stages.generate import GenerationError
+from synthtune.tiny import demo_facts
+
+pytestmark = pytest.mark.integration
+SECRET = "sk-synthtune-test-9f8e7d6c5b4a"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served_teacher():
+    from synthtune.tiny import ensure
+
+    path = str(ensure("teacher"))
+    port = _free_port()
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "transformers"), "serve", path, "--host", "127.0.0.1",
+                             "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("transformers serve did not come up")
+        yield f"http://127.0.0.1:{port}", path
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+class FaultyHop:
+    """A proxy on 127.0.0.1: POSTs get the scripted faults first (status codes, or 'hang'), then pass."""
+
+    def __init__(self, upstream: str, faults: list, always: int | None = None):
+        self.faults, self.seen, self.auth = list(faults), [], []
+        hop = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _relay(self, method: str):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0)) if method == "POST" else None
+                hop.auth.append(self.headers.get("Authorization", ""))
+                fault = always or (hop.faults.pop(0) if method == "POST" and hop.faults else None)
+                hop.seen.append(fault or 200)
+                if fault == "hang":
+                    time.sleep(4)  # longer than the client's timeout
+                    return
+                if fault:
+                    self.send_response(fault)
+                    self.send_header("Content-Length", "2")
+                    self.end_headers()
+                    self.wfile.write(b"{}")
+                    return
+                req = urllib.request.Request(upstream + self.path, data=body, method=method,
+                                             headers={"Content-Type": "application/json"})
+                with urllib.request.urlopen(req, timeout=60) as r:
+                    data = r.read()
+                self.send_response(r.status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                self._relay("GET")
+
+            def do_POST(self):
+                self._relay("POST")
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+
+
+def _cfg(demo_cfg, tmp_path, base_url, model, **update):
+    seeds = tmp_path / "seeds.jsonl"
+    seeds.write_text("".join(json.dumps({"id": f["id"], "prompt": f["question"]}) + "\n" for f in demo_facts()[:4]))
+    gen = demo_cfg.generate.model_copy(update={"teacher_kind": "openai", "teacher": model, "base_url": base_url,
+                                               "seeds": seeds, "batch_size": 2, "timeout_s": 2.0,
+                                               "api_key_env": "SYNTHTUNE_TEST_TEACHER_KEY", **update})
+    return demo_cfg.model_copy(update={"generate": gen})
+
+
+def test_http_teacher_with_retries_and_no_secret_anywhere(demo_cfg, tmp_path, served_teacher, monkeypatch, capfd):
+    base, model = served_teacher
+    monkeypatch.setenv("SYNTHTUNE_TEST_TEACHER_KEY", SECRET)
+    hop = FaultyHop(f"{base}", [429, 500, "hang"])
+    try:
+        cfg = _cfg(demo_cfg, tmp_path, hop.url, model)
+        ref = generate.run(cfg, ArtifactStore(cfg.artifact_root))
+    finally:
+        hop.close()
+    data = pd.read_parquet(f"{ref.uri}/data.parquet")
+    answers = {f["id"]: f["answer"] for f in demo_facts()}
+    assert {r.id: r.response for r in data.itertuples()} == {i: answers[i] for i in data["id"]} and len(data) == 4
+    assert hop.seen[:1] == [200] and {429, 500, "hang"} <= set(hop.seen)  # every fault met, then retried
+    assert all(a == f"Bearer {SECRET}" for a in hop.auth)  # the key was sent ...
+    out, err = capfd.readouterr()
+    leaked = [str(p) for p in Path(cfg.artifact_root).rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
+    assert SECRET not in out + err and not leaked  # ... and written nowhere
+
+
+def test_teacher_that_stays_down_fails_naming_the_endpoint(demo_cfg, tmp_path, served_teacher):
+    base, model = served_teacher
+    hop = FaultyHop(base, [], always=503)
+    try:
+        cfg = _cfg(demo_cfg, tmp_path, hop.url, model, max_retries=2)
+        with pytest.raises(GenerationError, match=rf"teacher endpoint {hop.url} is not answering after 3 tries; "
+                                                  r"last error: HTTP 503"):
+            generate.run(cfg, ArtifactStore(cfg.artifact_root))
+    finally:
+        hop.close()
