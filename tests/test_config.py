@@ -49,7 +49,7 @@ def test_validate_reports_typo_missing_file_and_range_together(tmp_path):
     assert result.exit_code == 2
     out = result.output
     assert "generate.max_new_tokenz: unknown field" in out
-    assert "generate.seeds: file not found" in out and "no_such_seeds.jsonl" in out
+    assert "generate.seeds: file or folder not found" in out and "no_such_seeds.jsonl" in out
     assert "train.lora.r" in out and "greater than or equal to 1" in out
 
 

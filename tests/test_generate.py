@@ -61,3 +61,19 @@ def test_no_usable_seed_fails_before_loading_the_teacher(demo_cfg, tmp_path):
     cfg = demo_cfg.model_copy(update={"generate": demo_cfg.generate.model_copy(update={"seeds": seeds})})
     with pytest.raises(GenerationError, match="no usable seed rows"):
         generate.run(cfg, ArtifactStore(cfg.artifact_root))
+
+
+@pytest.mark.parametrize("kind", ["parquet", "datasets"])
+def test_seeds_from_parquet_and_a_datasets_folder(demo_cfg, tmp_path, kind):
+    rows = [{"id": "a", "prompt": "first"}, {"id": "b", "prompt": None}]
+    if kind == "parquet":
+        path = tmp_path / "seeds.parquet"
+        pd.DataFrame(rows).to_parquet(path)
+    else:
+        from datasets import Dataset
+
+        path = tmp_path / "seeds_ds"
+        Dataset.from_list(rows).save_to_disk(str(path))
+    good, bad = load_seeds(demo_cfg.generate.model_copy(update={"seeds": path}))
+    assert good == [{"id": "a", "instruction": "first"}]
+    assert bad == [{"file": str(path), "line": 2, "id": "b", "reason": "field 'prompt' missing or not text"}]

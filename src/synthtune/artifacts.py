@@ -80,8 +80,10 @@ def key_payload(section: BaseModel) -> dict[str, Any]:
             out[name] = key_payload(value)
         elif content == "file":
             out[name] = {"sha256": sha256_file(value)}
-        elif content == "dir":
+        elif content == "dir" or (content == "path" and Path(value).is_dir()):
             out[name] = {"sha256": sha256_dir(value)}
+        elif content == "path":
+            out[name] = {"sha256": sha256_file(value)}
         else:
             out[name] = section.__pydantic_serializer__.to_python(section, mode="json", include={name})[name]
     return out

@@ -25,6 +25,8 @@ def _resolve_existing(kind: str):
             raise ValueError(f"file not found: {path} (relative paths resolve against {base})")
         if kind == "dir" and not path.is_dir():
             raise ValueError(f"folder not found: {path} (relative paths resolve against {base})")
+        if kind == "path" and not path.exists():
+            raise ValueError(f"file or folder not found: {path} (relative paths resolve against {base})")
         return path
 
     return check
@@ -46,6 +48,7 @@ def content_kind(annotation: Any) -> str | None:
 
 InputFile = Annotated[Path, AfterValidator(_resolve_existing("file")), ContentHashed("file")]
 InputDir = Annotated[Path, AfterValidator(_resolve_existing("dir")), ContentHashed("dir")]
+InputPath = Annotated[Path, AfterValidator(_resolve_existing("path")), ContentHashed("path")]  # file or folder
 
 
 class Section(BaseModel):

@@ -19,7 +19,7 @@ import threading
 from typing import TYPE_CHECKING, Literal
 
 from synthtune.artifacts import ArtifactRef, ArtifactStore, Staging, key_payload, produce, stage_key
-from synthtune.fields import InputFile, Section, field
+from synthtune.fields import InputPath, Section, field
 from synthtune.io import read_jsonl
 from synthtune.models import fingerprint, resolve
 
@@ -47,7 +47,9 @@ class GenerateConfig(Section):
                              affects_output=False)
     max_retries: int = field(6, "Retries with exponential backoff on HTTP 429/5xx and timeouts.", ge=0,
                              affects_output=False)
-    seeds: InputFile = field(..., "JSONL file of seed rows; each row needs an `id` and the prompt field.")
+    seeds: InputPath = field(
+        ..., "Seed rows: a JSONL or parquet file, or a `datasets` folder (save_to_disk); each row needs an `id` and "
+        "the prompt field.")
     prompt_field: str = field("prompt", "Name of the field in each seed row that holds the instruction.")
     system_prompt: str | None = field(None, "System prompt sent to the teacher with every seed.")
     max_new_tokens: int = field(128, "Most tokens the teacher may write per answer.", ge=1, le=32768)
@@ -68,9 +70,25 @@ class GenerationError(RuntimeError):
     pass
 
 
+def read_seed_rows(path) -> tuple[list[dict], list[dict]]:
+    """Rows (each with `_line`, its 1-based position) of a JSONL or parquet file or a datasets folder."""
+    if path.is_dir():
+        from datasets import DatasetDict, load_from_disk
+
+        data = load_from_disk(str(path))
+        if isinstance(data, DatasetDict):
+            data = data["train"] if "train" in data else next(iter(data.values()))
+        return [{**row, "_line": i} for i, row in enumerate(data.to_list(), 1)], []
+    if path.suffix == ".parquet":
+        import pandas as pd
+
+        return [{**row, "_line": i} for i, row in enumerate(pd.read_parquet(path).to_dict("records"), 1)], []
+    return read_jsonl(path)
+
+
 def load_seeds(gen: GenerateConfig) -> tuple[list[dict], list[dict]]:
     """Valid seed rows, and quarantined ones with the reason (file, line, field)."""
-    rows, bad = read_jsonl(gen.seeds)
+    rows, bad = read_seed_rows(gen.seeds)
     good = []
     for row in rows:
         prompt = row.get(gen.prompt_field)
