@@ -77,3 +77,37 @@ def test_seeds_from_parquet_and_a_datasets_folder(demo_cfg, tmp_path, kind):
     good, bad = load_seeds(demo_cfg.generate.model_copy(update={"seeds": path}))
     assert good == [{"id": "a", "instruction": "first"}]
     assert bad == [{"file": str(path), "line": 2, "id": "b", "reason": "field 'prompt' missing or not text"}]
+
+
+@pytest.mark.integration
+def test_preference_run_feeds_dpo(demo_run):
+    """Teacher answers as `chosen`, the untrained student's as `rejected`: pairs that the filter keeps,
+    the template stage tokenizes for DPO and the train stage's DPO mode trains on."""
+    from synthtune.stages import filter, template, train
+
+    cfg, _ = demo_run
+    pref = cfg.model_copy(update={
+        "generate": cfg.generate.model_copy(update={"mode": "preference", "rejected_model": "tiny:student"}),
+        "train": cfg.train.model_copy(update={"mode": "dpo", "epochs": 6.0, "beta": 1.0, "learning_rate": 0.005,
+                                              "logging_steps": 4})})
+    store = ArtifactStore(cfg.artifact_root)
+    gen = generate.run(pref, store)
+    pairs = pd.read_parquet(f"{gen.uri}/data.parquet")
+    answers = {f["id"]: f["answer"] for f in demo_facts()}
+    assert {"chosen", "rejected", "rejected_model"} <= set(pairs.columns)
+    known = pairs[pairs["id"].isin(list(answers))]
+    assert (known["chosen"] == known["id"].map(answers)).all() and (known["chosen"] != known["rejected"]).all()
+    kept = filter.run(pref, store, {"generate": gen})
+    tokenized = template.run(pref, store, {"filter": kept})
+    assert tokenized.summary["rows"]["output"] == kept.summary["rows"]["kept"] > 0
+    ref = train.run(pref, store, {"template": tokenized})
+    # trains on them (every-parameter-moves is test_train's DPO test; 24 steps here)
+    assert ref.summary["mode"] == "dpo" and ref.summary["trainable_params_changed"] > 0
+    assert ref.summary["last_loss"] < ref.summary["first_loss"]
+
+
+def test_preference_mode_needs_a_rejected_model(demo_cfg):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="mode=preference needs rejected_model"):
+        type(demo_cfg.generate).model_validate({**demo_cfg.generate.model_dump(), "mode": "preference"})

@@ -96,6 +96,11 @@ def eval_documents(cfg: PipelineConfig) -> list[str]:
     return docs
 
 
+def response_of(row: dict) -> str:
+    """The text judged by the filters: the response, or the chosen answer of a preference pair."""
+    return row["response"] if "response" in row else row["chosen"]
+
+
 def apply_filters(rows: list[dict], cfg: FilterConfig, count_tokens,
                   eval_docs: list[str] | None = None) -> tuple[list[dict], list[dict], list[dict]]:
     """(kept, rejects with a `filter` and `reason`, funnel rows) for the configured filters, in order."""
@@ -114,7 +119,10 @@ def apply_filters(rows: list[dict], cfg: FilterConfig, count_tokens,
         rows = kept
 
     if cfg.quality:
-        step("quality", lambda row: quality_problem(row["response"]))
+        step("quality", lambda row: quality_problem(response_of(row)))
+    if rows and "chosen" in rows[0]:  # a pair whose answers agree teaches DPO nothing
+        step("same_answer", lambda row: "chosen and rejected are the same text"
+             if normalize(row["chosen"]) == normalize(row["rejected"]) else None)
 
     if cfg.dedup:
         seen: dict[str, str] = {}
@@ -129,7 +137,7 @@ def apply_filters(rows: list[dict], cfg: FilterConfig, count_tokens,
         step("exact_dedup", first_of_prompt)
 
     if cfg.near_dedup:
-        matches = near_duplicates([f"{r['prompt']} {r['response']}" for r in rows], cfg.near_dedup_threshold,
+        matches = near_duplicates([f"{r['prompt']} {response_of(r)}" for r in rows], cfg.near_dedup_threshold,
                                   cfg.near_dedup_ngram)
         verdict = {id(r): m for r, m in zip(rows, matches, strict=True)}
         ids = [r["id"] for r in rows]
@@ -139,10 +147,10 @@ def apply_filters(rows: list[dict], cfg: FilterConfig, count_tokens,
     if cfg.decontaminate and eval_docs:
         index, n = ngram_index(eval_docs, cfg.decontaminate_ngram), cfg.decontaminate_ngram
         step("decontaminate", lambda row: f"shares a {n}-word n-gram with an eval item"
-             if contaminated(f"{row['prompt']} {row['response']}", index, n) else None)
+             if contaminated(f"{row['prompt']} {response_of(row)}", index, n) else None)
 
     def within_bounds(row):
-        n = count_tokens(row["response"])
+        n = count_tokens(response_of(row))
         if n < cfg.min_tokens:
             return f"{n} response tokens < min_tokens {cfg.min_tokens}"
         if n > cfg.max_tokens:

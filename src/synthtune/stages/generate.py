@@ -18,6 +18,8 @@ import signal
 import threading
 from typing import TYPE_CHECKING, Literal
 
+from pydantic import model_validator
+
 from synthtune.artifacts import ArtifactRef, ArtifactStore, Staging, key_payload, produce, stage_key
 from synthtune.fields import InputPath, Section, field
 from synthtune.io import read_jsonl
@@ -36,6 +38,11 @@ class GenerateConfig(Section):
         ..., "Teacher model: a Hugging Face id, a local folder or `tiny:teacher` (kind transformers), or the model "
         "name an OpenAI-compatible server knows (kind openai)."
     )
+    mode: Literal["sft", "preference"] = field(
+        "sft", "`sft`: prompt -> teacher response. `preference`: the teacher's answer is `chosen`, the answer of "
+        "`rejected_model` (a weaker model, typically the student) is `rejected`, for DPO.")
+    rejected_model: str | None = field(
+        None, "Preference mode: the local model whose answers become `rejected` (e.g. tiny:student or the student id).")
     teacher_kind: Literal["transformers", "openai"] = field(
         "transformers", "`transformers`: the teacher runs in-process. `openai`: any OpenAI-compatible `base_url` "
         "(vLLM, TGI, `transformers serve`, a hosted API).")
@@ -58,11 +65,18 @@ class GenerateConfig(Section):
     batch_size: int = field(8, "Seeds sent to the teacher per batch.", ge=1, le=4096)
     seed: int = field(0, "Random seed for sampling.")
 
+    @model_validator(mode="after")
+    def _preference_needs_a_rejected_model(self) -> GenerateConfig:
+        if self.mode == "preference" and not self.rejected_model:
+            raise ValueError("mode=preference needs rejected_model (the model whose answers are `rejected`)")
+        return self
+
 
 def key(cfg: PipelineConfig, upstream: dict[str, str]) -> str:
     gen = cfg.generate
+    extra = {"rejected_model": fingerprint(gen.rejected_model)} if gen.mode == "preference" else {}
     teacher = fingerprint(gen.teacher) if gen.teacher_kind == "transformers" else f"openai:{gen.base_url}:{gen.teacher}"
-    payload = {"generate": key_payload(gen), "teacher": teacher}
+    payload = {"generate": key_payload(gen), "teacher": teacher, **extra}
     return stage_key(STAGE, VERSION, payload, upstream)
 
 
@@ -177,7 +191,26 @@ def _generate(cfg: PipelineConfig, staging: Staging, k: str) -> None:
 
 
 def _run_distilabel(gen: GenerateConfig, k: str, cache_dir: str) -> list[dict]:
-    """Seeds through distilabel's TextGeneration; returns its rows (runs in a child process)."""
+    """Seeds through distilabel's TextGeneration; returns its rows (runs in a child process). In
+    preference mode a second pass with `rejected_model` adds each row's `rejected` answer."""
+    rows = _text_generation(gen, k, cache_dir)
+    if gen.mode == "preference":
+        weaker = gen.model_copy(update={"teacher": gen.rejected_model, "teacher_kind": "transformers"})
+        others = {(r["id"], i): r.get("generation") for i, r in _indexed(_text_generation(weaker, k + "-rejected",
+                                                                                          cache_dir))}
+        rows = [{**r, "rejected": others.get((r["id"], i))} for i, r in _indexed(rows)]
+    return rows
+
+
+def _indexed(rows: list[dict]):
+    """(generation index within its seed, row) pairs."""
+    seen: dict[str, int] = {}
+    for r in rows:
+        seen[r["id"]] = seen.get(r["id"], -1) + 1
+        yield seen[r["id"]], r
+
+
+def _text_generation(gen: GenerateConfig, k: str, cache_dir: str) -> list[dict]:
     import torch
     from distilabel.models.llms import TransformersLLM
     from distilabel.pipeline import Pipeline
@@ -234,13 +267,21 @@ def _write(gen: GenerateConfig, staging: Staging, rows: list[dict], seeds: list[
             continue
         idx = per_seed.get(r["id"], 0)
         per_seed[r["id"]] = idx + 1
-        out.append({"id": r["id"], "prompt": r["instruction"], "response": text.strip(),
-                    "teacher": gen.teacher, "generation_index": idx})
+        row = {"id": r["id"], "prompt": r["instruction"], "teacher": gen.teacher, "generation_index": idx}
+        if gen.mode == "preference":
+            rejected = r.get("rejected")
+            if not isinstance(rejected, str) or not rejected.strip():
+                empty += 1
+                quarantined.append({"id": r["id"], "reason": f"{gen.rejected_model} returned no text"})
+                continue
+            row.update(chosen=text.strip(), rejected=rejected.strip(), rejected_model=gen.rejected_model)
+        else:
+            row["response"] = text.strip()
+        out.append(row)
     shutil.rmtree(staging.path / ".distilabel", ignore_errors=True)
     if not out:
         raise GenerationError(f"teacher {gen.teacher} returned no usable text for any of {len(seeds)} seeds")
-    pd.DataFrame(out, columns=["id", "prompt", "response", "teacher", "generation_index"]).to_parquet(
-        staging.path / "data.parquet", index=False)
+    pd.DataFrame(out).to_parquet(staging.path / "data.parquet", index=False)
     pd.DataFrame(quarantined, columns=["id", "file", "line", "reason"]).astype(str).to_parquet(
         staging.path / "quarantine.parquet", index=False)
     staging.rows.update(seeds=len(seeds), generated=len(out), quarantined=len(quarantined), empty=empty)
