@@ -1,4 +1,4 @@
-from prefect import task
+from prefect import get_run_logger, task
 
 from synthtune.artifacts import ArtifactRef
 from synthtune.config import PipelineConfig
@@ -8,6 +8,11 @@ from tasks._common import cache_key, stage_context
 
 @task(name="generate", cache_key_fn=cache_key(stage), persist_result=True, retries=2, tags=["teacher"])
 def generate(cfg: PipelineConfig, upstream: dict[str, ArtifactRef] | None = None) -> ArtifactRef:
-    """Synthetic answers from the teacher through distilabel."""
+    """Synthetic answers from the teacher through distilabel; its log records land in this run's logs."""
+    logger = get_run_logger()  # carries the run ids, so records forwarded from another thread still land here
+
+    def forward(record) -> None:
+        logger.log(record.levelno, "[%s] %s", record.name, record.getMessage())
+
     with stage_context(cfg) as store:
-        return stage.run(cfg, store)
+        return stage.run(cfg, store, on_log=forward)

@@ -41,9 +41,14 @@ def _run(cfg, expect: str | None = "Completed"):
 
 
 def test_rerun_is_cached_and_one_field_reruns_only_downstream(prefect_server, demo_cfg):
-    from prefect.client.orchestration import get_client
+    import logging
 
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    root_handlers = list(logging.getLogger().handlers)
     first_id, refs = _run(demo_cfg)
+    assert logging.getLogger().handlers == root_handlers  # distilabel did not take over logging here
     first = _task_states(first_id)
     assert set(first) == {"preflight", "generate", "filter", "template", "train", "evaluate[base]",
                           "evaluate[tuned]", "promote"}
@@ -69,6 +74,9 @@ def test_rerun_is_cached_and_one_field_reruns_only_downstream(prefect_server, de
     length_report = next(a for a in artifacts if a.key == "length-report").data
     assert "data:image/png;base64," in length_report and "trained-token share" in length_report
     config_md = next(a for a in artifacts if a.key == "resolved-config").data
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[first_id])))
+    assert any(log.message.startswith("[distilabel.") for log in logs)  # distilabel's records in the run
     assert "lora:" in config_md and "student: tiny:student" in config_md
 
 

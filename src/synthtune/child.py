@@ -7,7 +7,9 @@ starts clean, and whatever the body does to logging, signals or GPU memory ends 
 
 from __future__ import annotations
 
+import logging
 import multiprocessing as mp
+import threading
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -17,7 +19,11 @@ class ChildError(RuntimeError):
     """The child raised; the message carries its type, message and traceback."""
 
 
-def _entry(conn, fn, args, kwargs) -> None:
+def _entry(conn, fn, args, kwargs, log_queue=None, log_name=None) -> None:
+    if log_queue is not None:  # forward this logger's records (and its children's) to the parent
+        import logging.handlers
+
+        logging.getLogger(log_name).addHandler(logging.handlers.QueueHandler(log_queue))
     try:
         conn.send(("ok", fn(*args, **kwargs)))
     except BaseException as e:  # report everything, including KeyboardInterrupt, to the parent
@@ -26,14 +32,29 @@ def _entry(conn, fn, args, kwargs) -> None:
         conn.close()
 
 
-def call_in_child(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+def _drain(queue, on_log) -> None:
+    while (record := queue.get()) is not None:
+        try:
+            on_log(record)
+        except Exception:  # a broken log sink must not break the run
+            pass
+
+
+def call_in_child(fn: Callable[..., Any], *args: Any, on_log: Callable[[logging.LogRecord], None] | None = None,
+                  log_name: str | None = None, **kwargs: Any) -> Any:
     """`fn(*args, **kwargs)` in a spawned process; its return value must pickle. Errors re-raise here
-    with the child's traceback; if the parent is interrupted the child is killed."""
+    with the child's traceback; if the parent is interrupted the child is killed. With `on_log`, the
+    records of logger `log_name` (and below) in the child are passed to it here, as they happen."""
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_entry, args=(child, fn, args, kwargs), daemon=False)
+    queue = ctx.Queue() if on_log else None
+    proc = ctx.Process(target=_entry, args=(child, fn, args, kwargs, queue, log_name), daemon=False)
     proc.start()
     child.close()
+    listener = None
+    if queue is not None:
+        listener = threading.Thread(target=_drain, args=(queue, on_log), daemon=True)
+        listener.start()
     try:
         try:
             status, payload = parent.recv()
@@ -45,6 +66,9 @@ def call_in_child(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         if proc.is_alive():
             proc.kill()
             proc.join()
+        if queue is not None:
+            queue.put(None)
+            listener.join(timeout=10)
     if status == "error":
         name, message, tb = payload
         raise ChildError(f"{name}: {message}\n--- in child process ---\n{tb}")

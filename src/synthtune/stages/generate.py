@@ -177,7 +177,7 @@ def check_endpoint(gen: GenerateConfig) -> None:
                           f"last error: {last}")
 
 
-def _generate(cfg: PipelineConfig, staging: Staging, k: str) -> None:
+def _generate(cfg: PipelineConfig, staging: Staging, k: str, on_log=None) -> None:
     seeds, quarantined = load_seeds(cfg.generate)
     if not seeds:
         raise GenerationError(f"{cfg.generate.seeds}: no usable seed rows; quarantined: {quarantined[:5]}")
@@ -186,7 +186,8 @@ def _generate(cfg: PipelineConfig, staging: Staging, k: str) -> None:
     # distilabel forks its workers: run it from a clean spawned process (see synthtune.child)
     from synthtune.child import call_in_child
 
-    rows = call_in_child(_run_distilabel, cfg.generate, k, str(staging.path / ".distilabel"))
+    rows = call_in_child(_run_distilabel, cfg.generate, k, str(staging.path / ".distilabel"), on_log=on_log,
+                         log_name="distilabel")
     _write(cfg.generate, staging, rows, seeds, quarantined)
 
 
@@ -287,6 +288,9 @@ def _write(gen: GenerateConfig, staging: Staging, rows: list[dict], seeds: list[
     staging.rows.update(seeds=len(seeds), generated=len(out), quarantined=len(quarantined), empty=empty)
 
 
-def run(cfg: PipelineConfig, store: ArtifactStore, upstream: dict[str, ArtifactRef] | None = None) -> ArtifactRef:
+def run(cfg: PipelineConfig, store: ArtifactStore, upstream: dict[str, ArtifactRef] | None = None,
+        on_log=None) -> ArtifactRef:
+    """Generate (or reuse) the synthetic rows. `on_log(record)` receives distilabel's log records
+    (only `distilabel.*`: forwarding everything would loop through whoever listens)."""
     k = key(cfg, {})
-    return produce(store, STAGE, k, {}, key_payload(cfg.generate), lambda st: _generate(cfg, st, k))
+    return produce(store, STAGE, k, {}, key_payload(cfg.generate), lambda st: _generate(cfg, st, k, on_log))
