@@ -1,9 +1,14 @@
 """generate: synthetic answers from a teacher model through a distilabel pipeline.
 
-Seeds come from a JSONL file (`id` plus the prompt field). The teacher is a local transformers
-model (distilabel's `TransformersLLM`). distilabel's own cache is never used: it ignores changed
-input data and step code, so every run gets a fresh cache folder and `use_cache=False`; our
-cache key (seed contents, teacher identity, prompts, generation kwargs) decides instead.
+Seeds come from a JSONL or parquet file or a datasets folder (`id` plus the prompt field). The
+teacher is a local transformers model (distilabel's `TransformersLLM`) or an OpenAI-compatible
+endpoint (`OpenAILLM`, retried with backoff, the key read from an environment variable). In
+preference mode a second, weaker model answers the same seeds and its answers become `rejected`.
+distilabel's own cache is never used: it ignores changed input data and step code, so every run
+gets a fresh cache folder and `use_cache=False`; our cache key (seed contents, teacher identity,
+prompts, generation kwargs) decides instead. distilabel runs in a spawned child process (it forks
+workers, takes over the root logger and installs a SIGINT handler); its `distilabel.*` records are
+forwarded to the caller.
 
 Run as: synthtune generate configs/demo.yaml
 """
@@ -29,7 +34,7 @@ if TYPE_CHECKING:
     from synthtune.config import PipelineConfig
 
 STAGE = "generate"
-VERSION = "1"
+VERSION = "2"
 UPSTREAM: tuple[str, ...] = ()
 
 
