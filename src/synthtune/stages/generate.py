@@ -79,7 +79,7 @@ class GenerateConfig(Section):
 
 def key(cfg: PipelineConfig, upstream: dict[str, str]) -> str:
     gen = cfg.generate
-    extra = {"rejected_model": fingerprint(gen.rejected_model)} if gen.mode == "preference" else {}
+    extra = {"rejected_model": fingerprint(gen.rejected_model)} if gen.mode == "preference" and gen.rejected_model else {}
     teacher = fingerprint(gen.teacher) if gen.teacher_kind == "transformers" else f"openai:{gen.base_url}:{gen.teacher}"
     payload = {"generate": key_payload(gen), "teacher": teacher, **extra}
     return stage_key(STAGE, VERSION, payload, upstream)
