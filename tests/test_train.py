@@ -200,7 +200,7 @@ def test_sigkill_mid_run_then_retry_resumes_from_the_checkpoint(demo_run, tmp_pa
 
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(resolve(cfg.student), dtype=torch.float32),
                               f"{ref.uri}/adapter")
-    assert not work.exists()  # checkpoints dropped once the adapter is committed
+    assert not work.exists() and not work.parent.exists()  # checkpoints dropped once the adapter is committed
 
 
 @pytest.mark.integration

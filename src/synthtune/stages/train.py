@@ -17,6 +17,7 @@ Run as: synthtune train configs/demo.yaml
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -542,7 +543,10 @@ def run(cfg: PipelineConfig, store: ArtifactStore, upstream: dict[str, ArtifactR
             _train(cfg, store, staging, folder, k, src.key)
 
     ref = produce(store, STAGE, k, ups, key_payload(cfg.train), build)
-    shutil.rmtree(work_dir(store, k), ignore_errors=True)  # committed: checkpoints no longer needed
+    work = work_dir(store, k)
+    shutil.rmtree(work, ignore_errors=True)  # committed: checkpoints no longer needed
+    with contextlib.suppress(OSError):  # and the .work folder itself once no other run uses it
+        work.parent.rmdir()
     return ref
 
 
