@@ -191,18 +191,18 @@ def _generate(cfg: PipelineConfig, staging: Staging, k: str, on_log=None) -> Non
     # distilabel forks its workers: run it from a clean spawned process (see synthtune.child)
     from synthtune.child import call_in_child
 
-    rows = call_in_child(_run_distilabel, cfg.generate, k, str(staging.path / ".distilabel"), on_log=on_log,
+    rows = call_in_child(_run_distilabel, cfg.generate, seeds, k, str(staging.path / ".distilabel"), on_log=on_log,
                          log_name="distilabel")
     _write(cfg.generate, staging, rows, seeds, quarantined)
 
 
-def _run_distilabel(gen: GenerateConfig, k: str, cache_dir: str) -> list[dict]:
+def _run_distilabel(gen: GenerateConfig, seeds: list[dict], k: str, cache_dir: str) -> list[dict]:
     """Seeds through distilabel's TextGeneration; returns its rows (runs in a child process). In
     preference mode a second pass with `rejected_model` adds each row's `rejected` answer."""
-    rows = _text_generation(gen, k, cache_dir)
+    rows = _text_generation(gen, seeds, k, cache_dir)
     if gen.mode == "preference":
         weaker = gen.model_copy(update={"teacher": gen.rejected_model, "teacher_kind": "transformers"})
-        others = {(r["id"], i): r.get("generation") for i, r in _indexed(_text_generation(weaker, k + "-rejected",
+        others = {(r["id"], i): r.get("generation") for i, r in _indexed(_text_generation(weaker, seeds, k + "-rejected",
                                                                                           cache_dir))}
         rows = [{**r, "rejected": others.get((r["id"], i))} for i, r in _indexed(rows)]
     return rows
@@ -216,14 +216,13 @@ def _indexed(rows: list[dict]):
         yield seen[r["id"]], r
 
 
-def _text_generation(gen: GenerateConfig, k: str, cache_dir: str) -> list[dict]:
+def _text_generation(gen: GenerateConfig, seeds: list[dict], k: str, cache_dir: str) -> list[dict]:
     import torch
     from distilabel.models.llms import TransformersLLM
     from distilabel.pipeline import Pipeline
     from distilabel.steps import LoadDataFromDicts
     from distilabel.steps.tasks import TextGeneration
 
-    seeds, _ = load_seeds(gen)
     torch.manual_seed(gen.seed)
     if gen.teacher_kind == "openai":
         from distilabel.models.llms import OpenAILLM

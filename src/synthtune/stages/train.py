@@ -496,10 +496,11 @@ def _train(cfg: PipelineConfig, store: ArtifactStore, staging: Staging, data_dir
     work.mkdir(parents=True, exist_ok=True)
     data = data_dir / "data.parquet"
     needs = "prompt_ids" if tc.mode == "dpo" else "input_ids"
-    if needs not in pq.read_schema(data).names:
+    columns = pq.read_schema(data).names
+    if needs not in columns:
         kind = "preference (prompt/chosen/rejected)" if tc.mode == "dpo" else "SFT (messages or prompt/response)"
         raise ValueError(f"train.mode={tc.mode} needs {kind} rows from the template stage; {data} has "
-                         f"{pq.read_schema(data).names}")
+                         f"{columns}")
     base_params, lora_params, hidden, layers = _shape(cfg)
     check_disk(work, disk_needed(cfg, base_params, lora_params, data.stat().st_size))
     checkpointing = plan_gpu_memory(base_params, lora_params, hidden, layers, use_4bit(tc), tc.batch_size,
