@@ -1,26 +1,45 @@
-"""The post-training loop as one Prefect flow: every stage a cached, retryable task.
+"""The post-training loop as Prefect flows: every stage a cached, retryable task.
 
 Run as: synthtune run [CONFIG] [a.b=value ...]     (embedded Prefect server, no setup)
 Deploy: prefect deploy --prefect-file deployments/prefect.yaml --all
+
+Two ways to place the stages on machines:
+- one pool (one GPU box): `pipeline` runs every stage where its worker runs;
+- split: `pipeline` runs the data stages on a CPU pool and hands the GPU stages (train, evaluate)
+  to the `gpu_stages` flow deployed on a GPU pool (`gpu_deployment=...`). The two only share the
+  artifact root: the child finds its inputs there by key, and the parent finds the child's outputs.
+
+Either way the GPU stages hold the worker's GPU slot (a Prefect global concurrency limit of 1
+named `gpu:<host>` unless `SYNTHTUNE_GPU_SLOT` says otherwise), so two runs never share a GPU.
+The slot is a lease: if its holder dies, it comes back once the lease runs out.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
+import socket
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 
 # deployments load this file by path; make `tasks` importable from the project root
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from prefect import flow  # noqa: E402
+from prefect import flow, get_run_logger  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.filesystems import RemoteFileSystem  # noqa: E402
+from prefect.runtime import flow_run  # noqa: E402
 from prefect.states import Completed  # noqa: E402
+from pydantic import Field  # noqa: E402
+from typing_extensions import Annotated  # noqa: E402
 
 from synthtune.artifacts import ArtifactRef, ArtifactStore  # noqa: E402
 from synthtune.config import PipelineConfig, to_yaml  # noqa: E402
-from synthtune.runner import DAG  # noqa: E402
+from synthtune.runner import DAG, Step, plan  # noqa: E402
+from tasks._common import FAULT  # noqa: E402
 from tasks.evaluate import evaluate  # noqa: E402
 from tasks.filter import filter  # noqa: E402
 from tasks.generate import generate  # noqa: E402
@@ -30,10 +49,25 @@ from tasks.template import template  # noqa: E402
 from tasks.train import train  # noqa: E402
 
 TASKS = {t.name: t for t in (preflight, generate, filter, template, train, evaluate, promote)}
+GPU_STAGES = ("train", "evaluate")
+GPU_STEPS = tuple(s for s in DAG if s.stage.STAGE in GPU_STAGES)
+_first, _last = DAG.index(GPU_STEPS[0]), DAG.index(GPU_STEPS[-1])
+assert DAG[_first:_last + 1] == GPU_STEPS, "the GPU stages must be consecutive in the DAG"
+BEFORE_GPU, AFTER_GPU = DAG[:_first], DAG[_last + 1:]
+
+FailStage = Annotated[Literal["none", "preflight", "generate", "filter", "template", "train", "evaluate", "promote"],
+                      Field(description="Drill: make this stage fail on the run's first attempt (a Retry then "
+                                        "succeeds). Keep `none` for real runs.")]
+GpuDeployment = Annotated[str, Field(
+    description="Split mode: run train and evaluate through this deployment (e.g. `synthtune-gpu/gpu-stages` "
+                "on a GPU pool). Empty: every stage runs here.")]
+GpuSlot = Annotated[str, Field(
+    description="Concurrency slot held around the GPU stages. Empty: $SYNTHTUNE_GPU_SLOT, else gpu:<host>.")]
 
 
 def result_storage(cfg: PipelineConfig):
-    """Prefect's persisted task results live beside the artifacts, so caching survives restarts."""
+    """Prefect's persisted task results live beside the artifacts, so caching survives restarts and
+    a retry on another machine finds finished stages."""
     store = ArtifactStore(cfg.artifact_root)
     if store.local:
         return Path(store.root) / ".prefect-results"
@@ -43,20 +77,103 @@ def result_storage(cfg: PipelineConfig):
     return f"remote-file-system/{name}"
 
 
+def slot_name(gpu_slot: str) -> str:
+    return gpu_slot or os.environ.get("SYNTHTUNE_GPU_SLOT") or f"gpu:{socket.gethostname()}"
+
+
+@contextlib.contextmanager
+def hold_gpu(name: str, lease_s: float = 120) -> Iterator[None]:
+    """One holder at a time on `name` (a global concurrency limit of 1, created if missing). The
+    lease is renewed while held; a crashed holder's slot frees itself `lease_s` after its last renewal."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.concurrency.sync import concurrency
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            with contextlib.suppress(ObjectAlreadyExists):
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+    get_run_logger().info("waiting for GPU slot %s", name)
+    with concurrency(name, occupy=1, lease_duration=lease_s, strict=True):
+        get_run_logger().info("holding GPU slot %s", name)
+        yield
+
+
+def run_steps(config: PipelineConfig, steps: tuple[Step, ...], refs: dict[str, ArtifactRef], fault: str) -> None:
+    """Each step as its task, outputs added to `refs` (which holds every step's inputs)."""
+    storage = result_storage(config)
+    token = FAULT.set(fault)
+    try:
+        for step in steps:
+            task = TASKS[step.stage.STAGE].with_options(task_run_name=step.name, result_storage=storage)
+            refs[step.name] = task(config, {arg: refs[src] for arg, src in step.inputs.items()})
+    finally:
+        FAULT.reset(token)
+
+
+def this_attempts_fault(fail_stage: str) -> str:
+    """The drill fails only the first attempt: a retry of the run (from the UI, say) goes through."""
+    return fail_stage if (flow_run.get_run_count() or 1) <= 1 else "none"
+
+
 @flow(name="synthtune", log_prints=False, persist_result=True)
-def pipeline(config: PipelineConfig) -> dict[str, ArtifactRef]:
+def pipeline(config: PipelineConfig, gpu_deployment: GpuDeployment = "", gpu_slot: GpuSlot = "",
+             fail_stage: FailStage = "none") -> dict[str, ArtifactRef]:
     """preflight -> generate -> filter -> template -> train -> evaluate (base, tuned) -> promote.
 
     Ends `Completed`, or `Completed` named `NotPromoted` (reasons in its message and the
     promotion-verdict artifact) when the adapter failed the gate and `latest` was left alone."""
     create_markdown_artifact(f"```yaml\n{to_yaml(config)}```", key="resolved-config",
                              description=f"Resolved config of pipeline '{config.name}'")
-    storage = result_storage(config)
+    fault = this_attempts_fault(fail_stage)
     refs: dict[str, ArtifactRef] = {}
-    for step in DAG:
-        task = TASKS[step.stage.STAGE].with_options(task_run_name=step.name, result_storage=storage)
-        refs[step.name] = task(config, {arg: refs[src] for arg, src in step.inputs.items()})
+    run_steps(config, BEFORE_GPU, refs, fault)
+    if gpu_deployment:
+        refs.update(_gpu_stages_elsewhere(config, gpu_deployment, gpu_slot, refs, fault))
+    else:
+        with hold_gpu(slot_name(gpu_slot)):
+            run_steps(config, GPU_STEPS, refs, fault)
+    run_steps(config, AFTER_GPU, refs, fault)
     verdict = refs["promote"].summary
     if not verdict["promoted"]:  # a finished run whose adapter failed the gate: say so in the run's state
         return Completed(name="NotPromoted", message="; ".join(verdict["reasons"]), data=refs)
     return refs
+
+
+@flow(name="synthtune-gpu", log_prints=False, persist_result=True)
+def gpu_stages(config: PipelineConfig, upstream: dict[str, ArtifactRef], gpu_slot: GpuSlot = "",
+               fail_stage: FailStage = "none") -> dict[str, ArtifactRef]:
+    """train and evaluate (base, tuned) on a GPU worker, for a `pipeline` run in split mode."""
+    refs = dict(upstream)
+    with hold_gpu(slot_name(gpu_slot)):
+        run_steps(config, GPU_STEPS, refs, fail_stage)
+    return {s.name: refs[s.name] for s in GPU_STEPS}
+
+
+def _gpu_stages_elsewhere(config: PipelineConfig, deployment: str, gpu_slot: str,
+                          refs: dict[str, ArtifactRef], fault: str) -> dict[str, ArtifactRef]:
+    """Run the GPU steps as a child flow run of `deployment`, then read their outputs from the
+    artifact root by key (no result has to travel back through Prefect)."""
+    from prefect.deployments import run_deployment
+
+    needed = {src for s in GPU_STEPS for src in s.inputs.values() if src in refs}
+    child = run_deployment(deployment, timeout=None, parameters={
+        "config": config.model_dump(mode="json"),
+        "upstream": {name: refs[name].model_dump(mode="json") for name in sorted(needed)},
+        "gpu_slot": gpu_slot, "fail_stage": fault})
+    if not child.state or not child.state.is_completed():
+        state = child.state.name if child.state else "unknown"
+        raise RuntimeError(f"GPU stages ({deployment}, run {child.name}) ended {state}: "
+                           f"{child.state.message if child.state else ''}")
+    store, keys = ArtifactStore(config.artifact_root), plan(config)
+    out = {}
+    for step in GPU_STEPS:
+        ref = store.ref(step.stage.STAGE, keys[step.name])
+        if ref is None:
+            raise RuntimeError(f"GPU stages run {child.name} completed but {step.name} ({keys[step.name]}) "
+                               f"is not at {store.uri(step.stage.STAGE, keys[step.name])}")
+        out[step.name] = ref
+    return out

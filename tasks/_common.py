@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import contextvars
 from collections.abc import Callable, Iterator
 from types import ModuleType
 from typing import Any
@@ -23,11 +24,21 @@ def cache_key(stage: ModuleType) -> Callable[[TaskRunContext, dict[str, Any]], s
     return fn
 
 
+class InjectedFault(RuntimeError):
+    """Raised by a stage the flow was asked to fail (the `fail_stage` drill parameter)."""
+
+
+# the stage this flow run attempt must fail (set by the flow from its `fail_stage` parameter)
+FAULT: contextvars.ContextVar[str | None] = contextvars.ContextVar("synthtune_fault", default=None)
+
+
 @contextlib.contextmanager
-def stage_context(cfg) -> Iterator[ArtifactStore]:
+def stage_context(cfg, stage: str) -> Iterator[ArtifactStore]:
     """The artifact store, with the flow run id recorded in every manifest written meanwhile."""
     from prefect.runtime import flow_run
 
+    if FAULT.get() == stage:
+        raise InjectedFault(f"{stage}: failed on purpose (fail_stage={stage}, first attempt of the flow run)")
     token = RUN_ID.set(flow_run.get_id())
     try:
         yield ArtifactStore(cfg.artifact_root)

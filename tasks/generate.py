@@ -14,5 +14,5 @@ def generate(cfg: PipelineConfig, upstream: dict[str, ArtifactRef] | None = None
     def forward(record) -> None:
         logger.log(record.levelno, "[%s] %s", record.name, record.getMessage())
 
-    with stage_context(cfg) as store:
+    with stage_context(cfg, stage.STAGE) as store:
         return stage.run(cfg, store, on_log=forward)

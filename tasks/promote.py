@@ -12,7 +12,7 @@ from tasks._common import cache_key, inline_png, stage_context
 @task(name="promote", cache_key_fn=cache_key(stage), persist_result=True, tags=["cpu"])
 def promote(cfg: PipelineConfig, upstream: dict[str, ArtifactRef]) -> ArtifactRef:
     """Base vs tuned (table, chart, flipped items); `latest` moves only when the gate passes."""
-    with stage_context(cfg) as store:
+    with stage_context(cfg, stage.STAGE) as store:
         ref = stage.run(cfg, store, upstream)
         png = inline_png(store, ref, "comparison.png", "base vs tuned")
         with store.local_copy(ref) as folder:

@@ -10,7 +10,7 @@ from tasks._common import cache_key, inline_png, stage_context
 @task(name="template", cache_key_fn=cache_key(stage), persist_result=True, retries=1, tags=["cpu"])
 def template(cfg: PipelineConfig, upstream: dict[str, ArtifactRef]) -> ArtifactRef:
     """Chat template, loss mask and token lengths; the length report published as artifacts."""
-    with stage_context(cfg) as store:
+    with stage_context(cfg, stage.STAGE) as store:
         ref = stage.run(cfg, store, upstream)
         report = store.manifest(ref.stage, ref.key)["report"]
         png = inline_png(store, ref, "lengths.png", "token lengths")

@@ -14,7 +14,7 @@ RUN_FIELDS = ("mode", "quantization", "steps", "resumed_from_step", "micro_batch
 @task(name="train", cache_key_fn=cache_key(stage), persist_result=True, retries=1, tags=["gpu"])
 def train(cfg: PipelineConfig, upstream: dict[str, ArtifactRef]) -> ArtifactRef:
     """LoRA / QLoRA in a child process; a retry resumes from the newest valid checkpoint."""
-    with stage_context(cfg) as store:
+    with stage_context(cfg, stage.STAGE) as store:
         ref = stage.run(cfg, store, upstream)
         png = inline_png(store, ref, "loss.png", "loss")
     create_table_artifact([{"field": f, "value": str(ref.summary.get(f))} for f in RUN_FIELDS],

@@ -45,3 +45,24 @@ def demo_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo") / "artifacts"
     cfg = load_config(DEMO, [f"artifact_root={root}"])
     return cfg, run_all(cfg)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Each phase's report on the test item (`item.rep_call`), for fixtures that act on failure."""
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"rep_{report.when}", report)
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory):
+    """A real Prefect server, pools, process workers and the deployments of deployments/prefect.yaml,
+    with an S3-compatible server the flow runs can reach (the ops and ui tiers share it)."""
+    from prefect_stack import moto_server, prefect_stack
+
+    home = tmp_path_factory.mktemp("stack")
+    with moto_server(home) as aws:
+        os.environ.update(aws)  # this process (s3fs in the tests) and the workers see the same S3
+        with prefect_stack(home, str(home / "artifacts"), aws) as s:
+            yield s

@@ -188,6 +188,8 @@ class ArtifactStore:
                 if p.is_file()
             }
             final = self._path(stage, key)
+            if self.fs.exists(self._path(stage, key, MANIFEST)):
+                return  # a concurrent run (same key, same inputs) finished it first: keep theirs whole
             if self.fs.exists(final):  # leftovers of a crashed attempt: never finished, safe to replace
                 self.fs.rm(final, recursive=True)
             self.fs.makedirs(final, exist_ok=True)

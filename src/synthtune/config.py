@@ -49,6 +49,9 @@ class PipelineConfig(Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> PipelineConfig:
+        if "{{" in self.artifact_root:  # a deployment parameter whose env var was unset at deploy time
+            raise ValueError(f"artifact_root '{self.artifact_root}' is an unfilled template: set "
+                             "SYNTHTUNE_ARTIFACT_ROOT before `prefect deploy`, or edit the deployment's parameters")
         tasks = [*self.evaluate.tasks, *([IN_DOMAIN] if self.evaluate.in_domain else [])]
         if self.promote.target_task not in tasks:
             raise ValueError(f"promote.target_task '{self.promote.target_task}' is not in evaluate.tasks {tasks}")

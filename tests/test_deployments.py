@@ -1,0 +1,86 @@
+"""deployments/: prefect.yaml's deployments are valid pipelines, and the GPU job templates render
+to what a Kubernetes, Docker or process worker needs (rendered with Prefect's own templating)."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from synthtune.config import PipelineConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEC = yaml.safe_load((ROOT / "deployments" / "prefect.yaml").read_text())
+TEMPLATES = ROOT / "deployments" / "job-templates"
+
+
+def render(template: dict, **values) -> dict:
+    """The job configuration a worker builds: the template with each variable's default (or `values`)."""
+    from prefect.utilities.templating import apply_values
+
+    defaults = {k: v.get("default") for k, v in template["variables"]["properties"].items()}
+    return apply_values(template["job_configuration"], {**defaults, **values})
+
+
+def test_deployments_are_valid_pipelines_with_the_expected_schedule_and_pools(tmp_path):
+    deployments = {d["name"]: d for d in SPEC["deployments"]}
+    assert set(deployments) == {"nightly", "adhoc", "adhoc-split", "gpu-stages"}
+    nightly = deployments["nightly"]
+    [schedule] = nightly["schedules"]
+    assert schedule["cron"] == "0 2 * * *" and schedule["timezone"] == "Europe/Berlin"
+    assert nightly["concurrency_limit"]["limit"] == 1
+    assert "schedules" not in deployments["adhoc"]
+    assert {d["work_pool"]["name"] for d in deployments.values()} == {"gpu", "cpu"}
+    assert deployments["adhoc-split"]["work_pool"]["name"] == "cpu"
+    assert deployments["adhoc-split"]["parameters"]["gpu_deployment"] == "synthtune-gpu/gpu-stages"
+
+    for d in deployments.values():
+        path, func = d["entrypoint"].split(":")
+        module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
+        assert callable(getattr(module, func))
+        if "config" in d.get("parameters", {}):  # the deploy-time template filled in, paths from the checkout
+            raw = json.loads(json.dumps(d["parameters"]["config"]).replace("{{ $SYNTHTUNE_ARTIFACT_ROOT }}",
+                                                                              str(tmp_path)))
+            cfg = PipelineConfig.model_validate(raw, context={"base_dir": ROOT})
+            assert cfg.generate.seeds.is_file()
+
+
+def test_an_unfilled_artifact_root_names_the_variable():
+    raw = dict(SPEC["definitions"]["parameters"]["pipeline"])
+    with pytest.raises(ValueError, match="SYNTHTUNE_ARTIFACT_ROOT"):
+        PipelineConfig.model_validate(raw, context={"base_dir": ROOT})
+
+
+@pytest.mark.parametrize("name", ["kubernetes-gpu", "docker-gpu", "process-gpu"])
+def test_every_placeholder_has_a_variable(name):
+    template = json.loads((TEMPLATES / f"{name}.json").read_text())
+    used = set(re.findall(r"{{\s*([\w]+)\s*}}", json.dumps(template["job_configuration"])))
+    assert used <= set(template["variables"]["properties"])
+
+
+def test_kubernetes_pods_ask_for_a_gpu_on_gpu_nodes():
+    job = render(json.loads((TEMPLATES / "kubernetes-gpu.json").read_text()))
+    pod = job["job_manifest"]["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert container["resources"]["requests"]["nvidia.com/gpu"] == 1
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in container["volumeMounts"]
+    two = render(json.loads((TEMPLATES / "kubernetes-gpu.json").read_text()), gpu_count=2)
+    assert two["job_manifest"]["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 2
+
+
+def test_docker_containers_get_the_gpus():
+    job = render(json.loads((TEMPLATES / "docker-gpu.json").read_text()))
+    [request] = job["container_create_kwargs"]["device_requests"]
+    assert request == {"driver": "nvidia", "count": -1, "capabilities": [["gpu"]]}
+
+
+def test_process_template_keeps_the_worker_settings():
+    job = render(json.loads((TEMPLATES / "process-gpu.json").read_text()))
+    assert job["env"]["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"

@@ -1,0 +1,202 @@
+"""Deployments on a real Prefect server: schedule, split pools, one run per GPU, cancellation, S3.
+
+Everything goes through `deployments/prefect.yaml` as deployed by `prefect deploy --all`, process
+workers started with `prefect worker start`, and the server's API (see tests/prefect_stack.py).
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import pytest
+import yaml
+
+from prefect_stack import ROOT, client, start_run, states, task_runs, wait_run
+
+pytestmark = pytest.mark.ops
+
+SPEC = yaml.safe_load((ROOT / "deployments" / "prefect.yaml").read_text())
+GPU_STEPS = {"train", "evaluate[base]", "evaluate[tuned]"}
+DATA_STEPS = {"preflight", "generate", "filter", "template"}
+
+
+def deployed_config(stack) -> dict:
+    with client() as c:
+        return c.read_deployment_by_name("synthtune/adhoc").parameters["config"]
+
+
+def with_changes(config: dict, **sections) -> dict:
+    """A copy of a config dict with `section={field: value}` merged in."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in config.items()}
+    for section, fields in sections.items():
+        if isinstance(fields, dict):
+            out[section] = {**out.get(section, {}), **fields}
+        else:
+            out[section] = fields
+    return out
+
+
+def test_deployments_schedule_and_a_scheduled_run_pulled_forward(stack):
+    from prefect.states import Scheduled
+
+    spec = {d["name"]: d for d in SPEC["deployments"]}
+    with client() as c:
+        nightly = c.read_deployment_by_name("synthtune/nightly")
+        adhoc = c.read_deployment_by_name("synthtune/adhoc")
+        pool = c.read_work_pool("gpu")
+    [schedule] = nightly.schedules
+    assert (schedule.schedule.cron, schedule.schedule.timezone) == (spec["nightly"]["schedules"][0]["cron"],
+                                                                    spec["nightly"]["schedules"][0]["timezone"])
+    assert schedule.active and not adhoc.schedules
+    assert nightly.global_concurrency_limit.limit == 1
+    assert nightly.work_pool_name == adhoc.work_pool_name == "gpu"
+    assert nightly.parameters["config"]["artifact_root"] == stack.artifact_root  # filled in at deploy time
+    assert pool.base_job_template["variables"]["properties"]["env"]["default"]["TOKENIZERS_PARALLELISM"] == "false"
+
+    # the server takes the Kubernetes and Docker GPU templates as work pools of their type
+    for kind, template in (("kubernetes", "kubernetes-gpu"), ("docker", "docker-gpu")):
+        stack.cli("work-pool", "create", template, "--type", kind, "--base-job-template",
+                  str(ROOT / "deployments" / "job-templates" / f"{template}.json"))
+        with client() as c:
+            props = c.read_work_pool(template).base_job_template["variables"]["properties"]
+        assert {"gpu_count", "tolerations"} <= set(props) if kind == "kubernetes" else "container_create_kwargs" in props
+
+    # the scheduler service creates the upcoming runs, at 02:00 in the schedule's timezone
+    deadline = time.monotonic() + 60
+    while True:
+        with client() as c:
+            from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+            upcoming = c.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[nightly.id])))
+        upcoming = sorted((r for r in upcoming if r.state.name == "Scheduled"), key=lambda r: r.expected_start_time)
+        if upcoming or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert upcoming, "the scheduler created no nightly runs"
+    tz = ZoneInfo(schedule.schedule.timezone)
+    assert all(r.expected_start_time.astimezone(tz).strftime("%H:%M") == "02:00" for r in upcoming)
+    assert upcoming[0].expected_start_time > datetime.now(timezone.utc)
+
+    nxt = upcoming[0]
+    with client() as c:  # pull the next nightly forward: it runs now, on the gpu pool's worker
+        c.set_flow_run_state(nxt.id, Scheduled(scheduled_time=datetime.now(timezone.utc) - timedelta(seconds=1)),
+                             force=True)
+    run = wait_run(nxt.id, timeout=900)
+    assert run.state.type.value == "COMPLETED", (run.state, stack.log("worker-gpu")[-4000:])
+    assert run.parameters == nightly.parameters
+    assert set(states(run.id, 8).values()) <= {"Completed", "Cached"}
+    assert (Path(stack.artifact_root) / "latest.json").is_file()
+
+
+def test_split_mode_runs_train_and_evaluate_on_the_gpu_pool(stack):
+    run = wait_run(start_run("synthtune/adhoc-split"), timeout=900)
+    assert run.state.type.value == "COMPLETED", (run.state, stack.log("worker-cpu")[-3000:])
+    with client() as c:
+        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+        [child] = c.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run.id])))
+        gpu_deployment = c.read_deployment(child.deployment_id)
+    assert (gpu_deployment.name, gpu_deployment.work_pool_name, run.work_pool_name) == ("gpu-stages", "gpu", "cpu")
+    assert child.state.type.value == "COMPLETED"
+    parent_steps, child_steps = set(task_runs(run.id)), set(task_runs(child.id, 3))
+    assert child_steps == GPU_STEPS
+    assert DATA_STEPS | {"promote"} <= parent_steps and not parent_steps & GPU_STEPS
+
+
+def _gpu_window(run_id) -> tuple[datetime, datetime]:
+    runs = task_runs(run_id, 8)
+    gpu = [runs[name] for name in GPU_STEPS]
+    return min(r.start_time for r in gpu), max(r.end_time for r in gpu)
+
+
+def test_two_runs_on_one_gpu_slot_never_overlap_in_gpu_stages(stack):
+    base = deployed_config(stack)
+    ids = [start_run("synthtune/adhoc", {"config": with_changes(base, train={"seed": seed, "epochs": 20})})
+           for seed in (101, 102)]
+    runs = [wait_run(i, timeout=900) for i in ids]
+    assert all(r.state.type.value == "COMPLETED" for r in runs), [r.state for r in runs]
+    assert all(states(r.id, 8)["train"] == "Completed" for r in runs)  # both really trained
+    (a0, a1), (b0, b1) = sorted(_gpu_window(r.id) for r in runs)
+    assert a1 <= b0, f"GPU stages overlapped: {a0}..{a1} and {b0}..{b1}"
+    with client() as c:
+        slot = c.read_global_concurrency_limit_by_name("gpu:test-worker")
+    assert slot.limit == 1 and slot.active_slots == 0
+
+
+def _training_children(train_key: str):
+    import psutil
+
+    return [p for p in psutil.process_iter(["cmdline"])
+            if "synthtune.stages.train" in (p.info["cmdline"] or []) and train_key in " ".join(p.info["cmdline"])]
+
+
+def test_cancelling_a_run_kills_the_training_child_and_frees_the_slot(stack):
+    from prefect.states import Cancelling
+
+    from synthtune.config import PipelineConfig
+    from synthtune.runner import plan
+
+    config = with_changes(deployed_config(stack), train={"seed": 7, "epochs": 100000})
+    key = plan(PipelineConfig.model_validate(config, context={"base_dir": ROOT}))["train"]
+    run_id = start_run("synthtune/adhoc", {"config": config})
+    deadline = time.monotonic() + 600
+    while not (children := _training_children(key)):
+        assert time.monotonic() < deadline, "training never started"
+        assert wait_run(run_id, timeout=1, states={"RUNNING", "PENDING", "SCHEDULED", "FAILED", "CRASHED", "COMPLETED",
+                                                  "CANCELLED", "CANCELLING"}).state.type.value in {
+            "RUNNING", "PENDING", "SCHEDULED"}
+        time.sleep(1)
+    time.sleep(3)  # a few steps in
+    with client() as c:
+        c.set_flow_run_state(run_id, Cancelling(), force=True)  # what the UI's Cancel button does
+    run = wait_run(run_id, timeout=180)
+    assert run.state.type.value == "CANCELLED"
+    deadline = time.monotonic() + 60
+    while any(p.is_running() and p.status() != "zombie" for p in children):
+        assert time.monotonic() < deadline, f"training child still alive: {[p.pid for p in children]}"
+        time.sleep(0.5)
+    deadline = time.monotonic() + 180  # the slot's lease is released, or runs out
+    with client() as c:
+        while c.read_global_concurrency_limit_by_name("gpu:test-worker").active_slots:
+            assert time.monotonic() < deadline, "GPU slot still held after the cancelled run"
+            time.sleep(2)
+
+
+def test_s3_artifact_root_and_a_retry_in_another_process_finds_finished_stages(stack):
+    import s3fs
+    from prefect.states import AwaitingRetry
+
+    fs = s3fs.S3FileSystem()
+    fs.mkdir("synthtune-ops")
+    root = "s3://synthtune-ops/nightly"
+    config = with_changes(deployed_config(stack), artifact_root=root)
+    run_id = start_run("synthtune/adhoc", {"config": config, "fail_stage": "train"})
+    first = wait_run(run_id, timeout=900)
+    assert first.state.type.value == "FAILED", first.state
+    done = {n for n, s in states(run_id).items() if s == "Completed"}
+    assert DATA_STEPS <= done and "train" not in done
+    assert fs.exists(f"{root}/generate") and fs.ls(f"{root}/.prefect-results")
+
+    with client() as c:  # the retry: a new flow-run process started by the worker
+        c.set_flow_run_state(run_id, AwaitingRetry(), force=True)
+    run = wait_run(run_id, timeout=900, states={"COMPLETED", "FAILED", "CRASHED", "CANCELLED"})
+    assert run.state.type.value == "COMPLETED", (run.state, stack.log("worker-gpu")[-3000:])
+    assert run.run_count == 2
+    latest = latest_attempt(run_id)
+    assert {latest[n] for n in DATA_STEPS} == {"Cached"}
+    assert latest["train"] == "Completed"
+    assert fs.exists(f"{root}/latest.json") and fs.exists(f"{root}/train")
+
+
+def latest_attempt(run_id) -> dict[str, str]:
+    """Task name -> state of its newest task run (a retried flow run holds both attempts)."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with client() as c:
+        runs = c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
+    newest: dict[str, object] = {}
+    for r in sorted(runs, key=lambda r: r.created):
+        newest[r.name] = r
+    return {n: r.state.name for n, r in newest.items()}
