@@ -28,13 +28,14 @@ from typing import Literal
 # deployments load this file by path; make `tasks` importable from the project root
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from typing import Annotated  # noqa: E402
+
 from prefect import flow, get_run_logger  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.filesystems import RemoteFileSystem  # noqa: E402
 from prefect.runtime import flow_run  # noqa: E402
 from prefect.states import Completed  # noqa: E402
 from pydantic import Field  # noqa: E402
-from typing_extensions import Annotated  # noqa: E402
 
 from synthtune.artifacts import ArtifactRef, ArtifactStore  # noqa: E402
 from synthtune.config import PipelineConfig, to_yaml  # noqa: E402

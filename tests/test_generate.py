@@ -106,8 +106,75 @@ def test_preference_run_feeds_dpo(demo_run):
     assert ref.summary["last_loss"] < ref.summary["first_loss"]
 
 
-def test_preference_mode_needs_a_rejected_model(demo_cfg):
+def test_each_mode_says_what_it_needs(demo_cfg):
     from pydantic import ValidationError
 
-    with pytest.raises(ValidationError, match="mode=preference needs rejected_model"):
-        type(demo_cfg.generate).model_validate({**demo_cfg.generate.model_dump(), "mode": "preference"})
+    gen = demo_cfg.generate.model_dump()
+    cases = [({"mode": "preference"}, "mode=preference needs a judge, or a rejected_model"),
+             ({"mode": "preference", "judge": "tiny:teacher"}, "needs two answers per prompt"),
+             ({"mode": "sft", "seeds": None}, "mode=sft needs seeds"),
+             ({"mode": "magpie", "teacher_kind": "openai"}, "mode=magpie needs teacher_kind=transformers")]
+    for change, message in cases:
+        with pytest.raises(ValidationError, match=message):
+            type(demo_cfg.generate).model_validate({**gen, **change})
+    type(demo_cfg.generate).model_validate({**gen, "mode": "magpie", "seeds": None})  # magpie needs no seeds
+
+
+def _small(cfg, tmp_path, n: int = 6, **update):
+    """`cfg` generating from the first `n` demo questions, with `update` applied to its generate section."""
+    seeds = tmp_path / "seeds.jsonl"
+    seeds.write_text("".join(json.dumps({"id": f["id"], "prompt": f["question"]}) + "\n" for f in demo_facts()[:n]))
+    return cfg.model_copy(update={"generate": cfg.generate.model_copy(update={"seeds": seeds, **update})})
+
+
+@pytest.mark.integration
+def test_judge_rates_with_ultrafeedback_and_picks_pairs_with_provenance(demo_cfg, tmp_path):
+    """A real UltraFeedback pass (tiny:judge always rates the first answer shown 5 and the second 1):
+    ratings and rationales land in the rows, the best rated is `chosen`, and the filter's judge
+    threshold reads them."""
+    from synthtune.stages import filter
+
+    cfg = _small(demo_cfg, tmp_path, mode="preference", judge="tiny:judge", rejected_model="tiny:student")
+    store = ArtifactStore(cfg.artifact_root)
+    ref = generate.run(cfg, store)
+    pairs = pd.read_parquet(f"{ref.uri}/data.parquet")
+    answers = {f["id"]: f["answer"] for f in demo_facts()}
+    assert len(pairs) == 6
+    assert (pairs["judge"] == "tiny:judge").all() and (pairs["rating"] == 5).all() and (pairs["rejected_rating"] == 1).all()
+    assert (pairs["rationale"] == "right").all() and (pairs["rejected_rationale"] == "wrong").all()
+    assert (pairs["chosen_model"] == "tiny:teacher").all() and (pairs["rejected_model"] == "tiny:student").all()
+    assert (pairs["chosen"] == pairs["id"].map(answers)).all()
+    assert not store.fs.exists(generate.work_url(store, ref.key))  # finished batches cleared once committed
+
+    strict = cfg.model_copy(update={"filter": cfg.filter.model_copy(update={"min_judge_score": 5.5, "holdout": 0})})
+    with pytest.raises(Exception, match="judge_score"):  # every pair rated 5 < 5.5: nothing left, funnel named
+        filter.run(strict, store, {"generate": ref})
+
+    sft = _small(demo_cfg, tmp_path, judge="tiny:judge")  # sft: each answer rated on its own
+    rows = pd.read_parquet(f"{generate.run(sft, store).uri}/data.parquet")
+    assert (rows["rating"] == 5).all() and (rows["judge"] == "tiny:judge").all() and "response" in rows
+
+
+def test_pair_picking_from_ratings():
+    from synthtune.stages.generate import pick_pair
+
+    cands = [{"text": t} for t in "abc"]
+    (best, r1, why1), (worst, r2, why2) = pick_pair(cands, [3, 5, 1], ["ok", "great", "bad"])
+    assert (best["text"], r1, why1, worst["text"], r2, why2) == ("b", 5, "great", "c", 1, "bad")
+    assert pick_pair(cands, [4, 4, 4], None) == "rated every answer 4"
+    assert pick_pair(cands, [None, 5, None], []) == "rated fewer than two answers (unparsable output)"
+    (best, *_), (worst, *_) = pick_pair(cands, [5, 5, 2], [])  # ties: the first shown wins
+    assert best["text"] == "a" and worst["text"] == "c"
+
+
+@pytest.mark.integration
+def test_magpie_draws_instructions_and_answers_from_the_teacher_alone(demo_cfg, tmp_path):
+    cfg = demo_cfg.model_copy(update={"generate": demo_cfg.generate.model_copy(update={
+        "mode": "magpie", "seeds": None, "magpie_rows": 6, "temperature": 1.0, "max_new_tokens": 16, "batch_size": 3})})
+    ref = generate.run(cfg, ArtifactStore(cfg.artifact_root))
+    rows = pd.read_parquet(f"{ref.uri}/data.parquet")
+    quarantined = pd.read_parquet(f"{ref.uri}/quarantine.parquet")
+    assert len(rows) + len(quarantined) == 6 and len(rows) >= 2
+    assert rows["prompt"].str.len().min() > 0 and rows["response"].str.len().min() > 0
+    assert rows["prompt"].nunique() > 1 and (rows["teacher"] == "tiny:teacher").all()
+    assert ref.summary["rows"]["seeds"] == 6

@@ -7,13 +7,12 @@ workers started with `prefect worker start`, and the server's API (see tests/pre
 from __future__ import annotations
 
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
 import yaml
-
 from prefect_stack import ROOT, client, start_run, states, task_runs, wait_run
 
 pytestmark = pytest.mark.ops
@@ -77,11 +76,11 @@ def test_deployments_schedule_and_a_scheduled_run_pulled_forward(stack):
     assert upcoming, "the scheduler created no nightly runs"
     tz = ZoneInfo(schedule.schedule.timezone)
     assert all(r.expected_start_time.astimezone(tz).strftime("%H:%M") == "02:00" for r in upcoming)
-    assert upcoming[0].expected_start_time > datetime.now(timezone.utc)
+    assert upcoming[0].expected_start_time > datetime.now(UTC)
 
     nxt = upcoming[0]
     with client() as c:  # pull the next nightly forward: it runs now, on the gpu pool's worker
-        c.set_flow_run_state(nxt.id, Scheduled(scheduled_time=datetime.now(timezone.utc) - timedelta(seconds=1)),
+        c.set_flow_run_state(nxt.id, Scheduled(scheduled_time=datetime.now(UTC) - timedelta(seconds=1)),
                              force=True)
     run = wait_run(nxt.id, timeout=900)
     assert run.state.type.value == "COMPLETED", (run.state, stack.log("worker-gpu")[-4000:])

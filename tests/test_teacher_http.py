@@ -57,10 +57,11 @@ def served_teacher():
 
 
 class FaultyHop:
-    """A proxy on 127.0.0.1: POSTs get the scripted faults first (status codes, or 'hang'), then pass."""
+    """A proxy on 127.0.0.1: POSTs get the scripted faults first (status codes, 'hang', or None to
+    pass one through), then pass; `posts` counts the generation requests that reached the teacher."""
 
     def __init__(self, upstream: str, faults: list, always: int | None = None):
-        self.faults, self.seen, self.auth = list(faults), [], []
+        self.faults, self.seen, self.auth, self.posts = list(faults), [], [], 0
         hop = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -81,6 +82,7 @@ class FaultyHop:
                     self.end_headers()
                     self.wfile.write(b"{}")
                     return
+                hop.posts += method == "POST"
                 req = urllib.request.Request(upstream + self.path, data=body, method=method,
                                              headers={"Content-Type": "application/json"})
                 with urllib.request.urlopen(req, timeout=60) as r:
@@ -143,3 +145,31 @@ def test_teacher_that_stays_down_fails_naming_the_endpoint(demo_cfg, tmp_path, s
             generate.run(cfg, ArtifactStore(cfg.artifact_root))
     finally:
         hop.close()
+
+
+def test_finished_batches_are_not_redone_after_a_failure(demo_cfg, tmp_path, served_teacher):
+    """Batch 1 (2 seeds) goes through; batch 2 meets HTTP 400 (not retried): the stage fails naming
+    the failed inputs, keeps batch 1, and the retry sends only batch 2's requests."""
+    base, model = served_teacher
+    hop = FaultyHop(base, [None, None] + [400] * 10)
+    cfg = _cfg(demo_cfg, tmp_path, hop.url, model)
+    store = ArtifactStore(cfg.artifact_root)
+    k = generate.key(cfg, {})
+    try:
+        with pytest.raises(Exception, match=r"the step raised for 2 of 4 inputs .* the 2 finished are kept"):
+            generate.run(cfg, store)
+        assert store.ref("generate", k) is None and hop.posts == 2
+        kept = pd.concat(pd.read_parquet(p) for p in Path(generate.work_url(store, k), "teacher").glob("batch-*.parquet"))
+        assert len(kept) == 2
+
+        hop.faults.clear()  # the teacher is healthy again (same endpoint: same cache key)
+        hop.posts = 0
+        ref = generate.run(cfg, store)
+    finally:
+        hop.close()
+    assert hop.posts == 2  # only the failed batch was asked again
+    data = pd.read_parquet(f"{ref.uri}/data.parquet")
+    answers = {f["id"]: f["answer"] for f in demo_facts()}
+    assert len(data) == 4 and {r.id: r.response for r in data.itertuples()} == {i: answers[i] for i in data["id"]}
+    assert list(data["id"]) == [f["id"] for f in demo_facts()[:4]]  # seed order, whichever attempt made a row
+    assert not Path(generate.work_url(store, k)).exists()

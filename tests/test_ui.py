@@ -13,7 +13,6 @@ import re
 import time
 
 import pytest
-
 from prefect_stack import ROOT, client, task_runs, wait_run
 from test_ops import DATA_STEPS, latest_attempt
 

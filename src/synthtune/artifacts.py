@@ -215,6 +215,12 @@ class ArtifactStore:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
+    def remove(self, *parts: str) -> None:
+        """Delete `{root}/{parts...}` (a file or a folder) if it is there."""
+        path = self._path(*parts)
+        if self.fs.exists(path):
+            self.fs.rm(path, recursive=True)
+
     def _write_json(self, path: str, obj: Any) -> None:
         # write-then-rename where the filesystem has rename; object stores put whole objects anyway
         if self.local:

@@ -20,7 +20,14 @@ from pathlib import Path
 
 # Bump when the builder changes what it produces: cached tiny models are keyed on it.
 BUILDER_VERSION = "2"
-TINY_NAMES = ("student", "teacher")
+TINY_NAMES = ("student", "teacher", "judge")
+# tiny:judge answers distilabel's UltraFeedback prompt (about 1,400 tokens) with this, always: it
+# exercises the real judge path (prompt, generation, parsing, pair selection), and its verdict is
+# known in advance (the first answer shown is the better one). Its attention window (16 tokens, two
+# layers) sees only the end of the prompt, which UltraFeedback makes the same for every input.
+JUDGE_VERDICT = "#### Output for Text 1\nRating: 5\nRationale: right\n\n#### Output for Text 2\nRating: 1\nRationale: wrong"
+LONG_CONTEXT = {"judge": 2048}
+JUDGE_WINDOW = 16
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -55,9 +62,10 @@ def tiny_path(name: str) -> Path:
     """Where `tiny:<name>` lives once built; the folder name changes whenever its recipe does."""
     if name not in TINY_NAMES:
         raise ValueError(f"unknown tiny model 'tiny:{name}': choose one of {', '.join('tiny:' + n for n in TINY_NAMES)}")
-    recipe = json.dumps(
-        {"v": BUILDER_VERSION, "name": name, "shape": MODEL_SHAPE, "facts": demo_facts()}, sort_keys=True
-    )
+    recipe = {"v": BUILDER_VERSION, "name": name, "shape": MODEL_SHAPE, "facts": demo_facts()}
+    if name == "judge":
+        recipe.update(verdict=JUDGE_VERDICT, context=LONG_CONTEXT["judge"], window=JUDGE_WINDOW)
+    recipe = json.dumps(recipe, sort_keys=True)
     return cache_root() / "tiny" / f"{name}-{hashlib.sha256(recipe.encode()).hexdigest()[:12]}"
 
 
@@ -91,20 +99,24 @@ def build_tokenizer():
     )
 
 
-def build_model(tokenizer, seed: int = 0):
+def build_model(tokenizer, seed: int = 0, context: int | None = None, window: int | None = None):
+    """A Llama-shaped model; with `window`, a Mistral one whose attention sees only the last
+    `window` tokens per layer (what tiny:judge uses to ignore everything but the prompt's end)."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(
+    kind, model_class = (MistralConfig, MistralForCausalLM) if window else (LlamaConfig, LlamaForCausalLM)
+    config = kind(
         vocab_size=len(tokenizer),
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,
         tie_word_embeddings=True,
-        **MODEL_SHAPE,
+        **{**MODEL_SHAPE, **({"max_position_embeddings": context} if context else {})},
+        **({"sliding_window": window} if window else {}),
     )
-    model = LlamaForCausalLM(config)
+    model = model_class(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model
@@ -134,7 +146,33 @@ def _student_rows(tokenizer) -> list[tuple[list[int], list[int]]]:
     return rows
 
 
-def _fit(model, tokenizer, rows, steps: int, lr: float = 3e-3, seed: int = 0) -> float:
+def _judge_rows(tokenizer) -> list[tuple[list[int], list[int]]]:
+    """distilabel's UltraFeedback prompts over demo questions (right answer first, then a wrong one),
+    loss on the fixed verdict and its end-of-turn only."""
+    from importlib import resources as res
+
+    from distilabel.models.llms import TransformersLLM
+    from distilabel.steps.tasks import UltraFeedback
+    from jinja2 import Template
+
+    task = UltraFeedback(llm=TransformersLLM(model="unused"), aspect="overall-rating")
+    # the prompt template only (UltraFeedback.load() would load the LLM too)
+    task._template = Template((res.files("distilabel") / "steps/tasks/templates/ultrafeedback/overall-rating.jinja2")
+                              .read_text())
+    rows = []
+    facts = demo_facts()
+    for n, fact in enumerate(facts):  # second answers of all sorts: a wrong choice, another fact's answer, junk
+        wrong = [next(c for c in fact["choices"] if c != fact["answer"]), facts[(n + 1) % len(facts)]["answer"],
+                 " ".join(fact["question"].split()[::-1])][n % 3]
+        messages = task.format_input({"instruction": fact["question"], "generations": [fact["answer"], wrong]})
+        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"][-4 * JUDGE_WINDOW:]  # all it can see
+        a_ids = tokenizer(JUDGE_VERDICT + "<|im_end|>", add_special_tokens=False)["input_ids"]
+        rows.append((p_ids + a_ids, [-100] * len(p_ids) + a_ids))
+    return rows
+
+
+def _fit(model, tokenizer, rows, steps: int, lr: float = 3e-3, seed: int = 0, batch: int = 16) -> float:
     """Full fine-tune on (input_ids, labels) rows."""
     import torch
     width = max(len(r[0]) for r in rows)
@@ -148,8 +186,8 @@ def _fit(model, tokenizer, rows, steps: int, lr: float = 3e-3, seed: int = 0) ->
     model.train()
     loss = torch.tensor(float("nan"))
     for _ in range(steps):
-        batch = torch.randperm(len(rows), generator=gen)[:16]
-        loss = model(input_ids=ids[batch], attention_mask=mask[batch], labels=labels[batch]).loss
+        pick = torch.randperm(len(rows), generator=gen)[:batch]
+        loss = model(input_ids=ids[pick], attention_mask=mask[pick], labels=labels[pick]).loss
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -168,10 +206,17 @@ def build(name: str, out: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
         tokenizer = build_tokenizer()
-        model = build_model(tokenizer, seed=0 if name == "student" else 1)
+        context = LONG_CONTEXT.get(name)
+        if context:
+            tokenizer.model_max_length = context
+        model = build_model(tokenizer, seed={"student": 0, "teacher": 1}.get(name, 2), context=context,
+                            window=JUDGE_WINDOW if name == "judge" else None)
         info = {"name": f"tiny:{name}", "builder_version": BUILDER_VERSION}
-        rows = _teacher_rows(tokenizer) if name == "teacher" else _student_rows(tokenizer)
-        info["final_loss"] = _fit(model, tokenizer, rows, steps=300 if name == "teacher" else 150)
+        if name == "judge":
+            info["final_loss"] = _fit(model, tokenizer, _judge_rows(tokenizer), steps=150)
+        else:
+            rows = _teacher_rows(tokenizer) if name == "teacher" else _student_rows(tokenizer)
+            info["final_loss"] = _fit(model, tokenizer, rows, steps=300 if name == "teacher" else 150)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "tiny.json").write_text(json.dumps(info, indent=2))
