@@ -173,3 +173,50 @@ def test_finished_batches_are_not_redone_after_a_failure(demo_cfg, tmp_path, ser
     assert len(data) == 4 and {r.id: r.response for r in data.itertuples()} == {i: answers[i] for i in data["id"]}
     assert list(data["id"]) == [f["id"] for f in demo_facts()[:4]]  # seed order, whichever attempt made a row
     assert not Path(generate.work_url(store, k)).exists()
+
+
+@pytest.mark.flows
+def test_key_from_a_prefect_secret_block_reaches_the_teacher_and_nothing_else(demo_cfg, tmp_path, served_teacher,
+                                                                             monkeypatch, capfd):
+    """The whole flow with the key in a Secret block (and no env var): the teacher gets it; the run's
+    Prefect logs, artifacts, parameters, manifests, results and output do not contain it."""
+    from prefect.blocks.system import Secret
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.pipeline import pipeline
+
+    base, model = served_teacher
+    monkeypatch.delenv("SYNTHTUNE_TEST_TEACHER_KEY", raising=False)
+    hop = FaultyHop(base, [])
+    cfg = _cfg(demo_cfg, tmp_path, hop.url, model, api_key_secret="teacher-key")
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": 2.0})})
+    try:
+        with prefect_test_harness(server_startup_timeout=120):
+            Secret(value=SECRET).save("teacher-key")
+            state = pipeline(cfg, return_state=True)
+            run_id = state.state_details.flow_run_id
+            with get_client(sync_client=True) as client:
+                logs: list = []
+                for _ in range(30):  # logs arrive in batches: read until they stop growing
+                    time.sleep(1)
+                    more = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
+                    if len(more) == len(logs):
+                        break
+                    logs = more
+                artifacts = client.read_artifacts()
+                run = client.read_flow_run(run_id)
+    finally:
+        hop.close()
+    assert state.is_completed(), state
+    assert hop.auth and all(a == f"Bearer {SECRET}" for a in hop.auth)  # the key was sent, from the block
+    assert any(log.message.startswith("[distilabel.") for log in logs) and len(logs) > 10
+    out, err = capfd.readouterr()
+    texts = [log.message for log in logs] + [str(a.data) + str(a.description) for a in artifacts]
+    texts += [json.dumps(run.parameters, default=str), out, err]
+    assert not [t for t in texts if SECRET in t]
+    files = [p for p in Path(cfg.artifact_root).rglob("*") if p.is_file()]
+    assert any(p.name == "manifest.json" for p in files) and any(".prefect-results" in str(p) for p in files)
+    assert not [str(p) for p in files if SECRET.encode() in p.read_bytes()]
+    assert '"api_key_secret": "teacher-key"' in json.dumps(run.parameters)  # only the block's name travels

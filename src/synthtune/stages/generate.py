@@ -23,7 +23,7 @@ import signal
 import threading
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import model_validator
+from pydantic import SecretStr, model_validator
 
 from synthtune.artifacts import ArtifactRef, ArtifactStore, Staging, key_payload, produce, stage_key
 from synthtune.fields import InputPath, Section, field
@@ -68,7 +68,10 @@ class GenerateConfig(Section):
     base_url: str | None = field(None, "OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 (kind openai).")
     api_key_env: str = field(
         "OPENAI_API_KEY", "Name of the environment variable holding the API key (the key itself is never in the "
-        "config, logs, artifacts or manifests). Unset: no key is sent.")
+        "config, logs, artifacts or manifests). Unset: no key is sent.", affects_output=False)
+    api_key_secret: str | None = field(
+        None, "Name of a Prefect Secret block holding the API key, read by the Prefect task at run time (wins over "
+        "api_key_env). Needs the Prefect engine.", affects_output=False)
     timeout_s: float = field(120, "Seconds before an HTTP request to the teacher times out (then retried).", gt=0,
                              affects_output=False)
     max_retries: int = field(6, "Retries with exponential backoff on HTTP 429/5xx and timeouts.", ge=0,
@@ -180,7 +183,12 @@ def generation_kwargs(gen: GenerateConfig) -> dict:
     }
 
 
-def check_endpoint(gen: GenerateConfig) -> None:
+def env_api_key(gen: GenerateConfig) -> SecretStr | None:
+    value = os.environ.get(gen.api_key_env)
+    return SecretStr(value) if value else None
+
+
+def check_endpoint(gen: GenerateConfig, api_key: SecretStr | None) -> None:
     """Before any generation: the OpenAI-compatible teacher answers `GET /models`, retried with
     backoff like generation requests; one that stays down fails naming the endpoint and last error."""
     import time
@@ -189,9 +197,8 @@ def check_endpoint(gen: GenerateConfig) -> None:
 
     if not gen.base_url:
         raise GenerationError("generate.teacher_kind=openai needs generate.base_url")
-    key = os.environ.get(gen.api_key_env)
-    request = urllib.request.Request(gen.base_url.rstrip("/") + "/models",
-                                     headers={"Authorization": f"Bearer {key}"} if key else {})
+    headers = {"Authorization": f"Bearer {api_key.get_secret_value()}"} if api_key else {}
+    request = urllib.request.Request(gen.base_url.rstrip("/") + "/models", headers=headers)
     last = None
     for attempt in range(gen.max_retries + 1):
         try:
@@ -215,18 +222,23 @@ def work_url(store: ArtifactStore, k: str) -> str:
     return store.uri(STAGE, ".work", k)
 
 
-def _generate(cfg: PipelineConfig, store: ArtifactStore, staging: Staging, k: str, on_log=None) -> None:
+def _generate(cfg: PipelineConfig, store: ArtifactStore, staging: Staging, k: str, on_log=None,
+              api_key: SecretStr | None = None) -> None:
     gen = cfg.generate
     seeds, quarantined = ([], []) if gen.mode == "magpie" else load_seeds(gen)
     if gen.mode != "magpie" and not seeds:
         raise GenerationError(f"{gen.seeds}: no usable seed rows; quarantined: {quarantined[:5]}")
     if gen.teacher_kind == "openai":
-        check_endpoint(gen)
+        api_key = api_key or env_api_key(gen)
+        if api_key is None and gen.api_key_secret:
+            raise GenerationError(f"generate.api_key_secret '{gen.api_key_secret}' is a Prefect Secret block, read "
+                                  f"only by the Prefect engine: run through Prefect, or set ${gen.api_key_env}")
+        check_endpoint(gen, api_key)
     # distilabel forks its workers: run it from a clean spawned process (see synthtune.child)
     from synthtune.child import call_in_child
 
     rows, dropped = call_in_child(_run_distilabel, gen, seeds, k, work_url(store, k), str(staging.path / ".distilabel"),
-                                  on_log=on_log, log_name="distilabel")
+                                  api_key, on_log=on_log, log_name="distilabel")
     _write(gen, staging, rows, len(seeds) or gen.magpie_rows, quarantined + dropped)
 
 
@@ -345,9 +357,11 @@ def _text(value) -> str | None:
     return value.strip() if isinstance(value, str) and value.strip() else None
 
 
-def _run_distilabel(gen: GenerateConfig, seeds: list[dict], k: str, work: str, cache_dir: str
-                    ) -> tuple[list[dict], list[dict]]:
+def _run_distilabel(gen: GenerateConfig, seeds: list[dict], k: str, work: str, cache_dir: str,
+                    api_key: SecretStr | None = None) -> tuple[list[dict], list[dict]]:
     """The rows of the stage (provenance columns included) and the quarantined ones with reasons."""
+    if api_key is not None:  # this child's environment only: it ends with the child
+        os.environ[gen.api_key_env] = api_key.get_secret_value()
     if gen.mode == "magpie":
         return _magpie(gen, work, cache_dir)
     dropped: list[dict] = []
@@ -471,10 +485,11 @@ def _write(gen: GenerateConfig, staging: Staging, rows: list[dict], asked: int, 
 
 
 def run(cfg: PipelineConfig, store: ArtifactStore, upstream: dict[str, ArtifactRef] | None = None,
-        on_log=None) -> ArtifactRef:
+        on_log=None, api_key: SecretStr | None = None) -> ArtifactRef:
     """Generate (or reuse) the synthetic rows. `on_log(record)` receives distilabel's log records
-    (only `distilabel.*`: forwarding everything would loop through whoever listens)."""
+    (only `distilabel.*`: forwarding everything would loop through whoever listens). `api_key`, when
+    given, wins over `$api_key_env` (the Prefect task passes a Secret block's value)."""
     k = key(cfg, {})
-    ref = produce(store, STAGE, k, {}, key_payload(cfg.generate), lambda st: _generate(cfg, store, st, k, on_log))
+    ref = produce(store, STAGE, k, {}, key_payload(cfg.generate), lambda st: _generate(cfg, store, st, k, on_log, api_key))
     store.remove(STAGE, ".work", k)  # committed: its finished batches are no longer needed
     return ref
