@@ -228,3 +228,29 @@ def test_disk_preflight_refuses_on_a_small_filesystem(demo_run, tmp_path):
             train.run(small, store, {"template": tpl})
     finally:
         subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_micro_batch_from_the_memory_estimate_keeps_the_effective_batch():
+    from synthtune.stages.train import choose_micro_batch
+
+    gib = 2**30
+    # plenty of room: the whole effective batch in one micro-batch, no checkpointing
+    plan = choose_micro_batch(10 * gib, 1 * gib, 0.1 * gib, 40 * gib, effective_batch=16)
+    assert (plan.micro_batch, plan.gradient_accumulation_steps, plan.activation_checkpointing) == (16, 1, False)
+    # 30 GiB over the fixed 10: the largest divisor of 16 whose activations fit is 4 (6 would not divide)
+    plan = choose_micro_batch(10 * gib, 6 * gib, 0.5 * gib, 40 * gib, effective_batch=16)
+    assert (plan.micro_batch, plan.gradient_accumulation_steps, plan.activation_checkpointing) == (4, 4, False)
+    assert plan.estimate_gib == pytest.approx(34.0)
+    # not even one row without checkpointing: checkpoint, and batch up again
+    plan = choose_micro_batch(10 * gib, 40 * gib, 2 * gib, 40 * gib, effective_batch=12)
+    assert (plan.micro_batch, plan.gradient_accumulation_steps, plan.activation_checkpointing) == (12, 1, True)
+    with pytest.raises(RuntimeError, match="even at micro-batch 1 with activation checkpointing"):
+        choose_micro_batch(39 * gib, 40 * gib, 2 * gib, 40 * gib, effective_batch=8)
+
+
+def test_memory_plan_on_cpu_is_the_configured_batch(demo_cfg):
+    from synthtune.stages.train import plan_gpu_memory
+
+    plan = plan_gpu_memory(10**6, 10**4, 64, 2, False, demo_cfg.train, 96)
+    assert (plan.micro_batch, plan.gradient_accumulation_steps, plan.activation_checkpointing) == (
+        demo_cfg.train.batch_size, demo_cfg.train.gradient_accumulation_steps, False)

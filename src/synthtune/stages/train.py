@@ -26,6 +26,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -69,6 +70,11 @@ class TrainConfig(Section):
     max_steps: int = field(-1, "Optimizer steps to run; -1 runs `epochs` instead.", ge=-1)
     batch_size: int = field(4, "Micro-batch size per device (halved on CUDA out-of-memory).", ge=1)
     gradient_accumulation_steps: int = field(1, "Micro-batches per optimizer step.", ge=1)
+    auto_micro_batch: bool = field(
+        True, "On CUDA, choose the micro-batch and accumulation (same effective batch, batch_size x "
+        "gradient_accumulation_steps) from the memory estimate: the largest that fits without activation "
+        "checkpointing, else with it.", affects_output=False)
+    memory_budget: float = field(0.6, "Share of the GPU's memory the plan may use.", gt=0, le=1, affects_output=False)
     warmup_ratio: float = field(0.0, "Share of optimizer steps spent warming up the learning rate.", ge=0, lt=1)
     beta: float = field(0.1, "DPO beta: how far the policy may move from the reference.", gt=0)
     seed: int = field(0, "Random seed for initialisation and data order.")
@@ -196,25 +202,52 @@ def check_disk(where: Path, needed: dict[str, int]) -> None:
                            "turn off train.merge, or point artifact_root elsewhere.")
 
 
-def plan_gpu_memory(base_params: int, lora_params: int, hidden: int, layers: int, four_bit: bool, batch: int,
-                    max_length: int) -> bool:
-    """Whether activation checkpointing is needed, from a rough estimate against free GPU memory:
+@dataclass(frozen=True)
+class MemoryPlan:
+    micro_batch: int
+    gradient_accumulation_steps: int
+    activation_checkpointing: bool
+    estimate_gib: float
+
+
+def choose_micro_batch(fixed: float, per_sample: float, per_sample_checkpointed: float, budget: float,
+                       effective_batch: int) -> MemoryPlan:
+    """The fastest plan whose estimate fits in `budget` bytes, keeping the effective batch (micro-batch
+    x accumulation): the largest micro-batch dividing it without activation checkpointing, else the
+    largest with checkpointing (recomputation costs ~30% of step time; small micro-batches cost more)."""
+    sizes = [m for m in range(effective_batch, 0, -1) if effective_batch % m == 0]
+    for checkpointing, per in ((False, per_sample), (True, per_sample_checkpointed)):
+        for m in sizes:
+            if fixed + m * per <= budget:
+                return MemoryPlan(m, effective_batch // m, checkpointing, (fixed + m * per) / 2**30)
+    raise RuntimeError(f"the model needs about {(fixed + per_sample_checkpointed) / 2**30:.1f} GiB of GPU memory even "
+                       f"at micro-batch 1 with activation checkpointing, the budget is {budget / 2**30:.1f} GiB: use "
+                       "quantization=nf4, a smaller max_length, or a bigger GPU")
+
+
+def plan_gpu_memory(base_params: int, lora_params: int, hidden: int, layers: int, four_bit: bool, tc: TrainConfig,
+                    max_length: int) -> MemoryPlan:
+    """Micro-batch, accumulation and activation checkpointing from a rough estimate against the GPU:
     weights (NF4 ~0.55 byte/param, else bf16), LoRA with AdamW (16 bytes/param) and activations
-    (~34 bytes per token per hidden unit per layer in bf16 without checkpointing, ~2 with it).
-    Refuses before training when even checkpointed it would not fit. CPU: never needed."""
+    (~34 bytes per token per hidden unit per layer in bf16 without checkpointing, ~2 with it),
+    within `train.memory_budget` of the GPU (and what is free). Refuses before training when nothing
+    fits. CPU, or `auto_micro_batch` off: the configured micro-batch, no checkpointing."""
     import torch
 
+    configured = MemoryPlan(tc.batch_size, tc.gradient_accumulation_steps, False, 0.0)
     if not torch.cuda.is_available():
-        return False
-    free, _ = torch.cuda.mem_get_info()
+        return configured
+    free, total = torch.cuda.mem_get_info()
+    budget = min(free, tc.memory_budget * total)
     fixed = base_params * (0.55 if four_bit else 2) + lora_params * 16
-    tokens = batch * max_length
-    full, checkpointed = fixed + tokens * hidden * layers * 34, fixed + tokens * hidden * layers * 2
-    if checkpointed > free:
-        raise RuntimeError(f"the model needs about {checkpointed / 2**30:.1f} GiB of GPU memory even with activation "
-                           f"checkpointing, {free / 2**30:.1f} GiB is free: use quantization=nf4, a smaller batch_size "
-                           "or max_length, or a bigger GPU")
-    return full > 0.85 * free
+    per_token = hidden * layers
+    effective = tc.batch_size * tc.gradient_accumulation_steps
+    if not tc.auto_micro_batch:  # the configured micro-batch; checkpointing only if it must
+        full = fixed + tc.batch_size * max_length * per_token * 34
+        plan = choose_micro_batch(fixed, tc.batch_size * max_length * per_token * 34,
+                                  tc.batch_size * max_length * per_token * 2, budget, 1)
+        return MemoryPlan(tc.batch_size, tc.gradient_accumulation_steps, plan.activation_checkpointing, full / 2**30)
+    return choose_micro_batch(fixed, max_length * per_token * 34, max_length * per_token * 2, budget, effective)
 
 
 CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt", "adapter_config.json",
@@ -503,9 +536,11 @@ def _train(cfg: PipelineConfig, store: ArtifactStore, staging: Staging, data_dir
                          f"{columns}")
     base_params, lora_params, hidden, layers = _shape(cfg)
     check_disk(work, disk_needed(cfg, base_params, lora_params, data.stat().st_size))
-    checkpointing = plan_gpu_memory(base_params, lora_params, hidden, layers, use_4bit(tc), tc.batch_size,
-                                    cfg.template.max_length)
-    batch, accum = tc.batch_size, tc.gradient_accumulation_steps
+    plan = plan_gpu_memory(base_params, lora_params, hidden, layers, use_4bit(tc), tc, cfg.template.max_length)
+    batch, accum, checkpointing = plan.micro_batch, plan.gradient_accumulation_steps, plan.activation_checkpointing
+    if (batch, accum) != (tc.batch_size, tc.gradient_accumulation_steps) or checkpointing:
+        log.info("memory plan: micro-batch %d x accumulation %d%s (estimate %.1f GiB)", batch, accum,
+                 ", activation checkpointing" if checkpointing else "", plan.estimate_gib)
     for attempt in range(MAX_OOM_RETRIES + 1):
         spec = work / "spec.json"
         spec.write_text(json.dumps({"cfg": cfg.model_dump(mode="json"), "work": str(work), "data": str(data),
