@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from synthtune.artifacts import ArtifactRef, ArtifactStore, Staging, key_payload, produce, stage_key
 from synthtune.fields import Section, field
 from synthtune.models import fingerprint, resolve
+from synthtune.stages import generate
 
 if TYPE_CHECKING:
     from synthtune.config import PipelineConfig
@@ -40,7 +41,9 @@ def key(cfg: PipelineConfig, upstream: dict[str, str]) -> str:
     payload = {
         "preflight": key_payload(cfg.preflight),
         "evaluate_tasks": {"tasks": cfg.evaluate.tasks, **key_payload(cfg.evaluate)},
-        "models": [fingerprint(cfg.student), fingerprint(cfg.generate.teacher), cfg.generate.teacher_kind],
+        "models": [fingerprint(cfg.student), generate.identity(cfg.generate, cfg.generate.teacher),
+                   *(generate.identity(cfg.generate, m) for m in (cfg.generate.judge,) if m),
+                   *(fingerprint(m) for m in (cfg.generate.rejected_model,) if m and cfg.generate.mode == "preference")],
         "artifact_root": cfg.artifact_root,
     }
     return stage_key(STAGE, VERSION, payload, upstream)
@@ -91,8 +94,13 @@ def checks(cfg: PipelineConfig, store: ArtifactStore) -> tuple[list[str], dict]:
     from synthtune.stages import evaluate
 
     problems = check_model(cfg.student, "student", cfg.preflight.allow_remote_code)
-    if cfg.generate.teacher_kind == "transformers":
-        problems += check_model(cfg.generate.teacher, "teacher", cfg.preflight.allow_remote_code)
+    gen = cfg.generate
+    if gen.teacher_kind == "transformers":  # local models must load; endpoints are checked by generate
+        problems += check_model(gen.teacher, "teacher", cfg.preflight.allow_remote_code)
+        if gen.judge:
+            problems += check_model(gen.judge, "judge", cfg.preflight.allow_remote_code)
+    if gen.mode == "preference" and gen.rejected_model:
+        problems += check_model(gen.rejected_model, "rejected_model", cfg.preflight.allow_remote_code)
     if not problems:
         problems += check_tokenizer(cfg.student)
     problems += evaluate.check_tasks(cfg.evaluate)
