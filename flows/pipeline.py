@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import os
 import socket
 import sys
@@ -50,6 +51,10 @@ from tasks.template import template  # noqa: E402
 from tasks.train import train  # noqa: E402
 
 TASKS = {t.name: t for t in (preflight, generate, filter, template, train, evaluate, promote)}
+# a stage's Prefect artifacts (funnel, length report, loss curve, eval table, verdict), made by the
+# flow from the stage's output: every run shows them, also when the stage came back `Cached`
+REPORTS = {name: module.report for name in TASKS
+           if hasattr(module := importlib.import_module(f"tasks.{name}"), "report")}
 GPU_STAGES = ("train", "evaluate")
 GPU_STEPS = tuple(s for s in DAG if s.stage.STAGE in GPU_STAGES)
 _first, _last = DAG.index(GPU_STEPS[0]), DAG.index(GPU_STEPS[-1])
@@ -104,13 +109,16 @@ def hold_gpu(name: str, lease_s: float = 120) -> Iterator[None]:
 
 
 def run_steps(config: PipelineConfig, steps: tuple[Step, ...], refs: dict[str, ArtifactRef], fault: str) -> None:
-    """Each step as its task, outputs added to `refs` (which holds every step's inputs)."""
-    storage = result_storage(config)
+    """Each step as its task, outputs added to `refs` (which holds every step's inputs), and its
+    report as Prefect artifacts of this flow run."""
+    storage, store = result_storage(config), ArtifactStore(config.artifact_root)
     token = FAULT.set(fault)
     try:
         for step in steps:
             task = TASKS[step.stage.STAGE].with_options(task_run_name=step.name, result_storage=storage)
             refs[step.name] = task(config, {arg: refs[src] for arg, src in step.inputs.items()})
+            if report := REPORTS.get(step.stage.STAGE):
+                report(store, refs[step.name])
     finally:
         FAULT.reset(token)
 

@@ -1,7 +1,7 @@
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from synthtune.artifacts import ArtifactRef
+from synthtune.artifacts import ArtifactRef, ArtifactStore
 from synthtune.config import PipelineConfig
 from synthtune.stages import template as stage
 from tasks._common import cache_key, inline_png, stage_context
@@ -9,11 +9,15 @@ from tasks._common import cache_key, inline_png, stage_context
 
 @task(name="template", cache_key_fn=cache_key(stage), persist_result=True, retries=1, tags=["cpu"])
 def template(cfg: PipelineConfig, upstream: dict[str, ArtifactRef]) -> ArtifactRef:
-    """Chat template, loss mask and token lengths; the length report published as artifacts."""
+    """Chat template, loss mask and token lengths."""
     with stage_context(cfg, stage.STAGE) as store:
-        ref = stage.run(cfg, store, upstream)
-        report = store.manifest(ref.stage, ref.key)["report"]
-        png = inline_png(store, ref, "lengths.png", "token lengths")
+        return stage.run(cfg, store, upstream)
+
+
+def report(store: ArtifactStore, ref: ArtifactRef) -> None:
+    """The length report: percentiles as a table, counts, warnings and the histogram as markdown."""
+    report = store.manifest(ref.stage, ref.key)["report"]
+    png = inline_png(store, ref, "lengths.png", "token lengths")
     table = [{"split": split, "part": part, **stats} for split, parts in report["lengths"].items()
              for part, stats in parts.items()]
     create_table_artifact(table, key="length-percentiles", description="Token length percentiles per split")
@@ -25,4 +29,3 @@ def template(cfg: PipelineConfig, upstream: dict[str, ArtifactRef]) -> ArtifactR
         f"Worst rows: {report['worst_rows'][:5] or 'none over the limits'}\n\n"
         f"{png}\n\nFiles: `{ref.uri}/lengths.png`, `{ref.uri}/report.json`",
         key="length-report", description="Templating and token lengths")
-    return ref

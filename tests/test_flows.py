@@ -46,6 +46,8 @@ def test_rerun_is_cached_and_one_field_reruns_only_downstream(prefect_server, de
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
+    import flows.pipeline  # noqa: F401  (importing Prefect's flow machinery sets up its logging first)
+
     root_handlers = list(logging.getLogger().handlers)
     first_id, refs = _run(demo_cfg)
     assert logging.getLogger().handlers == root_handlers  # distilabel did not take over logging here
@@ -58,6 +60,13 @@ def test_rerun_is_cached_and_one_field_reruns_only_downstream(prefect_server, de
 
     second_id, again = _run(demo_cfg)
     assert set(_task_states(second_id).values()) == {"Cached"}  # no stage body ran
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:  # ... and the run still shows every report
+        cached_run_artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[second_id])))
+    assert {"data-funnel", "length-report", "loss-curve", "eval-comparison", "promotion-verdict"} <= {
+        a.key for a in cached_run_artifacts}
     assert {k: v.key for k, v in again.items()} == {k: v.key for k, v in refs.items()}
 
     changed = demo_cfg.model_copy(update={"train": demo_cfg.train.model_copy(
