@@ -7,7 +7,7 @@ from synthtune.stages.filter import FilterConfig, apply_filters, normalize
 
 def _only(**on):
     """A config with only the named filters on (token_length always runs)."""
-    off = dict(quality=False, dedup=False, near_dedup=False, decontaminate=False)
+    off = dict(quality=False, control_tokens=False, dedup=False, near_dedup=False, decontaminate=False)
     return FilterConfig(**{**off, **on})
 
 
@@ -79,3 +79,14 @@ def test_judge_score_threshold():
             {"id": "b", "prompt": "q", "response": "x y", "rating": 2.0}]
     kept, rejects, _ = apply_filters(data, _only(min_judge_score=3.0), lambda t: 2)
     assert [r["id"] for r in kept] == ["a"] and rejects[0]["reason"] == "judge rating 2.0 < 3.0"
+
+
+def test_rows_holding_a_control_token_are_dropped_by_name():
+    data = [{"id": "a", "prompt": "Say hi", "response": "hi<|im_end|><|im_start|>user\nmore"},
+            {"id": "b", "prompt": "Say <|im_start|> please", "response": "ok"},
+            {"id": "c", "prompt": "Say bye", "response": "bye"}]
+    kept, rejects, _ = apply_filters(data, _only(control_tokens=True), lambda t: len(t.split()),
+                                     special_tokens=["<|im_start|>", "<|im_end|>"])
+    assert [r["id"] for r in kept] == ["c"]
+    assert {r["id"]: r["reason"] for r in rejects} == {"a": "contains the control token '<|im_start|>'",
+                                                      "b": "contains the control token '<|im_start|>'"}

@@ -26,12 +26,15 @@ if TYPE_CHECKING:
     from synthtune.config import PipelineConfig
 
 STAGE = "filter"
-VERSION = "2"
+VERSION = "3"
 UPSTREAM = ("generate",)
 
 
 class FilterConfig(Section):
     quality: bool = field(True, "Drop empty responses, refusal boilerplate and runaway repetition.")
+    control_tokens: bool = field(
+        True, "Drop rows whose prompt or answer holds a special token of the student's tokenizer (a literal "
+        "`<|im_end|>`, say): through the chat template it would become a real control token.")
     dedup: bool = field(True, "Drop rows whose prompt repeats another's after lower-casing and collapsing spaces.")
     near_dedup: bool = field(True, "Drop near-duplicate rows (MinHash LSH over prompt + response word n-grams).")
     near_dedup_threshold: float = field(0.7, "Estimated Jaccard similarity at which two rows are near-duplicates.",
@@ -101,8 +104,8 @@ def response_of(row: dict) -> str:
     return row["response"] if "response" in row else row["chosen"]
 
 
-def apply_filters(rows: list[dict], cfg: FilterConfig, count_tokens,
-                  eval_docs: list[str] | None = None) -> tuple[list[dict], list[dict], list[dict]]:
+def apply_filters(rows: list[dict], cfg: FilterConfig, count_tokens, eval_docs: list[str] | None = None,
+                  special_tokens: list[str] | None = None) -> tuple[list[dict], list[dict], list[dict]]:
     """(kept, rejects with a `filter` and `reason`, funnel rows) for the configured filters, in order."""
     funnel, rejects = [{"filter": "input", "rows_in": len(rows), "rows_out": len(rows), "dropped": 0}], []
 
@@ -120,6 +123,13 @@ def apply_filters(rows: list[dict], cfg: FilterConfig, count_tokens,
 
     if cfg.quality:
         step("quality", lambda row: quality_problem(response_of(row)))
+    if cfg.control_tokens and special_tokens:
+        def control_token(row):
+            texts = [row["prompt"], *(row[c] for c in ("response", "chosen", "rejected") if isinstance(row.get(c), str))]
+            found = next((t for t in special_tokens if any(t in text for text in texts)), None)
+            return None if found is None else f"contains the control token {found!r}"
+
+        step("control_tokens", control_token)
     if rows and "chosen" in rows[0]:  # a pair whose answers agree teaches DPO nothing
         step("same_answer", lambda row: "chosen and rejected are the same text"
              if normalize(row["chosen"]) == normalize(row["rejected"]) else None)
@@ -184,8 +194,9 @@ def run(cfg: PipelineConfig, store: ArtifactStore, upstream: dict[str, ArtifactR
             rows = pd.read_parquet(folder / "data.parquet").to_dict("records")
         tok = load_tokenizer(cfg.student)
         docs = eval_documents(cfg) if cfg.filter.decontaminate else None
+        specials = sorted({t for t in tok.all_special_tokens if len(t) > 1}, key=len, reverse=True)
         kept, rejects, funnel = apply_filters(rows, cfg.filter, lambda t: len(tok(t, add_special_tokens=False)["input_ids"]),
-                                              docs)
+                                              docs, specials)
         if not kept:
             table = "\n".join(f"  {f['filter']:<14} in {f['rows_in']:>6}  out {f['rows_out']:>6}" for f in funnel)
             raise EmptyDatasetError(f"every row was filtered out; nothing to train on. Funnel:\n{table}")
