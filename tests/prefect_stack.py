@@ -96,6 +96,7 @@ def prefect_stack(home: Path, artifact_root: str, extra_env: dict[str, str] | No
         "PREFECT_API_URL": stack.api_url,
         "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}",
         "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "1",
+        "PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS": "2",  # expired concurrency leases freed quickly
         "PREFECT_WORKER_QUERY_SECONDS": "1",
         "PREFECT_WORKER_HEARTBEAT_SECONDS": "5",
         "PREFECT_LOGGING_LEVEL": "INFO",

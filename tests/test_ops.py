@@ -124,6 +124,46 @@ def test_two_runs_on_one_gpu_slot_never_overlap_in_gpu_stages(stack):
     assert slot.limit == 1 and slot.active_slots == 0
 
 
+HOLD = """
+import sys, time
+sys.path.insert(0, {root!r})
+from prefect import flow
+from flows.pipeline import hold_gpu
+
+@flow
+def holder():
+    with hold_gpu("gpu:crash-test", lease_s=60):
+        print("HOLDING", flush=True)
+        time.sleep(600)
+
+holder()
+"""
+
+
+def test_a_crashed_holder_gives_the_gpu_slot_back_when_its_lease_runs_out(stack):
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", HOLD.format(root=str(ROOT))], env=stack.env, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    try:
+        while (line := proc.stdout.readline()) and "HOLDING" not in line:
+            pass
+        assert "HOLDING" in line, "the holder never got the slot"
+        with client() as c:
+            assert c.read_global_concurrency_limit_by_name("gpu:crash-test").active_slots == 1
+        proc.kill()  # SIGKILL: no chance to release
+        proc.wait()
+        killed = time.monotonic()
+        with client() as c:
+            while c.read_global_concurrency_limit_by_name("gpu:crash-test").active_slots:
+                assert time.monotonic() - killed < 150, "the slot never came back"
+                time.sleep(2)
+    finally:
+        proc.kill()
+    assert time.monotonic() - killed > 5  # freed by the lease running out, not by the holder
+
+
 def _training_children(train_key: str):
     import psutil
 
