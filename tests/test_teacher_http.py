@@ -121,7 +121,7 @@ def test_http_teacher_with_retries_and_no_secret_anywhere(demo_cfg, tmp_path, se
     monkeypatch.setenv("SYNTHTUNE_TEST_TEACHER_KEY", SECRET)
     hop = FaultyHop(f"{base}", [429, 500, "hang"])
     try:
-        cfg = _cfg(demo_cfg, tmp_path, hop.url, model)
+        cfg = _cfg(demo_cfg, tmp_path, hop.url, model, concurrency=2)  # two batches in flight
         ref = generate.run(cfg, ArtifactStore(cfg.artifact_root))
     finally:
         hop.close()

@@ -84,7 +84,11 @@ class GenerateConfig(Section):
     max_new_tokens: int = field(128, "Most tokens the teacher may write per answer.", ge=1, le=32768)
     temperature: float = field(0.0, "Sampling temperature; 0 means greedy decoding.", ge=0, le=5)
     num_generations: int = field(1, "Answers generated per seed.", ge=1, le=64)
-    batch_size: int = field(8, "Seeds sent to the teacher per batch.", ge=1, le=4096)
+    batch_size: int = field(8, "Seeds sent to the teacher per batch (an HTTP teacher gets a batch's requests "
+                            "at once).", ge=1, le=4096)
+    concurrency: int = field(1, "Batches in flight at once (distilabel replicas of the step): more load on an HTTP "
+                             "teacher; a local teacher loads one copy of the model per replica.", ge=1, le=64,
+                             affects_output=False)
     seed: int = field(0, "Random seed for sampling.")
 
     @model_validator(mode="after")
@@ -293,12 +297,12 @@ def _read_done(folder: str) -> list[dict]:
 
 
 def _pass(what: str, inputs: list[dict], folder: str, cache_dir: str, make_task, columns: list[str],
-          batch_size: int) -> list[dict]:
+          batch_size: int, replicas: int = 1) -> list[dict]:
     """One distilabel task over `inputs` (each with a unique `id`), batch by batch. Batches finished
     by an earlier attempt (in `folder`) are not redone; a batch whose step raised fails the pass
     after the rest finished. Returns rows in input order (several per input for n generations)."""
     from distilabel.pipeline import Pipeline
-    from distilabel.steps import LoadDataFromDicts
+    from distilabel.steps import LoadDataFromDicts, StepResources
 
     from synthtune.distil_steps import SaveBatches, step_failed
 
@@ -312,7 +316,7 @@ def _pass(what: str, inputs: list[dict], folder: str, cache_dir: str, make_task,
     if todo:
         with Pipeline(name=f"synthtune-{what}", cache_dir=cache_dir) as pipeline:
             load = LoadDataFromDicts(data=todo, batch_size=batch_size)
-            task = make_task()
+            task = make_task(resources=StepResources(replicas=replicas))
             save = SaveBatches(folder=folder, columns=columns, input_batch_size=batch_size)
             load >> task >> save
         with distilabel_guard():
@@ -336,9 +340,10 @@ def _answers(gen: GenerateConfig, model: str, seeds: list[dict], what: str, work
     torch.manual_seed(gen.seed)
     llm = _llm(gen, model)
     return _pass(what, seeds, f"{work}/{what}", cache_dir,
-                 lambda: TextGeneration(llm=llm, system_prompt=gen.system_prompt, num_generations=gen.num_generations,
-                                        input_batch_size=gen.batch_size, add_raw_output=False, add_raw_input=False),
-                 ["id", "instruction", "generation", "model_name"], gen.batch_size)
+                 lambda **kw: TextGeneration(llm=llm, system_prompt=gen.system_prompt, num_generations=gen.num_generations,
+                                             input_batch_size=gen.batch_size, add_raw_output=False, add_raw_input=False,
+                                             **kw),
+                 ["id", "instruction", "generation", "model_name"], gen.batch_size, gen.concurrency)
 
 
 def _ratings(gen: GenerateConfig, items: list[dict], work: str, cache_dir: str) -> dict[str, dict]:
@@ -347,9 +352,9 @@ def _ratings(gen: GenerateConfig, items: list[dict], work: str, cache_dir: str) 
 
     llm = _llm(gen, gen.judge, max_new_tokens=gen.judge_max_new_tokens)
     rows = _pass("judge", items, f"{work}/judge", cache_dir,
-                 lambda: UltraFeedback(llm=llm, aspect=gen.judge_aspect, input_batch_size=gen.batch_size,
-                                       add_raw_output=False, add_raw_input=False),
-                 ["id", "ratings", "rationales", "model_name"], gen.batch_size)
+                 lambda **kw: UltraFeedback(llm=llm, aspect=gen.judge_aspect, input_batch_size=gen.batch_size,
+                                            add_raw_output=False, add_raw_input=False, **kw),
+                 ["id", "ratings", "rationales", "model_name"], gen.batch_size, gen.concurrency)
     return {r["id"]: r for r in rows}
 
 
@@ -456,7 +461,7 @@ def _magpie(gen: GenerateConfig, work: str, cache_dir: str) -> tuple[list[dict],
     inputs = [{"id": f"magpie-{n}"} for n in range(gen.magpie_rows)]
     system = {"system_prompt": gen.system_prompt} if gen.system_prompt else {}
     out = _pass("magpie", inputs, f"{work}/magpie", cache_dir,
-                lambda: Magpie(llm=llm, n_turns=1, input_batch_size=gen.batch_size, **system),
+                lambda **kw: Magpie(llm=llm, n_turns=1, input_batch_size=gen.batch_size, **system, **kw),
                 ["id", "instruction", "response", "model_name"], gen.batch_size)
     rows, dropped = [], []
     for r in out:
