@@ -16,3 +16,16 @@ def test_parameter_schema_shows_the_whole_config():
         config["properties"])
     lora = definitions["LoraParams"]["properties"]["r"]
     assert lora["description"] == "LoRA rank." and lora["default"] == 16
+
+
+def test_every_list_field_has_a_literal_default_the_form_can_show():
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.pipeline import pipeline
+
+    definitions = parameter_schema(pipeline).model_dump_for_openapi()["definitions"]
+    lists = [(name, f, p) for name, d in definitions.items() for f, p in d.get("properties", {}).items()
+             if "array" in str(p.get("type")) + str(p.get("anyOf"))]
+    assert lists and all("default" in p for _, _, p in lists), [(n, f) for n, f, p in lists if "default" not in p]
+    params = parameter_schema(pipeline).model_dump_for_openapi()["properties"]
+    assert params["fail_stage"]["default"] == "none" and "train" in params["fail_stage"]["enum"]
