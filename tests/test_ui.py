@@ -51,6 +51,16 @@ def differences(a, b, path: str = "") -> set[str]:
     return set() if a == b else {path}
 
 
+def adapter_of(run_id) -> str:
+    """The adapter a run ended with, from its loss-curve artifact."""
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+
+    with client() as c:
+        [artifact] = c.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]), key=ArtifactFilterKey(any_=["loss-curve"])))
+    return re.search(r"Adapter: `([^`]+)`", artifact.data).group(1)
+
+
 def runs_of(deployment: str) -> set:
     with client() as c:
         dep = c.read_deployment_by_name(deployment)
@@ -74,45 +84,70 @@ def open_deployment(page, stack, name: str) -> None:
     page.get_by_role("tab", name="Runs").wait_for()
 
 
+def create_run(page, open_form, submit: str):
+    """Open a run form (`open_form()` returns its scope), submit it, and return the new run's id.
+    A Prefect server on SQLite answers 503 ("database is locked") now and then while flow runs write;
+    the UI then shows the error and a user submits again, and so does this."""
+    before = runs_of("synthtune/adhoc")
+    for attempt in range(4):
+        form = open_form()
+        with page.expect_response(lambda r: r.request.method == "POST" and r.url.endswith("/create_flow_run"),
+                                  timeout=60_000) as response:
+            form.get_by_role("button", name=submit, exact=True).click()
+        if response.value.status < 500:
+            return new_run("synthtune/adhoc", before)
+        page.wait_for_timeout(2000 * (attempt + 1))
+    raise AssertionError(f"creating the run failed {attempt + 1} times: HTTP {response.value.status}")
+
+
+def quick_run(page, stack):
+    """Deployment `adhoc` -> Run -> Quick run -> confirm the deployment's parameters; the new run's id."""
+    def open_form():
+        open_deployment(page, stack, "adhoc")
+        page.get_by_role("button", name="Run", exact=True).click()
+        page.get_by_role("menuitem", name="Quick run").click()
+        dialog = page.get_by_role("dialog", name="Run Deployment")
+        dialog.get_by_label("Student", exact=True).wait_for()
+        return dialog
+
+    return create_run(page, open_form, "Run")
+
+
 def custom_run(page, stack, fields: dict[str, str], select: dict[str, str] | None = None):
     """Deployment `adhoc` -> Run -> Custom run; fill fields by their form labels, pick enum options;
     submit; the new run's id."""
-    before = runs_of("synthtune/adhoc")
-    open_deployment(page, stack, "adhoc")
-    page.get_by_role("button", name="Run", exact=True).click()
-    page.get_by_role("menuitem", name="Custom run").click()
-    for label, value in fields.items():
-        box = page.get_by_label(label, exact=True)
-        box.fill(value)
-    for name, option in (select or {}).items():  # enum fields: a listbox button named "Select <field>"
-        page.get_by_role("button", name=f"Select {name}", exact=True).click()
-        page.get_by_role("option", name=option, exact=True).click()
-    page.get_by_role("button", name="Submit").click()
-    return new_run("synthtune/adhoc", before)
+    def open_form():
+        open_deployment(page, stack, "adhoc")
+        page.get_by_role("button", name="Run", exact=True).click()
+        page.get_by_role("menuitem", name="Custom run").click()
+        for label, value in fields.items():
+            page.get_by_label(label, exact=True).fill(value)
+        for name, option in (select or {}).items():  # enum fields: a listbox button named "Select <field>"
+            page.get_by_role("button", name=f"Select {name}", exact=True).click()
+            page.get_by_role("option", name=option, exact=True).click()
+        return page
+
+    return create_run(page, open_form, "Submit")
 
 
 def test_quick_run_and_custom_run_complete_with_their_parameters(page, stack):
     with client() as c:
         defaults = c.read_deployment_by_name("synthtune/adhoc").parameters
 
-    before = runs_of("synthtune/adhoc")
-    open_deployment(page, stack, "adhoc")
-    page.get_by_role("button", name="Run", exact=True).click()
-    page.get_by_role("menuitem", name="Quick run").click()
-    dialog = page.get_by_role("dialog", name="Run Deployment")  # the deployment's parameters, to confirm
-    dialog.get_by_role("button", name="Run", exact=True).click()
-    quick = new_run("synthtune/adhoc", before)
-
+    quick = quick_run(page, stack)
     custom = custom_run(page, stack, {"R (Optional)": "8"})
     for run_id in (quick, custom):
         run = wait_run(run_id, timeout=900)
         assert run.state.type.value == "COMPLETED", (run.state, stack.log("worker-gpu")[-3000:])
     with client() as c:
-        quick_run, custom_run_ = c.read_flow_run(quick), c.read_flow_run(custom)
-    assert quick_run.parameters == defaults
-    assert custom_run_.parameters["config"]["train"]["lora"]["r"] == 8
-    assert differences(defaults["config"], custom_run_.parameters["config"]) == {"train.lora.r"}
-    assert task_runs(custom, 8)["train"].state.name == "Completed"  # r=8 trained a new adapter
+        quick_params, custom_params = c.read_flow_run(quick).parameters, c.read_flow_run(custom).parameters
+    # the form sends every field, the deployment's values where it has them and the defaults elsewhere
+    assert differences(defaults["config"], quick_params["config"]) == set()
+    assert {k: v for k, v in quick_params.items() if k != "config"} == {"gpu_deployment": "", "gpu_slot": "",
+                                                                       "fail_stage": "none"}
+    assert custom_params["config"]["train"]["lora"]["r"] == 8
+    assert differences(defaults["config"], custom_params["config"]) == {"train.lora.r"}
+    assert adapter_of(custom) != adapter_of(quick)  # r=8 is another adapter (trained now, or cached earlier)
 
     # the run page's Artifacts tab lists the eval comparison; its page shows the table
     page.goto(f"{stack.ui_url}/v2/runs/flow-run/{quick}", wait_until="networkidle")
