@@ -166,6 +166,13 @@ def start_run(name: str, parameters: dict | None = None):
         return c.create_flow_run_from_deployment(deployment_id(name), parameters=parameters or {}).id
 
 
+def run_state(run_id) -> str:
+    """The flow run's state type now (RUNNING, COMPLETED, ...)."""
+    with client() as c:
+        run = c.read_flow_run(run_id)
+    return run.state.type.value if run.state else "NONE"
+
+
 def wait_run(run_id, timeout: float = 600, states: set[str] = FINAL):
     with client() as c:
         deadline = time.monotonic() + timeout

@@ -171,38 +171,6 @@ def _training_children(train_key: str):
             if "synthtune.stages.train" in (p.info["cmdline"] or []) and train_key in " ".join(p.info["cmdline"])]
 
 
-def test_cancelling_a_run_kills_the_training_child_and_frees_the_slot(stack):
-    from prefect.states import Cancelling
-
-    from synthtune.config import PipelineConfig
-    from synthtune.runner import plan
-
-    config = with_changes(deployed_config(stack), train={"seed": 7, "epochs": 100000})
-    key = plan(PipelineConfig.model_validate(config, context={"base_dir": ROOT}))["train"]
-    run_id = start_run("synthtune/adhoc", {"config": config})
-    deadline = time.monotonic() + 600
-    while not (children := _training_children(key)):
-        assert time.monotonic() < deadline, "training never started"
-        assert wait_run(run_id, timeout=1, states={"RUNNING", "PENDING", "SCHEDULED", "FAILED", "CRASHED", "COMPLETED",
-                                                  "CANCELLED", "CANCELLING"}).state.type.value in {
-            "RUNNING", "PENDING", "SCHEDULED"}
-        time.sleep(1)
-    time.sleep(3)  # a few steps in
-    with client() as c:
-        c.set_flow_run_state(run_id, Cancelling(), force=True)  # what the UI's Cancel button does
-    run = wait_run(run_id, timeout=180)
-    assert run.state.type.value == "CANCELLED"
-    deadline = time.monotonic() + 60
-    while any(p.is_running() and p.status() != "zombie" for p in children):
-        assert time.monotonic() < deadline, f"training child still alive: {[p.pid for p in children]}"
-        time.sleep(0.5)
-    deadline = time.monotonic() + 180  # the slot's lease is released, or runs out
-    with client() as c:
-        while c.read_global_concurrency_limit_by_name("gpu:test-worker").active_slots:
-            assert time.monotonic() < deadline, "GPU slot still held after the cancelled run"
-            time.sleep(2)
-
-
 def test_s3_artifact_root_and_a_retry_in_another_process_finds_finished_stages(stack):
     import s3fs
     from prefect.states import AwaitingRetry

@@ -13,8 +13,8 @@ import re
 import time
 
 import pytest
-from prefect_stack import ROOT, client, task_runs, wait_run
-from test_ops import DATA_STEPS, latest_attempt
+from prefect_stack import ROOT, client, run_state, start_run, task_runs, wait_run
+from test_ops import DATA_STEPS, _training_children, deployed_config, latest_attempt, with_changes
 
 pytestmark = pytest.mark.ui
 
@@ -186,3 +186,33 @@ def test_retry_in_the_ui_reruns_only_the_failed_stage_and_what_follows(page, sta
     assert latest["evaluate[base]"] == "Cached"
     page.reload(wait_until="networkidle")
     page.get_by_text("Completed", exact=True).first.wait_for()
+
+
+def test_cancel_in_the_ui_kills_the_training_child_and_frees_the_gpu_slot(page, stack):
+    from synthtune.config import PipelineConfig
+    from synthtune.runner import plan
+
+    config = with_changes(deployed_config(stack), train={"seed": 7, "epochs": 100000})
+    key = plan(PipelineConfig.model_validate(config, context={"base_dir": ROOT}))["train"]
+    run_id = start_run("synthtune/adhoc", {"config": config})
+    deadline = time.monotonic() + 600
+    while not (children := _training_children(key)):
+        assert time.monotonic() < deadline, "training never started"
+        assert run_state(run_id) in {"RUNNING", "PENDING", "SCHEDULED"}, run_state(run_id)
+        time.sleep(1)
+    page.goto(f"{stack.ui_url}/v2/runs/flow-run/{run_id}", wait_until="networkidle")
+    page.get_by_role("button", name="Open menu").first.click()
+    page.get_by_role("menuitem", name="Cancel").click()
+    page.get_by_role("alertdialog").get_by_role("button", name="Cancel Flow Run").click()
+
+    run = wait_run(run_id, timeout=180)
+    assert run.state.type.value == "CANCELLED", run.state
+    deadline = time.monotonic() + 60
+    while any(p.is_running() and p.status() != "zombie" for p in children):
+        assert time.monotonic() < deadline, f"training child still alive: {[p.pid for p in children]}"
+        time.sleep(0.5)
+    deadline = time.monotonic() + 180  # the slot was released (or its lease ran out)
+    with client() as c:
+        while c.read_global_concurrency_limit_by_name("gpu:test-worker").active_slots:
+            assert time.monotonic() < deadline, "GPU slot still held after the cancelled run"
+            time.sleep(2)
