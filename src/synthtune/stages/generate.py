@@ -232,6 +232,8 @@ def _generate(cfg: PipelineConfig, store: ArtifactStore, staging: Staging, k: st
     seeds, quarantined = ([], []) if gen.mode == "magpie" else load_seeds(gen)
     if gen.mode != "magpie" and not seeds:
         raise GenerationError(f"{gen.seeds}: no usable seed rows; quarantined: {quarantined[:5]}")
+    if gen.mode == "magpie":  # before any model loads: a template we cannot read fails here
+        gen = gen.model_copy(update={"magpie_pre_query_template": pre_query_template(gen)})
     if gen.teacher_kind == "openai":
         api_key = api_key or env_api_key(gen)
         if api_key is None and gen.api_key_secret:
@@ -256,14 +258,14 @@ def _llm(gen: GenerateConfig, model: str, magpie: bool = False, max_new_tokens: 
     if gen.teacher_kind == "openai":
         from distilabel.models.llms import OpenAILLM
 
-        key = os.environ.get(gen.api_key_env)
-        return OpenAILLM(model=model, base_url=gen.base_url, api_key=key or "not-needed", max_retries=gen.max_retries,
+        key = env_api_key(gen) or SecretStr("not-needed")
+        return OpenAILLM(model=model, base_url=gen.base_url, api_key=key, max_retries=gen.max_retries,
                          timeout=int(gen.timeout_s), generation_kwargs=generation_kwargs(gen))
     from distilabel.models.llms import TransformersLLM
 
     extra = {}
-    if magpie:
-        extra = {"use_magpie_template": True, "magpie_pre_query_template": pre_query_template(gen)}
+    if magpie:  # _generate has resolved the template
+        extra = {"use_magpie_template": True, "magpie_pre_query_template": gen.magpie_pre_query_template}
     return TransformersLLM(model=resolve(model), device="cuda" if torch.cuda.is_available() else None,
                            torch_dtype="auto", generation_kwargs=generation_kwargs(gen), **extra)
 
@@ -382,7 +384,8 @@ def _run_distilabel(gen: GenerateConfig, seeds: list[dict], k: str, work: str, c
     for seed_id, cands in candidates.items():
         for c in cands:
             if c["text"] is None:
-                dropped.append({"id": seed_id, "reason": f"{c['model']} returned no text (generation {c['index']})"})
+                dropped.append({"id": seed_id, "reason": f"{c['model']} returned no text (generation {c['index']})",
+                                "empty": True})
         cands[:] = [c for c in cands if c["text"] is not None]
     prompts = {s["id"]: s["instruction"] for s in seeds}
     if gen.mode == "sft":
@@ -468,7 +471,7 @@ def _magpie(gen: GenerateConfig, work: str, cache_dir: str) -> tuple[list[dict],
         instruction, response = _text(r["instruction"]), _text(r["response"])
         if instruction is None or response is None:
             missing = "instruction" if instruction is None else "response"
-            dropped.append({"id": r["id"], "reason": f"{gen.teacher} wrote no {missing}"})
+            dropped.append({"id": r["id"], "reason": f"{gen.teacher} wrote no {missing}", "empty": True})
             continue
         rows.append({"id": r["id"], "prompt": instruction, "response": response, "teacher": gen.teacher,
                      "generation_index": 0})
@@ -485,7 +488,7 @@ def _write(gen: GenerateConfig, staging: Staging, rows: list[dict], asked: int, 
     pd.DataFrame(rows).to_parquet(staging.path / "data.parquet", index=False)
     pd.DataFrame(quarantined, columns=["id", "file", "line", "reason"]).astype(str).to_parquet(
         staging.path / "quarantine.parquet", index=False)
-    empty = sum("no text" in str(q.get("reason")) or "wrote no" in str(q.get("reason")) for q in quarantined)
+    empty = sum(bool(q.get("empty")) for q in quarantined)
     staging.rows.update(seeds=asked, generated=len(rows), quarantined=len(quarantined), empty=empty)
 
 
