@@ -108,10 +108,11 @@ def hold_gpu(name: str, lease_s: float = 120) -> Iterator[None]:
         yield
 
 
-def run_steps(config: PipelineConfig, steps: tuple[Step, ...], refs: dict[str, ArtifactRef], fault: str) -> None:
-    """Each step as its task, outputs added to `refs` (which holds every step's inputs), and its
-    report as Prefect artifacts of this flow run."""
-    storage, store = result_storage(config), ArtifactStore(config.artifact_root)
+def run_steps(config: PipelineConfig, steps: tuple[Step, ...], refs: dict[str, ArtifactRef], fault: str,
+              storage) -> None:
+    """Each step as its task (results persisted to `storage`), outputs added to `refs` (which holds
+    every step's inputs), and its report as Prefect artifacts of this flow run."""
+    store = ArtifactStore(config.artifact_root)
     token = FAULT.set(fault)
     try:
         for step in steps:
@@ -137,15 +138,15 @@ def pipeline(config: PipelineConfig, gpu_deployment: GpuDeployment = "", gpu_slo
     promotion-verdict artifact) when the adapter failed the gate and `latest` was left alone."""
     create_markdown_artifact(f"```yaml\n{to_yaml(config)}```", key="resolved-config",
                              description=f"Resolved config of pipeline '{config.name}'")
-    fault = this_attempts_fault(fail_stage)
+    fault, storage = this_attempts_fault(fail_stage), result_storage(config)
     refs: dict[str, ArtifactRef] = {}
-    run_steps(config, BEFORE_GPU, refs, fault)
+    run_steps(config, BEFORE_GPU, refs, fault, storage)
     if gpu_deployment:
         refs.update(_gpu_stages_elsewhere(config, gpu_deployment, gpu_slot, refs, fault))
     else:
         with hold_gpu(slot_name(gpu_slot)):
-            run_steps(config, GPU_STEPS, refs, fault)
-    run_steps(config, AFTER_GPU, refs, fault)
+            run_steps(config, GPU_STEPS, refs, fault, storage)
+    run_steps(config, AFTER_GPU, refs, fault, storage)
     verdict = refs["promote"].summary
     if not verdict["promoted"]:  # a finished run whose adapter failed the gate: say so in the run's state
         return Completed(name="NotPromoted", message="; ".join(verdict["reasons"]), data=refs)
@@ -158,7 +159,7 @@ def gpu_stages(config: PipelineConfig, upstream: dict[str, ArtifactRef], gpu_slo
     """train and evaluate (base, tuned) on a GPU worker, for a `pipeline` run in split mode."""
     refs = dict(upstream)
     with hold_gpu(slot_name(gpu_slot)):
-        run_steps(config, GPU_STEPS, refs, fail_stage)
+        run_steps(config, GPU_STEPS, refs, fail_stage, result_storage(config))
     return {s.name: refs[s.name] for s in GPU_STEPS}
 
 
