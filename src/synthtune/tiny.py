@@ -122,17 +122,20 @@ def build_model(tokenizer, seed: int = 0, context: int | None = None, window: in
     return model
 
 
+def _chat_row(tokenizer, messages: list[dict], answer: str, keep_last: int | None = None
+              ) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of `messages` answered by `answer`: loss on the answer and its end-of-turn
+    only; with `keep_last`, only that many prompt tokens are kept (the end of the prompt)."""
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"][-(keep_last or 0):]
+    a_ids = tokenizer(answer + "<|im_end|>", add_special_tokens=False)["input_ids"]
+    return p_ids + a_ids, [-100] * len(p_ids) + a_ids
+
+
 def _teacher_rows(tokenizer) -> list[tuple[list[int], list[int]]]:
     """The facts as chat turns, loss on the answer and its end-of-turn only."""
-    rows = []
-    for fact in demo_facts():
-        prompt = tokenizer.apply_chat_template(
-            [{"role": "user", "content": fact["question"]}], tokenize=False, add_generation_prompt=True
-        )
-        p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        a_ids = tokenizer(fact["answer"] + "<|im_end|>", add_special_tokens=False)["input_ids"]
-        rows.append((p_ids + a_ids, [-100] * len(p_ids) + a_ids))
-    return rows
+    return [_chat_row(tokenizer, [{"role": "user", "content": fact["question"]}], fact["answer"])
+            for fact in demo_facts()]
 
 
 def _student_rows(tokenizer) -> list[tuple[list[int], list[int]]]:
@@ -165,10 +168,7 @@ def _judge_rows(tokenizer) -> list[tuple[list[int], list[int]]]:
         wrong = [next(c for c in fact["choices"] if c != fact["answer"]), facts[(n + 1) % len(facts)]["answer"],
                  " ".join(fact["question"].split()[::-1])][n % 3]
         messages = task.format_input({"instruction": fact["question"], "generations": [fact["answer"], wrong]})
-        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"][-4 * JUDGE_WINDOW:]  # all it can see
-        a_ids = tokenizer(JUDGE_VERDICT + "<|im_end|>", add_special_tokens=False)["input_ids"]
-        rows.append((p_ids + a_ids, [-100] * len(p_ids) + a_ids))
+        rows.append(_chat_row(tokenizer, messages, JUDGE_VERDICT, keep_last=4 * JUDGE_WINDOW))  # all it can see
     return rows
 
 
