@@ -240,14 +240,13 @@ def plan_gpu_memory(base_params: int, lora_params: int, hidden: int, layers: int
     free, total = torch.cuda.mem_get_info()
     budget = min(free, tc.memory_budget * total)
     fixed = base_params * (0.55 if four_bit else 2) + lora_params * 16
-    per_token = hidden * layers
-    effective = tc.batch_size * tc.gradient_accumulation_steps
-    if not tc.auto_micro_batch:  # the configured micro-batch; checkpointing only if it must
-        full = fixed + tc.batch_size * max_length * per_token * 34
-        plan = choose_micro_batch(fixed, tc.batch_size * max_length * per_token * 34,
-                                  tc.batch_size * max_length * per_token * 2, budget, 1)
-        return MemoryPlan(tc.batch_size, tc.gradient_accumulation_steps, plan.activation_checkpointing, full / 2**30)
-    return choose_micro_batch(fixed, max_length * per_token * 34, max_length * per_token * 2, budget, effective)
+    per_sample, per_sample_checkpointed = max_length * hidden * layers * 34, max_length * hidden * layers * 2
+    if tc.auto_micro_batch:
+        return choose_micro_batch(fixed, per_sample, per_sample_checkpointed, budget,
+                                  tc.batch_size * tc.gradient_accumulation_steps)
+    # the configured micro-batch taken whole: checkpointing only if it must
+    whole = choose_micro_batch(fixed, tc.batch_size * per_sample, tc.batch_size * per_sample_checkpointed, budget, 1)
+    return MemoryPlan(tc.batch_size, tc.gradient_accumulation_steps, whole.activation_checkpointing, whole.estimate_gib)
 
 
 CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt", "adapter_config.json",
