@@ -46,6 +46,13 @@ CHATML_MARKED = CHATML.replace(
     "{% endgeneration %}{{- '<|im_end|>\\n' }}{%- else %}"
     "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}{%- endif %}",
 )
+# Llama 3 with markers around the reply *and* its end-of-turn (the assistant-only-loss form of Llama 3.2)
+LLAMA3_MARKED_EOT = LLAMA3.replace(
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}",
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}{%- if message['role'] == 'assistant' %}"
+    "{% generation %}{{- message['content'] | trim + '<|eot_id|>' }}{% endgeneration %}"
+    "{%- else %}{{- message['content'] | trim + '<|eot_id|>' }}{%- endif %}",
+)
 
 
 @dataclass(frozen=True)

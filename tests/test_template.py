@@ -10,7 +10,7 @@ import pytest
 from synthtune.artifacts import ArtifactStore, produce
 from synthtune.chat import ChatEncoder, RowError, TemplateError, to_messages
 from synthtune.stages import template
-from tests.chat_families import CHATML_MARKED, FAMILIES, Family, make_tokenizer
+from tests.chat_families import CHATML_MARKED, FAMILIES, LLAMA3_MARKED_EOT, Family, make_tokenizer
 
 CONVERSATION = [
     {"role": "system", "content": "Answer briefly."},
@@ -61,6 +61,18 @@ def test_generation_markers_are_used_and_the_end_of_turn_still_trained():
     assert enc.has_generation_markers
     ids, mask = enc.encode(CONVERSATION, "marked")
     assert trained_runs(tok, ids, mask) == [r + "<|im_end|>" for r in REPLIES]
+
+
+def test_markers_that_already_end_in_the_end_of_turn_are_not_widened():
+    # Regression: the span ends in <|eot_id|>; widening it trained the next turn's <|start_header_id|>
+    family = FAMILIES[1]
+    assert LLAMA3_MARKED_EOT != family.template
+    tok = make_tokenizer(Family("llama3-marked-eot", LLAMA3_MARKED_EOT, family.specials, family.eot, bos=family.bos,
+                                eos=family.eos))
+    enc = ChatEncoder(tok)
+    assert enc.has_generation_markers
+    ids, mask = enc.encode(CONVERSATION, "marked-eot")
+    assert trained_runs(tok, ids, mask) == [r + "<|eot_id|>" for r in REPLIES]
 
 
 def test_strict_alternation_error_names_the_row():

@@ -217,7 +217,9 @@ class ChatEncoder:
             raise TemplateError(f"row {row_id}: the template's {{% generation %}} markers cover no token")
         marked = list(mask)
         for t in range(1, len(ids)):
-            if marked[t - 1] and not marked[t] and ids[t] in self.special_ids:
+            # widen only a span that stops at content: one that already ends in its end-of-turn (Llama 3.2's
+            # `{% generation %}` around content + '<|eot_id|>') is followed by the next turn's header
+            if marked[t - 1] and not marked[t] and ids[t] in self.special_ids and ids[t - 1] not in self.special_ids:
                 mask[t] = 1
         return ids, mask
 
