@@ -38,8 +38,9 @@ def timed(cmd: list[str]) -> float:
 def main() -> None:
     os.environ.update(ENV)
     from synthtune.config import load_config
+    from synthtune.eval_tasks import portable_task_dir
     from synthtune.runner import plan, run_all
-    from synthtune.stages.evaluate import cli_command, lm_eval_args, portable_task_dir
+    from synthtune.stages.evaluate import cli_command, lm_eval_args
 
     with tempfile.TemporaryDirectory(prefix="synthtune-bench-eval-") as tmp:
         override = f"artifact_root={tmp}/artifacts"
@@ -49,7 +50,7 @@ def main() -> None:
         stage_cmd = [str(BIN / "synthtune"), "evaluate", str(ROOT / "configs" / "demo.yaml"), override]
 
         ours = timed(stage_cmd)
-        include = portable_task_dir(cfg.evaluate, Path(tmp) / "tasks")
+        include = portable_task_dir(cfg.evaluate.task_dir, Path(tmp) / "tasks")
         cli = 0.0
         for adapter in (None, Path(refs["train"].uri) / "adapter"):
             cmd = cli_command(lm_eval_args(cfg, adapter, include), str(include), f"{tmp}/cli-{adapter is None}")

@@ -6,14 +6,16 @@ Run as: .venv/bin/python bench/train.py                  (CPU: the tiny shape)
 Both sides train LoRA r=16 (NF4 QLoRA when CUDA is present) on the same random-weight model of the
 given shape and the same pre-tokenized rows (random ids, lengths 64..max_length, loss on the second
 half). "TRL defaults" is `SFTConfig` left at its defaults but for what CPU needs (no bf16) and the
-same micro-batch; "synthtune" is what the train stage builds (`_trainer_args`: packing with
-FlashAttention when available, liger kernels when installed). Printed per shape: tokens/s (real,
+same micro-batch; "synthtune" is what the train stage builds from the runtime it resolves
+(`resolve_runtime` and `_train_child.trainer_args`: packing with FlashAttention when available,
+liger kernels when installed). Printed per shape: tokens/s (real,
 non-pad tokens), peak memory and the ratio; MFU counts 4 FLOPs per parameter per token.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import tempfile
 import threading
@@ -97,8 +99,9 @@ class PeakMemory:
             self.thread.join()
 
 
-def train_once(cfg, args, rows) -> tuple[float, float, int]:
-    """(tokens/s, peak GiB, parameters) for one trainer over `rows`."""
+def train_once(cfg, runtime, args, rows) -> tuple[float, float, int]:
+    """(tokens/s, peak GiB, parameters) for one trainer over `rows`: the stage's own model loading
+    (`load_student` with the resolved runtime, the CPU 4-bit fix) and TRL's SFTTrainer."""
     import torch
     from datasets import Dataset
     from peft import get_peft_model
@@ -106,15 +109,12 @@ def train_once(cfg, args, rows) -> tuple[float, float, int]:
     from trl import SFTTrainer
 
     from synthtune.models import resolve
-    from synthtune.stages.train import fix_cpu_4bit, load_student, lora_config, use_4bit
+    from synthtune.stages.train import fix_cpu_4bit, load_student, lora_config
 
     tok = AutoTokenizer.from_pretrained(resolve(cfg.student))
     with PeakMemory() as mem:
-        four_bit = use_4bit(cfg.train)
-        attn = "flash_attention_2" if getattr(args, "packing", False) and getattr(args, "padding_free", True) and \
-            torch.cuda.is_available() and _has("flash_attn") else None
-        model = get_peft_model(load_student(cfg.student, four_bit, attn), lora_config(cfg.train))
-        if four_bit and not torch.cuda.is_available():
+        model = get_peft_model(load_student(cfg.student, runtime), lora_config(cfg.train))
+        if runtime.four_bit and runtime.device == "cpu":
             fix_cpu_4bit(model)
         n_params = sum(p.numel() for p in model.parameters())
         trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
@@ -126,12 +126,6 @@ def train_once(cfg, args, rows) -> tuple[float, float, int]:
         torch.cuda.empty_cache()
     tokens = sum(len(r["input_ids"]) for r in rows)  # one epoch over every row
     return tokens / seconds, mem.peak / 2**30, n_params
-
-
-def _has(module: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(module) is not None
 
 
 def main() -> None:
@@ -146,7 +140,8 @@ def main() -> None:
     from trl import SFTConfig
 
     from synthtune.config import load_config
-    from synthtune.stages.train import PEAK_FLOPS, _trainer_args
+    from synthtune.stages._train_child import trainer_args
+    from synthtune.stages.train import PEAK_FLOPS, resolve_runtime
 
     cuda = torch.cuda.is_available()
     device = torch.cuda.get_device_name() if cuda else "cpu"
@@ -163,12 +158,15 @@ def main() -> None:
             common = dict(output_dir=f"{tmp}/out", per_device_train_batch_size=args.batch, num_train_epochs=1,
                           report_to="none", save_strategy="no", max_length=args.max_length, disable_tqdm=True)
             trl_args = SFTConfig(**common, **({} if cuda else {"bf16": False, "use_cpu": True}))
-            ours = _trainer_args(cfg, f"{tmp}/out2", args.batch, 1, packing=cuda and _has("flash_attn"),
-                                 liger=cuda and _has("liger_kernel"))
+            # the runtime the stage resolves here (packing with FlashAttention, liger when installed)
+            ours_runtime = resolve_runtime(cfg.train)
+            ours = trainer_args(cfg, f"{tmp}/out2", args.batch, 1, ours_runtime)
             ours.save_strategy, ours.num_train_epochs, ours.max_steps = "no", 1, -1
+            # TRL defaults: the same quantization, no packing, liger or special attention kernel
+            plain = dataclasses.replace(ours_runtime, packing=False, liger=False, attn_implementation=None)
             results = {}
-            for name, targs in (("TRL defaults", trl_args), ("synthtune", ours)):
-                tps, mem, n_params = train_once(cfg, targs, rows)
+            for name, runtime, targs in (("TRL defaults", plain, trl_args), ("synthtune", ours_runtime, ours)):
+                tps, mem, n_params = train_once(cfg, runtime, targs, rows)
                 mfu = tps * 4 * n_params / peak if peak else None
                 results[name] = tps
                 print(f"{shape:<6}{name:<18}{tps:>11.0f}{mem:>10.2f}{(f'{mfu:.1%}' if mfu else '-'):>8}")

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib
 import os
 import socket
 import sys
@@ -44,17 +43,20 @@ from synthtune.runner import DAG, Step, plan  # noqa: E402
 from tasks._common import FAULT  # noqa: E402
 from tasks.evaluate import evaluate  # noqa: E402
 from tasks.filter import filter  # noqa: E402
+from tasks.filter import report as filter_report  # noqa: E402
 from tasks.generate import generate  # noqa: E402
 from tasks.preflight import preflight  # noqa: E402
 from tasks.promote import promote  # noqa: E402
+from tasks.promote import report as promote_report  # noqa: E402
+from tasks.template import report as template_report  # noqa: E402
 from tasks.template import template  # noqa: E402
+from tasks.train import report as train_report  # noqa: E402
 from tasks.train import train  # noqa: E402
 
 TASKS = {t.name: t for t in (preflight, generate, filter, template, train, evaluate, promote)}
 # a stage's Prefect artifacts (funnel, length report, loss curve, eval table, verdict), made by the
 # flow from the stage's output: every run shows them, also when the stage came back `Cached`
-REPORTS = {name: module.report for name in TASKS
-           if hasattr(module := importlib.import_module(f"tasks.{name}"), "report")}
+REPORTS = {"filter": filter_report, "template": template_report, "train": train_report, "promote": promote_report}
 GPU_STAGES = ("train", "evaluate")
 GPU_STEPS = tuple(s for s in DAG if s.stage.STAGE in GPU_STAGES)
 _first, _last = DAG.index(GPU_STEPS[0]), DAG.index(GPU_STEPS[-1])

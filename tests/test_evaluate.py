@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from synthtune.stages.evaluate import check_tasks, cli_command, lm_eval_args, portable_task_dir
+from synthtune.eval_tasks import check_tasks, portable_task_dir
+from synthtune.stages.evaluate import cli_command, lm_eval_args
 
 
 def test_broken_task_yaml_fails_with_file_and_reason(demo_cfg, tmp_path):
@@ -20,7 +21,7 @@ def test_broken_task_yaml_fails_with_file_and_reason(demo_cfg, tmp_path):
     shutil.copytree(demo_cfg.evaluate.task_dir, tasks)
     (tasks / "broken.yaml").write_text("task: broken\ndoc_to_text: [unclosed\n")
     (tasks / "nameless.yaml").write_text("dataset_path: json\n")
-    problems = check_tasks(demo_cfg.evaluate.model_copy(update={"task_dir": tasks}))
+    problems = check_tasks(demo_cfg.evaluate.tasks, tasks)
     assert any(p.startswith(f"{tasks / 'broken.yaml'}: not valid YAML") for p in problems), problems
     assert any(p.startswith(f"{tasks / 'nameless.yaml'}: no `task:`") for p in problems), problems
 
@@ -30,7 +31,7 @@ def test_missing_task_data_file_is_named(demo_cfg, tmp_path):
     tasks.mkdir()
     (tasks / "t.yaml").write_text("task: demo_facts\ndataset_path: json\noutput_type: multiple_choice\n"
                                   "doc_to_text: q\ndataset_kwargs:\n  data_files:\n    test: nowhere.jsonl\n")
-    problems = check_tasks(demo_cfg.evaluate.model_copy(update={"task_dir": tasks}))
+    problems = check_tasks(demo_cfg.evaluate.tasks, tasks)
     assert problems == [f"evaluate task 'demo_facts' ({tasks / 't.yaml'}): data file not found: {tasks / 'nowhere.jsonl'}"]
 
 
@@ -42,7 +43,7 @@ def test_base_and_tuned_flags_differ_only_by_the_adapter(demo_cfg, tmp_path):
 
 
 def test_portable_task_dir_makes_data_files_absolute(demo_cfg, tmp_path):
-    out = portable_task_dir(demo_cfg.evaluate, tmp_path / "copy")
+    out = portable_task_dir(demo_cfg.evaluate.task_dir, tmp_path / "copy")
     text = (out / "demo_facts.yaml").read_text()
     data = Path(__file__).resolve().parents[1] / "src" / "synthtune" / "data" / "demo_facts.jsonl"
     assert str(data) in text and "../../src" not in text
@@ -57,7 +58,7 @@ def test_parity_with_the_lm_eval_cli(demo_run, tmp_path, model):
     ref = refs[model]
     ours = json.loads(open(f"{ref.uri}/results.json").read())["results"]
     adapter = Path(refs["train"].uri) / "adapter" if model.endswith("[tuned]") else None
-    include = portable_task_dir(cfg.evaluate, tmp_path / "tasks")
+    include = portable_task_dir(cfg.evaluate.task_dir, tmp_path / "tasks")
     cmd = cli_command(lm_eval_args(cfg, adapter, include), str(include), str(tmp_path / "out"))
     cmd[0] = str(Path(sys.executable).parent / "lm_eval")
     subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
@@ -66,8 +67,8 @@ def test_parity_with_the_lm_eval_cli(demo_run, tmp_path, model):
     assert theirs["results"]["demo_facts"]["acc,none"] == ref.summary["scores"]["demo_facts"]["acc"]
 
 
-def _in_domain(cfg, holdout=4):
-    return cfg.model_copy(update={"filter": cfg.filter.model_copy(update={"holdout": holdout}),
+def _in_domain(cfg, fraction=0.2):
+    return cfg.model_copy(update={"filter": cfg.filter.model_copy(update={"holdout_fraction": fraction}),
                                   "evaluate": cfg.evaluate.model_copy(update={"in_domain": True})})
 
 
@@ -86,9 +87,9 @@ def test_in_domain_needs_a_holdout():
     from synthtune.config import ConfigError, load_config
     from tests.conftest import DEMO
 
-    with pytest.raises(ConfigError, match="set filter.holdout > 0"):
+    with pytest.raises(ConfigError, match="set filter.holdout_fraction > 0"):
         load_config(DEMO, ["evaluate.in_domain=true"])
-    cfg = load_config(DEMO, ["evaluate.in_domain=true", "filter.holdout=4", "promote.guard_tasks=[in_domain]"])
+    cfg = load_config(DEMO, ["evaluate.in_domain=true", "filter.holdout_fraction=0.1", "promote.guard_tasks=[in_domain]"])
     assert cfg.promote.guard_tasks == ["in_domain"]
 
 
@@ -103,7 +104,8 @@ def test_in_domain_task_from_held_out_rows(demo_run):
     on = _in_domain(cfg)
     store = ArtifactStore(cfg.artifact_root)
     filtered = filter.run(on, store, {"generate": refs["generate"]})
-    assert filtered.summary["rows"]["heldout"] == 4 and filtered.summary["rows"]["kept"] == 28
+    # the seeds whose id hashes under 0.2 (f05, f15, f20, f29, f31), whatever else is in the data
+    assert filtered.summary["rows"]["heldout"] == 5 and filtered.summary["rows"]["kept"] == 27
     held = pd.read_parquet(f"{filtered.uri}/heldout.parquet")
     train_ids = set(pd.read_parquet(f"{filtered.uri}/data.parquet")["id"])
     assert not set(held["id"]) & train_ids  # never trained on

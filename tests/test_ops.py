@@ -168,7 +168,7 @@ def _training_children(train_key: str):
     import psutil
 
     return [p for p in psutil.process_iter(["cmdline"])
-            if "synthtune.stages.train" in (p.info["cmdline"] or []) and train_key in " ".join(p.info["cmdline"])]
+            if "synthtune.stages._train_child" in (p.info["cmdline"] or []) and train_key in " ".join(p.info["cmdline"])]
 
 
 def test_s3_artifact_root_and_a_retry_in_another_process_finds_finished_stages(stack):

@@ -67,12 +67,12 @@ def test_oom_plan_keeps_the_effective_batch():
 
 def test_multi_gpu_launch_commands(tmp_path):
     spec = tmp_path / "spec.json"
-    assert launch_command(spec, 1, True) == [sys.executable, "-m", "synthtune.stages.train", str(spec)]
+    assert launch_command(spec, 1, True) == [sys.executable, "-m", "synthtune.stages._train_child", str(spec)]
     ddp = launch_command(spec, 4, False)
     assert ddp[1:5] == ["-m", "accelerate.commands.launch", "--num_processes", "4"] and "--multi_gpu" in ddp
     fsdp = launch_command(spec, 8, True)
     assert "--use_fsdp" in fsdp and fsdp[fsdp.index("--fsdp_sharding_strategy") + 1] == "FULL_SHARD"
-    assert fsdp[-3:] == ["-m", "synthtune.stages.train", str(spec)]
+    assert fsdp[-3:] == ["-m", "synthtune.stages._train_child", str(spec)]
 
 
 def test_peft_must_find_the_target_modules(demo_cfg):
@@ -178,7 +178,7 @@ def test_sigkill_mid_run_then_retry_resumes_from_the_checkpoint(demo_run, tmp_pa
         time.sleep(0.2)
     killed_at = latest_valid_checkpoint(work / "checkpoints")
     assert killed_at is not None, "no checkpoint appeared"
-    children = subprocess.run(["pgrep", "-f", f"synthtune.stages.train {work}"], capture_output=True, text=True)
+    children = subprocess.run(["pgrep", "-f", f"synthtune.stages._train_child {work}"], capture_output=True, text=True)
     os.killpg(parent.pid, signal.SIGKILL)  # the stage process dies hard; its training child must follow
     parent.wait()
     time.sleep(1.0)

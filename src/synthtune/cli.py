@@ -53,10 +53,10 @@ def _load(config: Path | None, overrides: list[str] | None):
 @app.command()
 def validate(config: Annotated[Path, typer.Argument(help="Pipeline YAML.")], overrides: Overrides = None) -> None:
     """Check every field, range and referenced file (seeds, task YAMLs and their data). Exit 2 on error."""
-    from synthtune.stages.evaluate import check_tasks
+    from synthtune.eval_tasks import check_tasks
 
     cfg = _load(config, overrides)
-    problems = check_tasks(cfg.evaluate)
+    problems = check_tasks(cfg.evaluate.tasks, cfg.evaluate.task_dir)
     if problems:
         err.print(f"[red]{config}: {len(problems)} problem(s)[/red]")
         for p in problems:
@@ -107,7 +107,12 @@ def print_summary(cfg, refs: dict, seconds: float) -> None:
         s = ref.summary
         rows = ", ".join(f"{k} {v}" for k, v in s.get("rows", {}).items())
         result = ""
-        if name == "train":
+        if name == "generate":
+            r = s.get("rows", {})
+            rows = (f"seeds {r.get('seeds')}, rows {r.get('output')} (new {r.get('new')}), quarantined "
+                    f"{r.get('quarantined')}")
+            result = f"answers: {r.get('reused')} reused, {r.get('generated')} generated"
+        elif name == "train":
             result = (f"loss {_fmt(s.get('first_loss'))} -> {_fmt(s.get('last_loss'))} in {s.get('steps')} steps "
                       f"({s.get('quantization')}, {s.get('tokens_per_s')} tok/s)")
         elif name.startswith("evaluate"):

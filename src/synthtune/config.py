@@ -58,8 +58,8 @@ class PipelineConfig(Section):
         unknown_guards = [g for g in self.promote.guard_tasks if g not in tasks]
         if unknown_guards:
             raise ValueError(f"promote.guard_tasks {unknown_guards} are not in evaluate.tasks {tasks}")
-        if self.evaluate.in_domain and self.filter.holdout == 0:
-            raise ValueError("evaluate.in_domain needs held-out rows: set filter.holdout > 0")
+        if self.evaluate.in_domain and self.filter.holdout_fraction == 0:
+            raise ValueError("evaluate.in_domain needs held-out rows: set filter.holdout_fraction > 0")
         return self
 
 

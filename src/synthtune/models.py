@@ -47,6 +47,12 @@ def fingerprint(spec: str) -> str:
     return "hub:" + spec
 
 
+def identity(spec: str, kind: str = "transformers", base_url: str | None = None) -> str:
+    """What a model is, for a cache key: a local or Hub model's contents, or the endpoint and the
+    model name an OpenAI-compatible server knows."""
+    return fingerprint(spec) if kind == "transformers" else f"openai:{base_url}:{spec}"
+
+
 def resolve(spec: str) -> str:
     """What `from_pretrained` takes for a model spec (builds `tiny:*` models on first use)."""
     return tiny.resolve_model(spec)
@@ -56,3 +62,12 @@ def load_tokenizer(spec: str):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(resolve(spec))
+
+
+def token_lengths(tokenizer, texts: list[str]) -> list[int]:
+    """Token count of each text (no special tokens), in one batch through the fast tokenizer's backend
+    when there is one (no Python lists of ids built: ~2x faster on a million rows)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and hasattr(backend, "encode_batch_fast"):
+        return [len(e) for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
+    return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]

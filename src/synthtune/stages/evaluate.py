@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import yaml
-
 from synthtune.artifacts import ArtifactRef, ArtifactStore, Staging, key_payload, produce, sha256_file, stage_key
+from synthtune.eval_tasks import data_files, local_tasks, portable_task_dir
 from synthtune.fields import InputDir, Section, field
 from synthtune.models import fingerprint, resolve
 
@@ -61,94 +59,11 @@ class EvaluateConfig(Section):
     fewshot_as_multiturn: bool = field(True, "With a chat template, give few-shot examples as earlier turns.")
     system_instruction: str | None = field(None, "System instruction put in front of every prompt (base and tuned).")
     in_domain: bool = field(
-        False, f"Also run `{IN_DOMAIN}`, built from the rows the filter held out (filter.holdout): the teacher's reply "
+        False, f"Also run `{IN_DOMAIN}`, built from the rows the filter held out (filter.holdout_fraction): the teacher's reply "
         "scored by log-likelihood (acc: the student's greedy reply is the teacher's; perplexity).")
     batch_size: int = field(16, "lm-eval batch size.", ge=1)
     limit: int | None = field(None, "Evaluate only the first N items of each task (None: all).", ge=1)
     seed: int = field(1234, "Seed passed to lm-eval (python, numpy, torch and few-shot sampling).")
-
-
-class _TaskYamlLoader(yaml.SafeLoader):
-    """Reads lm-eval task YAMLs without running their `!function` tags."""
-
-
-_TaskYamlLoader.add_multi_constructor("!", lambda loader, suffix, node: f"!{suffix}")
-
-
-def scan_task_dir(task_dir: Path | None) -> tuple[dict[str, tuple[Path, dict]], list[str]]:
-    """(task name -> (YAML file, parsed YAML), problems) for the task YAMLs under task_dir.
-    lm-eval skips a broken YAML silently; here it is a problem naming the file and the reason."""
-    found: dict[str, tuple[Path, dict]] = {}
-    problems: list[str] = []
-    for path in sorted(task_dir.rglob("*.yaml")) if task_dir else []:
-        try:
-            doc = yaml.load(path.read_text(), Loader=_TaskYamlLoader)
-        except yaml.YAMLError as e:
-            problems.append(f"{path}: not valid YAML ({str(e).splitlines()[0]}); lm-eval would skip it silently")
-            continue
-        if not isinstance(doc, dict):
-            problems.append(f"{path}: expected a mapping of task settings")
-        elif isinstance(doc.get("task"), str):
-            found[doc["task"]] = (path, doc)
-            missing = [k for k in ("dataset_path", "output_type", "doc_to_text") if k not in doc and "include" not in doc]
-            if missing:
-                problems.append(f"{path}: task '{doc['task']}' lacks {', '.join(missing)}")
-        elif "group" not in doc and "include" not in doc:
-            problems.append(f"{path}: no `task:` (or `group:`) key; lm-eval would skip it silently")
-    return found, problems
-
-
-def local_tasks(task_dir: Path | None) -> dict[str, tuple[Path, dict]]:
-    """Task name -> (YAML file, parsed YAML) for every valid task YAML under task_dir."""
-    return scan_task_dir(task_dir)[0]
-
-
-def _absolute(folder: Path, files):
-    """`data_files` (a path, a list, or a split -> path(s) mapping) with each path made absolute."""
-    if isinstance(files, dict):
-        return {split: _absolute(folder, v) for split, v in files.items()}
-    if isinstance(files, list):
-        return [_absolute(folder, v) for v in files]
-    p = Path(files)
-    return str(p if p.is_absolute() else (folder / p).resolve())
-
-
-def data_files(path: Path, doc: dict) -> list[Path]:
-    """Local data files a task YAML names, resolved against the YAML's folder."""
-    files = (doc.get("dataset_kwargs") or {}).get("data_files")
-    if not files:
-        return []
-    flat, stack = [], [_absolute(path.parent, files)]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, dict):
-            stack += list(item.values())
-        elif isinstance(item, list):
-            stack += item
-        else:
-            flat.append(Path(item))
-    return sorted(flat)
-
-
-def check_tasks(ec: EvaluateConfig) -> list[str]:
-    """Problems with the configured tasks, found without loading any model."""
-    local, problems = scan_task_dir(ec.task_dir)
-    unknown = [t for t in ec.tasks if t not in local]
-    for name, (path, doc) in local.items():
-        if name in ec.tasks:
-            problems += [f"evaluate task '{name}' ({path}): data file not found: {f}"
-                         for f in data_files(path, doc) if not f.is_file()]
-    if unknown:
-        from lm_eval.tasks import TaskManager
-
-        registry = set(TaskManager().all_tasks)
-        for name in unknown:
-            if name not in registry:
-                import difflib
-
-                close = difflib.get_close_matches(name, sorted(registry | set(local)), n=3)
-                problems.append(f"evaluate.tasks: unknown task '{name}'" + (f"; did you mean {close}?" if close else ""))
-    return problems
 
 
 def key(cfg: PipelineConfig, upstream: dict[str, str]) -> str:
@@ -161,31 +76,6 @@ def key(cfg: PipelineConfig, upstream: dict[str, str]) -> str:
     if not ec.in_domain:  # base scores stay cached across nights unless they depend on the data
         upstream = {k: v for k, v in upstream.items() if k != "filter"}
     return stage_key(STAGE, VERSION, payload, upstream)
-
-
-def portable_task_dir(ec: EvaluateConfig, into: Path) -> Path | None:
-    """A copy of task_dir whose task YAMLs name their data files by absolute path."""
-    if ec.task_dir is None:
-        return None
-    shutil.copytree(ec.task_dir, into, dirs_exist_ok=True)
-    for path, doc in local_tasks(ec.task_dir).values():
-        kwargs = doc.get("dataset_kwargs") or {}
-        if not kwargs.get("data_files"):
-            continue
-        block = yaml.safe_dump({"dataset_kwargs": {**kwargs, "data_files": _absolute(path.parent, kwargs["data_files"])}})
-        # swap only the top-level dataset_kwargs block; the rest (and its !function tags) stays verbatim
-        out, inside = [], False
-        for line in path.read_text().splitlines():
-            if line.startswith("dataset_kwargs:"):
-                inside = True
-                out.append(block.rstrip())
-            elif inside and (line[:1] in (" ", "\t") or not line.strip()):
-                continue
-            else:
-                inside = False
-                out.append(line)
-        (into / path.relative_to(ec.task_dir)).write_text("\n".join(out) + "\n")
-    return into
 
 
 def lm_eval_args(cfg: PipelineConfig, adapter: Path | None, task_dir: Path | None) -> dict:
@@ -259,7 +149,7 @@ def in_domain_task(heldout: Path, into: Path) -> None:
 
     rows = pd.read_parquet(heldout)
     if rows.empty:
-        raise ValueError("evaluate.in_domain needs held-out rows: set filter.holdout > 0")
+        raise ValueError("evaluate.in_domain found no held-out rows: raise filter.holdout_fraction")
     into.mkdir(parents=True, exist_ok=True)
     rows[["id", "prompt", "response"]].to_json(into / "in_domain.jsonl", orient="records", lines=True)
     (into / "in_domain.yaml").write_text(IN_DOMAIN_YAML.format(data=into / "in_domain.jsonl"))
@@ -271,7 +161,7 @@ def _evaluate(cfg: PipelineConfig, staging: Staging, adapter: Path | None, heldo
     from lm_eval.tasks import TaskManager
 
     with tempfile.TemporaryDirectory(prefix="synthtune-tasks-") as tmp:
-        task_dir = portable_task_dir(cfg.evaluate, Path(tmp) / "tasks") or Path(tmp) / "tasks"
+        task_dir = portable_task_dir(cfg.evaluate.task_dir, Path(tmp) / "tasks") or Path(tmp) / "tasks"
         if heldout is not None:
             in_domain_task(heldout, task_dir / "synthtune_in_domain")
         # include_defaults=False skips indexing lm-eval's ~10k bundled YAMLs (~12 s) when all are local

@@ -13,9 +13,9 @@ import json
 from typing import TYPE_CHECKING
 
 from synthtune.artifacts import ArtifactRef, ArtifactStore, Staging, key_payload, produce, stage_key
+from synthtune.eval_tasks import check_tasks
 from synthtune.fields import Section, field
-from synthtune.models import fingerprint, resolve
-from synthtune.stages import generate
+from synthtune.models import fingerprint, identity, resolve
 
 if TYPE_CHECKING:
     from synthtune.config import PipelineConfig
@@ -38,11 +38,12 @@ class PreflightError(RuntimeError):
 
 def key(cfg: PipelineConfig, upstream: dict[str, str]) -> str:
     # what it checks, and nothing else: a change to, say, train.lora.r must not rerun it
+    gen = cfg.generate
     payload = {
         "preflight": key_payload(cfg.preflight),
         "evaluate_tasks": {"tasks": cfg.evaluate.tasks, **key_payload(cfg.evaluate)},
-        "models": [fingerprint(cfg.student), generate.identity(cfg.generate, cfg.generate.teacher),
-                   *(generate.identity(cfg.generate, m) for m in (cfg.generate.judge,) if m),
+        "models": [fingerprint(cfg.student), identity(gen.teacher, gen.teacher_kind, gen.base_url),
+                   *(identity(m, gen.teacher_kind, gen.base_url) for m in (gen.judge,) if m),
                    *(fingerprint(m) for m in (cfg.generate.rejected_model,) if m and cfg.generate.mode == "preference")],
         "artifact_root": cfg.artifact_root,
     }
@@ -91,8 +92,6 @@ def check_disk(store: ArtifactStore, min_free_gb: float) -> tuple[list[str], flo
 
 
 def checks(cfg: PipelineConfig, store: ArtifactStore) -> tuple[list[str], dict]:
-    from synthtune.stages import evaluate
-
     problems = check_model(cfg.student, "student", cfg.preflight.allow_remote_code)
     gen = cfg.generate
     if gen.teacher_kind == "transformers":  # local models must load; endpoints are checked by generate
@@ -103,7 +102,7 @@ def checks(cfg: PipelineConfig, store: ArtifactStore) -> tuple[list[str], dict]:
         problems += check_model(gen.rejected_model, "rejected_model", cfg.preflight.allow_remote_code)
     if not problems:
         problems += check_tokenizer(cfg.student)
-    problems += evaluate.check_tasks(cfg.evaluate)
+    problems += check_tasks(cfg.evaluate.tasks, cfg.evaluate.task_dir)
     disk, free_gb = check_disk(store, cfg.preflight.min_free_gb)
     return problems + disk, {"free_gb": free_gb}
 

@@ -24,7 +24,6 @@ if TYPE_CHECKING:
 
 STAGE = "promote"
 VERSION = "2"
-UPSTREAM = ("base", "tuned", "train")
 
 
 class PromoteConfig(Section):

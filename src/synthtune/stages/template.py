@@ -26,7 +26,6 @@ if TYPE_CHECKING:
 
 STAGE = "template"
 VERSION = "2"
-UPSTREAM = ("filter",)
 log = logging.getLogger("synthtune.template")
 
 __all__ = ["TemplateConfig", "TemplateError", "run", "key"]

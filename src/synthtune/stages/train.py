@@ -25,8 +25,7 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -39,7 +38,6 @@ if TYPE_CHECKING:
 
 STAGE = "train"
 VERSION = "2"
-UPSTREAM = ("template",)
 OOM_EXIT = 3
 MAX_OOM_RETRIES = 3
 log = logging.getLogger("synthtune.train")
@@ -62,8 +60,8 @@ class LoraParams(Section):
 class TrainConfig(Section):
     mode: Literal["sft", "dpo"] = field("sft", "`sft` on conversations, or `dpo` on chosen/rejected pairs.")
     quantization: Literal["auto", "nf4", "none"] = field(
-        "auto", "`nf4`: QLoRA (4-bit NF4 base). `none`: LoRA on a full-precision base. `auto`: nf4 when CUDA is present."
-    )
+        "auto", "`nf4`: QLoRA (4-bit NF4 base). `none`: LoRA on a full-precision base. `auto`: nf4 when CUDA is present.",
+        resolved=True)
     lora: LoraParams = field(default_factory=LoraParams, description="LoRA adapter settings.")
     learning_rate: float = field(2e-4, "Peak learning rate.", gt=0, le=1)
     epochs: float = field(1.0, "Passes over the training data (ignored when max_steps > 0).", gt=0)
@@ -79,8 +77,10 @@ class TrainConfig(Section):
     beta: float = field(0.1, "DPO beta: how far the policy may move from the reference.", gt=0)
     seed: int = field(0, "Random seed for initialisation and data order.")
     packing: bool | None = field(
-        None, "Pack rows into max_length blocks. None: on when CUDA and FlashAttention (no cross-row attention) exist.")
-    liger: bool | None = field(None, "Liger kernels. None: on when CUDA is present and liger-kernel is installed.")
+        None, "Pack rows into max_length blocks. None: on when CUDA and FlashAttention (no cross-row attention) exist.",
+        resolved=True)
+    liger: bool | None = field(None, "Liger kernels. None: on when CUDA is present and liger-kernel is installed.",
+                               resolved=True)
     merge: bool = field(False, "Also export the base with the adapter merged in (safetensors).")
     logging_steps: int = field(5, "Log the loss every this many steps.", ge=1, affects_output=False)
     save_steps: int = field(50, "Save a checkpoint every this many steps.", ge=1, affects_output=False)
@@ -90,19 +90,55 @@ class TrainConfig(Section):
         ge=1, affects_output=False)
 
 
+@dataclass(frozen=True)
+class Runtime:
+    """What the hardware-dependent settings (`quantization: auto`, `packing` and `liger` left empty, the
+    attention kernel) resolve to on this machine. Resolved once in the parent: it is in the train key
+    (a CPU box's fp32 LoRA and a GPU box's QLoRA never share a key), and the child trains with it."""
+
+    device: str  # cuda | cpu
+    quantization: str  # nf4 | none
+    compute_dtype: str  # bfloat16 | float32
+    packing: bool
+    liger: bool
+    attn_implementation: str | None  # None: transformers' default
+
+    @property
+    def four_bit(self) -> bool:
+        return self.quantization == "nf4"
+
+
+def has_module(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def resolve_runtime(tc: TrainConfig) -> Runtime:
+    import torch
+
+    cuda = torch.cuda.is_available()
+    flash = cuda and has_module("flash_attn")
+    packing = tc.mode == "sft" and (tc.packing if tc.packing is not None else flash)  # no cross-row attention
+    return Runtime(
+        device="cuda" if cuda else "cpu",
+        quantization="nf4" if tc.quantization == "nf4" or (tc.quantization == "auto" and cuda) else "none",
+        compute_dtype="bfloat16" if cuda and torch.cuda.is_bf16_supported() else "float32",
+        packing=packing,
+        liger=tc.liger if tc.liger is not None else (cuda and has_module("liger_kernel")),
+        attn_implementation="flash_attention_2" if packing and flash else None,
+    )
+
+
 def key(cfg: PipelineConfig, upstream: dict[str, str]) -> str:
-    # max_length is the template stage's, already part of its key through upstream
-    payload = {"train": key_payload(cfg.train), "student": fingerprint(cfg.student)}
+    # max_length is the template stage's, already part of its key through upstream; quantization,
+    # packing and liger enter through what they resolve to here
+    payload = {"train": key_payload(cfg.train), "student": fingerprint(cfg.student),
+               "runtime": asdict(resolve_runtime(cfg.train))}
     return stage_key(STAGE, VERSION, payload, upstream)
 
 
 # ---------------------------------------------------------------- model pieces
-
-
-def use_4bit(tc: TrainConfig) -> bool:
-    import torch
-
-    return tc.quantization == "nf4" or (tc.quantization == "auto" and torch.cuda.is_available())
 
 
 def lora_config(tc: TrainConfig):
@@ -115,17 +151,18 @@ def lora_config(tc: TrainConfig):
     )
 
 
-def load_student(spec: str, four_bit: bool, attn: str | None = None):
-    """The student ready for LoRA: NF4-quantized (QLoRA) or full precision."""
+def load_student(spec: str, runtime: Runtime, four_bit: bool | None = None):
+    """The student ready for LoRA: NF4-quantized (QLoRA) or full precision, as `runtime` says
+    (`four_bit=False` forces the full-precision base, e.g. to merge into)."""
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    cuda = torch.cuda.is_available()
-    compute = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
-    kwargs: dict = {"dtype": compute if cuda else torch.float32}
-    if attn:
-        kwargs["attn_implementation"] = attn
-    if four_bit:
+    cuda = runtime.device == "cuda"
+    compute = getattr(torch, runtime.compute_dtype)
+    kwargs: dict = {"dtype": compute}
+    if runtime.attn_implementation:
+        kwargs["attn_implementation"] = runtime.attn_implementation
+    if runtime.four_bit if four_bit is None else four_bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=compute,
@@ -176,7 +213,8 @@ def _shape(cfg: PipelineConfig) -> tuple[int, int, int, int]:
 # ---------------------------------------------------------------- safety checks
 
 
-def disk_needed(cfg: PipelineConfig, base_params: int, lora_params: int, data_bytes: int) -> dict[str, int]:
+def disk_needed(cfg: PipelineConfig, runtime: Runtime, base_params: int, lora_params: int,
+                data_bytes: int) -> dict[str, int]:
     """Bytes the run will write: each checkpoint holds the adapter (fp32) and AdamW's two moments,
     `save_total_limit` of them live at once; then the final adapter, a merged export in bf16/fp32
     if asked, and a copy of the data."""
@@ -185,7 +223,7 @@ def disk_needed(cfg: PipelineConfig, base_params: int, lora_params: int, data_by
     parts = {"checkpoints": tc.save_total_limit * (adapter + 2 * adapter + (1 << 20)), "adapter": adapter,
              "data": data_bytes}
     if tc.merge:
-        parts["merged"] = base_params * (2 if use_4bit(tc) else 4)
+        parts["merged"] = base_params * (2 if runtime.compute_dtype == "bfloat16" else 4)
     return parts
 
 
@@ -283,10 +321,13 @@ def next_batch_plan(batch: int, accum: int) -> tuple[int, int] | None:
     return (batch // 2, accum * 2) if batch > 1 else None
 
 
+CHILD = "synthtune.stages._train_child"
+
+
 def launch_command(spec: Path, num_processes: int, four_bit: bool) -> list[str]:
     """The child's command: a plain interpreter, or `accelerate launch` across GPUs (FSDP for QLoRA)."""
     if num_processes == 1:
-        return [sys.executable, "-m", "synthtune.stages.train", str(spec)]
+        return [sys.executable, "-m", CHILD, str(spec)]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes),
            "--mixed_precision", "bf16"]
     if four_bit:  # QLoRA across GPUs: shard with FSDP, 4-bit weights kept as stored
@@ -295,180 +336,7 @@ def launch_command(spec: Path, num_processes: int, four_bit: bool) -> list[str]:
                 "--fsdp_cpu_ram_efficient_loading", "true"]
     else:
         cmd += ["--multi_gpu"]
-    return cmd + ["-m", "synthtune.stages.train", str(spec)]
-
-
-# ---------------------------------------------------------------- the child process
-
-
-def _die_with_parent() -> None:
-    """Linux: the kernel kills this process when its parent dies, however it dies."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
-def _trainer_args(cfg: PipelineConfig, output_dir: str, batch: int, accum: int, packing: bool, liger: bool,
-                  checkpointing: bool = False):
-    import torch
-    from trl import DPOConfig, SFTConfig
-
-    tc = cfg.train
-    cuda = torch.cuda.is_available()
-    common = dict(
-        output_dir=output_dir, num_train_epochs=tc.epochs, max_steps=tc.max_steps,
-        per_device_train_batch_size=batch, gradient_accumulation_steps=accum, learning_rate=tc.learning_rate,
-        lr_scheduler_type="cosine", warmup_steps=tc.warmup_ratio, logging_steps=tc.logging_steps,
-        save_strategy="steps", save_steps=tc.save_steps, save_total_limit=tc.save_total_limit,
-        report_to="none", seed=tc.seed, data_seed=tc.seed,
-        bf16=cuda and torch.cuda.is_bf16_supported(), fp16=False,  # TRL defaults to bf16, which fails on CPU
-        use_cpu=not cuda, max_length=cfg.template.max_length, dataloader_num_workers=0, disable_tqdm=True,
-        use_liger_kernel=liger,
-        activation_checkpointing=checkpointing,  # TRL turns it on by default; only when memory needs it here
-    )
-    if tc.mode == "dpo":
-        return DPOConfig(beta=tc.beta, **common)
-    return SFTConfig(packing=packing, **common)
-
-
-def _child(spec_path: str) -> int:
-    """Train once (resuming from the newest valid checkpoint) and write result.json. Exit 3 on OOM."""
-    _die_with_parent()
-    import torch
-    from datasets import Dataset
-    from peft import get_peft_model
-    from transformers import AutoTokenizer
-    from trl import DPOTrainer, SFTTrainer
-
-    from synthtune.config import PipelineConfig
-
-    spec = json.loads(Path(spec_path).read_text())
-    cfg = PipelineConfig.model_validate(spec["cfg"])
-    tc, work = cfg.train, Path(spec["work"])
-    batch, accum = spec["batch_size"], spec["gradient_accumulation_steps"]
-    fault = os.environ.get("SYNTHTUNE_FAULT_OOM_ABOVE_BATCH")  # test hook: behave as if memory ran out
-    try:
-        if fault and batch > int(fault):
-            raise torch.OutOfMemoryError(f"injected: batch {batch} > {fault}")
-        torch.manual_seed(tc.seed)
-        columns = ["prompt_ids", "chosen_ids", "rejected_ids"] if tc.mode == "dpo" else ["input_ids", "assistant_masks"]
-        dataset = Dataset.from_parquet(spec["data"]).select_columns(columns)
-        tokenizer = AutoTokenizer.from_pretrained(resolve(cfg.student))
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        four_bit, cuda = use_4bit(tc), torch.cuda.is_available()
-        flash = cuda and _has("flash_attn")
-        packing = tc.mode == "sft" and (tc.packing if tc.packing is not None else flash)
-        liger = tc.liger if tc.liger is not None else (cuda and _has("liger_kernel"))
-        model = load_student(cfg.student, four_bit, "flash_attention_2" if packing and flash else None)
-        model = get_peft_model(model, lora_config(tc))
-        fixed = fix_cpu_4bit(model) if four_bit and not cuda else 0
-        before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-        args = _trainer_args(cfg, str(work / "checkpoints"), batch, accum, packing, liger,
-                             spec.get("activation_checkpointing", False))
-        trainer_cls = _pretokenized_dpo(DPOTrainer) if tc.mode == "dpo" else SFTTrainer
-        first_step = _first_step_callback()
-        trainer = trainer_cls(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                              callbacks=[first_step])
-        resume = latest_valid_checkpoint(work / "checkpoints")
-        resumed = json.loads((resume / "trainer_state.json").read_text())["global_step"] if resume else 0
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
-        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-        seconds = time.perf_counter() - start
-    except torch.OutOfMemoryError as e:
-        print(f"synthtune: CUDA out of memory at micro-batch {batch}: {e}", file=sys.stderr)
-        return OOM_EXIT
-    if trainer.accelerator.is_main_process:
-        _finish(cfg, trainer, model, tokenizer, dataset, before, result, seconds, resumed, fixed, four_bit,
-                batch, accum, packing, liger, work, first_step.step)
-    return 0
-
-
-def _first_step_callback():
-    """A callback recording the first optimizer step this process ran: resumed+1 after a resume."""
-    from transformers import TrainerCallback
-
-    class FirstStep(TrainerCallback):
-        step: int | None = None
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if self.step is None:
-                self.step = state.global_step
-
-    return FirstStep()
-
-
-def _pretokenized_dpo(base):
-    """TRL 1.16's DPOTrainer re-tokenizes from text; ours takes the template stage's ids as they are
-    (prompt budget and max_length already enforced there), so training sees exactly what was reported."""
-
-    class PretokenizedDPOTrainer(base):
-        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-            if "prompt_ids" in dataset.column_names:
-                return dataset
-            return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
-
-    return PretokenizedDPOTrainer
-
-
-def _has(module: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(module) is not None
-
-
-def _finish(cfg, trainer, model, tokenizer, dataset, before, result, seconds, resumed, fixed, four_bit, batch,
-            accum, packing, liger, work: Path, first_step: int | None) -> None:
-    import torch
-
-    tc = cfg.train
-    changed = sum(int(not torch.equal(before[n], p.detach())) for n, p in model.named_parameters() if n in before)
-    history = [h for h in trainer.state.log_history if "loss" in h]
-    steps_run = trainer.state.global_step - resumed
-    columns = ["prompt_ids", "chosen_ids", "rejected_ids"] if tc.mode == "dpo" else ["input_ids"]
-    tokens_per_epoch = sum(sum(len(x) for x in dataset[c]) for c in columns)
-    epochs_run = (trainer.state.epoch or 1) * steps_run / max(trainer.state.global_step, 1)
-    tokens_per_s = tokens_per_epoch * epochs_run / seconds if seconds else None
-    n_params = sum(p.numel() for p in model.parameters())
-    cuda = torch.cuda.is_available()
-    device = torch.cuda.get_device_name() if cuda else "cpu"
-    peak = next((v for k, v in PEAK_FLOPS.items() if k in device), None)
-    # MFU: a frozen base costs ~2N FLOPs per token forward and ~2N backward (activation gradients only)
-    mfu = tokens_per_s * 4 * n_params / peak if peak and tokens_per_s else None
-    adapter = work / "final" / "adapter"
-    model.save_pretrained(adapter)
-    tokenizer.save_pretrained(adapter)
-    if tc.merge:
-        if four_bit:  # merging into NF4 weights would lose precision: merge into the unquantized base
-            from peft import PeftModel
-
-            base = load_student(cfg.student, four_bit=False)
-            merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
-        else:
-            merged = model.merge_and_unload()
-        merged.save_pretrained(work / "final" / "merged", safe_serialization=True)
-        tokenizer.save_pretrained(work / "final" / "merged")
-    metrics = {
-        "mode": tc.mode, "train_loss": round(float(result.training_loss), 4),
-        "first_loss": history[0]["loss"] if history else None, "last_loss": history[-1]["loss"] if history else None,
-        "steps": trainer.state.global_step, "resumed_from_step": resumed, "first_step_this_run": first_step,
-        "seconds": round(seconds, 2),
-        "step_time_s": round(seconds / steps_run, 4) if steps_run else None,
-        "tokens_per_s": round(tokens_per_s, 1) if tokens_per_s else None,
-        "mfu": round(mfu, 4) if mfu else None, "device": device,
-        "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
-        "quantization": "nf4" if four_bit else "none", "micro_batch": batch, "gradient_accumulation_steps": accum,
-        "packing": packing, "liger": liger, "activation_checkpointing": bool(trainer.args.activation_checkpointing),
-        "trainable_params": len(before), "trainable_params_changed": changed,
-        "cpu_4bit_layers_fixed": fixed,
-    }
-    (work / "final" / "loss_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
-    (work / "final" / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return cmd + ["-m", CHILD, str(spec)]
 
 
 # ---------------------------------------------------------------- the stage
@@ -533,9 +401,10 @@ def _train(cfg: PipelineConfig, store: ArtifactStore, staging: Staging, data_dir
         kind = "preference (prompt/chosen/rejected)" if tc.mode == "dpo" else "SFT (messages or prompt/response)"
         raise ValueError(f"train.mode={tc.mode} needs {kind} rows from the template stage; {data} has "
                          f"{columns}")
+    runtime = resolve_runtime(tc)
     base_params, lora_params, hidden, layers = _shape(cfg)
-    check_disk(work, disk_needed(cfg, base_params, lora_params, data.stat().st_size))
-    plan = plan_gpu_memory(base_params, lora_params, hidden, layers, use_4bit(tc), tc, cfg.template.max_length)
+    check_disk(work, disk_needed(cfg, runtime, base_params, lora_params, data.stat().st_size))
+    plan = plan_gpu_memory(base_params, lora_params, hidden, layers, runtime.four_bit, tc, cfg.template.max_length)
     batch, accum, checkpointing = plan.micro_batch, plan.gradient_accumulation_steps, plan.activation_checkpointing
     if (batch, accum) != (tc.batch_size, tc.gradient_accumulation_steps) or checkpointing:
         log.info("memory plan: micro-batch %d x accumulation %d%s (estimate %.1f GiB)", batch, accum,
@@ -544,8 +413,8 @@ def _train(cfg: PipelineConfig, store: ArtifactStore, staging: Staging, data_dir
         spec = work / "spec.json"
         spec.write_text(json.dumps({"cfg": cfg.model_dump(mode="json"), "work": str(work), "data": str(data),
                                     "batch_size": batch, "gradient_accumulation_steps": accum,
-                                    "activation_checkpointing": checkpointing}))
-        rc = run_child(launch_command(spec, tc.num_processes, use_4bit(tc)))
+                                    "activation_checkpointing": checkpointing, "runtime": asdict(runtime)}))
+        rc = run_child(launch_command(spec, tc.num_processes, runtime.four_bit))
         if rc == 0:
             break
         if rc == OOM_EXIT and attempt < MAX_OOM_RETRIES and (plan := next_batch_plan(batch, accum)):
@@ -584,6 +453,3 @@ def run(cfg: PipelineConfig, store: ArtifactStore, upstream: dict[str, ArtifactR
         work.parent.rmdir()
     return ref
 
-
-if __name__ == "__main__":
-    sys.exit(_child(sys.argv[1]))

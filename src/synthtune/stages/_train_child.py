@@ -1,0 +1,217 @@
+"""The train stage's child process: TRL + PEFT on the template stage's token ids.
+
+Started by `synthtune.stages.train` (never imported by the parent) as
+`python -m synthtune.stages._train_child SPEC.json`, in its own process group, so it dies with its
+parent and a cancelled run never leaves a process holding the GPU. It trains once (resuming from the
+newest valid checkpoint), writes `final/` (adapter, metrics, loss history) and exits 0, or exits
+`OOM_EXIT` when CUDA runs out of memory so the parent can halve the micro-batch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from synthtune.models import resolve
+from synthtune.stages.train import (
+    OOM_EXIT,
+    PEAK_FLOPS,
+    Runtime,
+    fix_cpu_4bit,
+    latest_valid_checkpoint,
+    load_student,
+    lora_config,
+)
+
+STAGE = "train"
+
+
+def _die_with_parent() -> None:
+    """Linux: the kernel kills this process when its parent dies, however it dies."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def trainer_args(cfg, output_dir: str, batch: int, accum: int, runtime: Runtime, checkpointing: bool = False):
+    """TRL's SFTConfig / DPOConfig for this run (also what bench/train.py times as 'synthtune')."""
+    from trl import DPOConfig, SFTConfig
+
+    tc = cfg.train
+    common = dict(
+        output_dir=output_dir, num_train_epochs=tc.epochs, max_steps=tc.max_steps,
+        per_device_train_batch_size=batch, gradient_accumulation_steps=accum, learning_rate=tc.learning_rate,
+        lr_scheduler_type="cosine", warmup_steps=tc.warmup_ratio, logging_steps=tc.logging_steps,
+        save_strategy="steps", save_steps=tc.save_steps, save_total_limit=tc.save_total_limit,
+        report_to="none", seed=tc.seed, data_seed=tc.seed,
+        bf16=runtime.compute_dtype == "bfloat16", fp16=False,  # TRL defaults to bf16, which fails on CPU
+        use_cpu=runtime.device == "cpu", max_length=cfg.template.max_length, dataloader_num_workers=0,
+        disable_tqdm=True, use_liger_kernel=runtime.liger,
+        activation_checkpointing=checkpointing,  # TRL turns it on by default; only when memory needs it here
+    )
+    if tc.mode == "dpo":
+        return DPOConfig(beta=tc.beta, **common)
+    return SFTConfig(packing=runtime.packing, **common)
+
+
+def _first_step_callback():
+    """A callback recording the first optimizer step this process ran: resumed+1 after a resume."""
+    from transformers import TrainerCallback
+
+    class FirstStep(TrainerCallback):
+        step: int | None = None
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.step is None:
+                self.step = state.global_step
+
+    return FirstStep()
+
+
+def _pretokenized_dpo(base):
+    """TRL 1.16's DPOTrainer re-tokenizes from text; ours takes the template stage's ids as they are
+    (prompt budget and max_length already enforced there), so training sees exactly what was reported."""
+
+    class PretokenizedDPOTrainer(base):
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            if "prompt_ids" in dataset.column_names:
+                return dataset
+            return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+
+    return PretokenizedDPOTrainer
+
+
+@dataclass
+class Finished:
+    """What one training run leaves for `_finish` to save and measure."""
+
+    cfg: Any
+    runtime: Runtime
+    trainer: Any
+    model: Any
+    tokenizer: Any
+    dataset: Any
+    before: dict  # trainable parameter name -> its value before training
+    result: Any  # TrainOutput
+    seconds: float
+    resumed: int  # the global step resumed from (0: a fresh start)
+    first_step: int | None  # the first optimizer step this process ran
+    cpu_4bit_layers_fixed: int
+    batch: int
+    accum: int
+    work: Path
+
+
+def _finish(run: Finished) -> None:
+    """Save the adapter (and a merged export if asked) and the run's metrics into `work/final`."""
+    import torch
+
+    tc, trainer, model = run.cfg.train, run.trainer, run.model
+    changed = sum(int(not torch.equal(run.before[n], p.detach())) for n, p in model.named_parameters() if n in run.before)
+    history = [h for h in trainer.state.log_history if "loss" in h]
+    steps_run = trainer.state.global_step - run.resumed
+    columns = ["prompt_ids", "chosen_ids", "rejected_ids"] if tc.mode == "dpo" else ["input_ids"]
+    tokens_per_epoch = sum(sum(len(x) for x in run.dataset[c]) for c in columns)
+    epochs_run = (trainer.state.epoch or 1) * steps_run / max(trainer.state.global_step, 1)
+    tokens_per_s = tokens_per_epoch * epochs_run / run.seconds if run.seconds else None
+    n_params = sum(p.numel() for p in model.parameters())
+    cuda = run.runtime.device == "cuda"
+    device = torch.cuda.get_device_name() if cuda else "cpu"
+    peak = next((v for k, v in PEAK_FLOPS.items() if k in device), None)
+    # MFU: a frozen base costs ~2N FLOPs per token forward and ~2N backward (activation gradients only)
+    mfu = tokens_per_s * 4 * n_params / peak if peak and tokens_per_s else None
+    final = run.work / "final"
+    adapter = final / "adapter"
+    model.save_pretrained(adapter)
+    run.tokenizer.save_pretrained(adapter)
+    if tc.merge:
+        if run.runtime.four_bit:  # merging into NF4 weights would lose precision: merge into the unquantized base
+            from peft import PeftModel
+
+            base = load_student(run.cfg.student, run.runtime, four_bit=False)
+            merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
+        else:
+            merged = model.merge_and_unload()
+        merged.save_pretrained(final / "merged", safe_serialization=True)
+        run.tokenizer.save_pretrained(final / "merged")
+    metrics = {
+        "mode": tc.mode, "train_loss": round(float(run.result.training_loss), 4),
+        "first_loss": history[0]["loss"] if history else None, "last_loss": history[-1]["loss"] if history else None,
+        "steps": trainer.state.global_step, "resumed_from_step": run.resumed, "first_step_this_run": run.first_step,
+        "seconds": round(run.seconds, 2),
+        "step_time_s": round(run.seconds / steps_run, 4) if steps_run else None,
+        "tokens_per_s": round(tokens_per_s, 1) if tokens_per_s else None,
+        "mfu": round(mfu, 4) if mfu else None, "device": device,
+        "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+        "quantization": run.runtime.quantization, "micro_batch": run.batch, "gradient_accumulation_steps": run.accum,
+        "packing": run.runtime.packing, "liger": run.runtime.liger,
+        "activation_checkpointing": bool(trainer.args.activation_checkpointing),
+        "trainable_params": len(run.before), "trainable_params_changed": changed,
+        "cpu_4bit_layers_fixed": run.cpu_4bit_layers_fixed,
+    }
+    (final / "loss_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
+    (final / "metrics.json").write_text(json.dumps(metrics, indent=2))
+
+
+def main(spec_path: str) -> int:
+    """Train once (resuming from the newest valid checkpoint) and write `final/`. Exit 3 on OOM."""
+    _die_with_parent()
+    import torch
+    from datasets import Dataset
+    from peft import get_peft_model
+    from transformers import AutoTokenizer
+    from trl import DPOTrainer, SFTTrainer
+
+    from synthtune.config import PipelineConfig
+
+    spec = json.loads(Path(spec_path).read_text())
+    cfg = PipelineConfig.model_validate(spec["cfg"])
+    runtime = Runtime(**spec["runtime"])
+    tc, work = cfg.train, Path(spec["work"])
+    batch, accum = spec["batch_size"], spec["gradient_accumulation_steps"]
+    fault = os.environ.get("SYNTHTUNE_FAULT_OOM_ABOVE_BATCH")  # test hook: behave as if memory ran out
+    try:
+        if fault and batch > int(fault):
+            raise torch.OutOfMemoryError(f"injected: batch {batch} > {fault}")
+        torch.manual_seed(tc.seed)
+        columns = ["prompt_ids", "chosen_ids", "rejected_ids"] if tc.mode == "dpo" else ["input_ids", "assistant_masks"]
+        dataset = Dataset.from_parquet(spec["data"]).select_columns(columns)
+        tokenizer = AutoTokenizer.from_pretrained(resolve(cfg.student))
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        model = get_peft_model(load_student(cfg.student, runtime), lora_config(tc))
+        fixed = fix_cpu_4bit(model) if runtime.four_bit and runtime.device == "cpu" else 0
+        before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        args = trainer_args(cfg, str(work / "checkpoints"), batch, accum, runtime, spec.get("activation_checkpointing", False))
+        trainer_cls = _pretokenized_dpo(DPOTrainer) if tc.mode == "dpo" else SFTTrainer
+        first_step = _first_step_callback()
+        trainer = trainer_cls(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                              callbacks=[first_step])
+        resume = latest_valid_checkpoint(work / "checkpoints")
+        resumed = json.loads((resume / "trainer_state.json").read_text())["global_step"] if resume else 0
+        if runtime.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        seconds = time.perf_counter() - start
+    except torch.OutOfMemoryError as e:
+        print(f"synthtune: CUDA out of memory at micro-batch {batch}: {e}", file=sys.stderr)
+        return OOM_EXIT
+    if trainer.accelerator.is_main_process:
+        _finish(Finished(cfg=cfg, runtime=runtime, trainer=trainer, model=model, tokenizer=tokenizer, dataset=dataset,
+                         before=before, result=result, seconds=seconds, resumed=resumed, first_step=first_step.step,
+                         cpu_4bit_layers_fixed=fixed, batch=batch, accum=accum, work=work))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))
