@@ -15,6 +15,12 @@ def filter(cfg: PipelineConfig, upstream: dict[str, ArtifactRef]) -> ArtifactRef
 
 
 def report(store: ArtifactStore, ref: ArtifactRef) -> None:
-    """The funnel (rows in and out per filter) as a table artifact."""
-    funnel = store.manifest(ref.stage, ref.key)["funnel"]
-    create_table_artifact(funnel, key="data-funnel", description=f"Rows in and out of each filter ({ref.uri})")
+    """The funnel as a table artifact: what generate made (new rows vs answers reused from the row
+    cache), then rows in and out of each filter."""
+    manifest = store.manifest(ref.stage, ref.key)
+    gen = (store.manifest("generate", manifest["upstream"]["generate"]) or {}).get("rows", {})
+    first = {"filter": "generate", "rows_in": gen.get("seeds"), "rows_out": gen.get("output"),
+             "dropped": gen.get("quarantined"),
+             "note": f"{gen.get('new')} new rows; answers: {gen.get('reused')} reused, {gen.get('generated')} generated"}
+    rows = [first, *({**f, "note": ""} for f in manifest["funnel"])]
+    create_table_artifact(rows, key="data-funnel", description=f"Rows in and out of each step ({ref.uri})")

@@ -66,3 +66,15 @@ def stack(tmp_path_factory):
         os.environ.update(aws)  # this process (s3fs in the tests) and the workers see the same S3
         with prefect_stack(home, str(home / "artifacts"), aws) as s:
             yield s
+
+
+@pytest.fixture(scope="session")
+def served_teacher():
+    """The tiny teacher behind a real OpenAI-compatible server, one per session: (base URL, model name)."""
+    from teacher_server import transformers_serve
+
+    from synthtune.tiny import ensure
+
+    path = str(ensure("teacher"))
+    with transformers_serve(path) as url:
+        yield url, path

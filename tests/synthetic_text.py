@@ -18,14 +18,14 @@ def corpus(n_base: int, n_near: int, n_exact: int = 0, words: int = 50, edits: i
         rows.append({"id": f"b{i}", "prompt": " ".join(text[:12]), "response": " ".join(text[12:])})
     near, exact = set(), set()
     for i in range(n_near):
-        src = rng.choice(rows[:n_base])
+        src = rows[rng.randrange(n_base)]  # not rng.choice(rows[:n_base]): that copies the list every time
         text = (src["prompt"] + " " + src["response"]).split()
         for _ in range(edits):
             text[rng.randrange(len(text))] = rng.choice(VOCAB)
         rows.append({"id": f"n{i}", "prompt": " ".join(text[:12]), "response": " ".join(text[12:])})
         near.add(f"n{i}")
     for i in range(n_exact):
-        src = rng.choice(rows[:n_base])
+        src = rows[rng.randrange(n_base)]  # not rng.choice(rows[:n_base]): that copies the list every time
         rows.append({**src, "id": f"e{i}"})
         exact.add(f"e{i}")
     rng.shuffle(rows)

@@ -29,7 +29,12 @@ def _mutations(model: BaseModel, tmp: Path, prefix: str = ""):
             for sub in _mutations(value, tmp, f"{path}."):
                 yield sub[0], sub[1], sub[2] and affects
             continue
-        if value is None and content_kind(info.rebuild_annotation()) == "file":
+        if content_kind(info.rebuild_annotation()) == "sources" and value:  # a seed folder: one more file in it
+            new = tmp / path
+            shutil.copytree(value, new)
+            (new / "more.jsonl").write_text('{"id": "new", "prompt": "a new seed"}\n')
+            yield path, str(new), affects
+        elif value is None and content_kind(info.rebuild_annotation()) == "file":
             new = tmp / f"{path}.txt"
             new.write_text("{{ messages }}")
             yield path, new, affects
@@ -97,12 +102,12 @@ def test_one_field_reruns_only_its_stage_and_downstream(demo_cfg):
 
 
 def test_key_hashes_file_contents_not_paths(demo_cfg, tmp_path):
-    moved = tmp_path / "elsewhere" / "seeds.jsonl"
-    moved.parent.mkdir()
-    shutil.copy(demo_cfg.generate.seeds, moved)
-    cfg2 = _set(demo_cfg, "generate.seeds", moved)
+    moved = tmp_path / "elsewhere" / "seeds"
+    shutil.copytree(demo_cfg.generate.seeds, moved)
+    cfg2 = _set(demo_cfg, "generate.seeds", str(moved))
     assert plan(cfg2)["generate"] == plan(demo_cfg)["generate"]
-    moved.write_text(moved.read_text().replace("Vardon", "Vardonia"))
+    seed_file = next(moved.iterdir())
+    seed_file.write_text(seed_file.read_text().replace("Vardon", "Vardonia"))
     assert plan(cfg2)["generate"] != plan(demo_cfg)["generate"]
 
 

@@ -80,6 +80,8 @@ def test_rerun_is_cached_and_one_field_reruns_only_downstream(prefect_server, de
     keys = {a.key for a in artifacts}
     assert {"resolved-config", "data-funnel", "length-report", "length-percentiles", "train-metrics", "loss-curve",
             "eval-comparison", "eval-flips", "promotion-verdict"} <= keys
+    funnel = next(a for a in artifacts if a.key == "data-funnel").data  # generate's new rows head the funnel
+    assert "35 new rows; answers: 0 reused, 35 generated" in str(funnel) and "exact_dedup" in str(funnel)
     length_report = next(a for a in artifacts if a.key == "length-report").data
     assert "data:image/png;base64," in length_report and "trained-token share" in length_report
     config_md = next(a for a in artifacts if a.key == "resolved-config").data

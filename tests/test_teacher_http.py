@@ -3,19 +3,13 @@ teacher on 127.0.0.1), through a fault-injecting hop: 429, 500 and a hang are re
 
 from __future__ import annotations
 
-import http.server
 import json
-import os
-import subprocess
-import sys
-import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import pandas as pd
 import pytest
-from prefect_stack import free_port
+from teacher_server import FaultyHop
 
 from synthtune.artifacts import ArtifactStore
 from synthtune.stages import generate
@@ -26,86 +20,11 @@ pytestmark = pytest.mark.integration
 SECRET = "sk-synthtune-test-9f8e7d6c5b4a"
 
 
-@pytest.fixture(scope="module")
-def served_teacher():
-    from synthtune.tiny import ensure
-
-    path = str(ensure("teacher"))
-    port = free_port()
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "transformers"), "serve", path, "--host", "127.0.0.1",
-                             "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
-    try:
-        for _ in range(120):
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            pytest.fail("transformers serve did not come up")
-        yield f"http://127.0.0.1:{port}", path
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-
-
-class FaultyHop:
-    """A proxy on 127.0.0.1: POSTs get the scripted faults first (status codes, 'hang', or None to
-    pass one through), then pass; `posts` counts the generation requests that reached the teacher."""
-
-    def __init__(self, upstream: str, faults: list, always: int | None = None):
-        self.faults, self.seen, self.auth, self.posts = list(faults), [], [], 0
-        hop = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def _relay(self, method: str):
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0)) if method == "POST" else None
-                hop.auth.append(self.headers.get("Authorization", ""))
-                fault = always or (hop.faults.pop(0) if method == "POST" and hop.faults else None)
-                hop.seen.append(fault or 200)
-                if fault == "hang":
-                    time.sleep(4)  # longer than the client's timeout
-                    return
-                if fault:
-                    self.send_response(fault)
-                    self.send_header("Content-Length", "2")
-                    self.end_headers()
-                    self.wfile.write(b"{}")
-                    return
-                hop.posts += method == "POST"
-                req = urllib.request.Request(upstream + self.path, data=body, method=method,
-                                             headers={"Content-Type": "application/json"})
-                with urllib.request.urlopen(req, timeout=60) as r:
-                    data = r.read()
-                self.send_response(r.status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_GET(self):
-                self._relay("GET")
-
-            def do_POST(self):
-                self._relay("POST")
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-
-
 def _cfg(demo_cfg, tmp_path, base_url, model, **update):
     seeds = tmp_path / "seeds.jsonl"
     seeds.write_text("".join(json.dumps({"id": f["id"], "prompt": f["question"]}) + "\n" for f in demo_facts()[:4]))
     gen = demo_cfg.generate.model_copy(update={"teacher_kind": "openai", "teacher": model, "base_url": base_url,
-                                               "seeds": seeds, "batch_size": 2, "timeout_s": 2.0,
+                                               "seeds": str(seeds), "batch_size": 2, "timeout_s": 2.0,
                                                "api_key_env": "SYNTHTUNE_TEST_TEACHER_KEY", **update})
     return demo_cfg.model_copy(update={"generate": gen})
 
@@ -143,20 +62,21 @@ def test_teacher_that_stays_down_fails_naming_the_endpoint(demo_cfg, tmp_path, s
 
 def test_finished_batches_are_not_redone_after_a_failure(demo_cfg, tmp_path, served_teacher):
     """Batch 1 (2 seeds) goes through; batch 2 meets HTTP 400 (not retried): the stage fails naming
-    the failed inputs, keeps batch 1, and the retry sends only batch 2's requests."""
+    the failed inputs, keeps batch 1 in the row cache, and the retry sends only batch 2's requests."""
+    from synthtune.rowcache import RowCache
+
     base, model = served_teacher
     hop = FaultyHop(base, [None, None] + [400] * 10)
     cfg = _cfg(demo_cfg, tmp_path, hop.url, model)
     store = ArtifactStore(cfg.artifact_root)
     k = generate.key(cfg, {})
     try:
-        with pytest.raises(Exception, match=r"the step raised for 2 of 4 inputs .* the 2 finished are kept"):
+        with pytest.raises(Exception, match=r"the step raised for 2 of 4 inputs; the 2 finished are in the row cache"):
             generate.run(cfg, store)
         assert store.ref("generate", k) is None and hop.posts == 2
-        kept = pd.concat(pd.read_parquet(p) for p in Path(generate.work_url(store, k), "teacher").glob("batch-*.parquet"))
-        assert len(kept) == 2
+        assert RowCache(f"{generate.cache_url(store)}/answers").size() == 2
 
-        hop.faults.clear()  # the teacher is healthy again (same endpoint: same cache key)
+        hop.faults.clear()  # the teacher is healthy again (same endpoint: same cache keys)
         hop.posts = 0
         ref = generate.run(cfg, store)
     finally:
@@ -166,7 +86,7 @@ def test_finished_batches_are_not_redone_after_a_failure(demo_cfg, tmp_path, ser
     answers = {f["id"]: f["answer"] for f in demo_facts()}
     assert len(data) == 4 and {r.id: r.response for r in data.itertuples()} == {i: answers[i] for i in data["id"]}
     assert list(data["id"]) == [f["id"] for f in demo_facts()[:4]]  # seed order, whichever attempt made a row
-    assert not Path(generate.work_url(store, k)).exists()
+    assert (ref.summary["rows"]["reused"], ref.summary["rows"]["generated"]) == (2, 2)
 
 
 @pytest.mark.flows

@@ -27,7 +27,7 @@ from typing import Any
 import fsspec
 from pydantic import BaseModel
 
-from synthtune.fields import content_kind
+from synthtune.fields import content_kind, field_flags
 
 MANIFEST = "manifest.json"
 LATEST = "latest.json"
@@ -64,13 +64,13 @@ def sha256_dir(path: str | Path) -> str:
 
 
 def key_payload(section: BaseModel) -> dict[str, Any]:
-    """A config section as key material: fields marked `affects_output=False` dropped, input
+    """A config section as key material: fields marked `affects_output=False` or `resolved` dropped, input
     files and folders replaced by the sha256 of their contents (so moving a file changes nothing,
     editing it changes the key)."""
     out: dict[str, Any] = {}
     for name, info in type(section).model_fields.items():
-        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
-        if extra.get("affects_output") is False:
+        flags = field_flags(info)
+        if flags.get("affects_output") is False or flags.get("resolved"):
             continue
         value = getattr(section, name)
         content = content_kind(info.rebuild_annotation())
@@ -78,6 +78,10 @@ def key_payload(section: BaseModel) -> dict[str, Any]:
             out[name] = None
         elif isinstance(value, BaseModel):
             out[name] = key_payload(value)
+        elif content == "sources":
+            from synthtune.seeds import fingerprint
+
+            out[name] = {"files": fingerprint(value)}
         elif content == "file":
             out[name] = {"sha256": sha256_file(value)}
         elif content == "dir" or (content == "path" and Path(value).is_dir()):

@@ -9,6 +9,7 @@ others name it in their reason.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Iterable
 
 _WORD = re.compile(r"\w+", re.UNICODE)
@@ -42,35 +43,87 @@ def lsh_bands(threshold: float, num_perm: int) -> tuple[int, int]:
     return best or (num_perm, 1)
 
 
-def near_duplicates(texts: list[str], threshold: float = 0.7, ngram: int = 3, num_perm: int = 128,
-                    seed: int = 0) -> list[tuple[int, float] | None]:
-    """For each text, (index of the earlier kept text it near-duplicates, estimated Jaccard), or None."""
+def _band_groups(texts: list[str], threshold: float, ngram: int, num_perm: int, seed: int):
+    """(MinHash digest matrix, group ids: one row per text, one column per band, -1 where no other text
+    shares that band). rensa computes the digests in bulk; each band's rows fold into one 64-bit key
+    (a rare collision only adds a candidate, which verification rejects), and numpy sorts each band
+    to find the keys shared by two or more texts, so Python only ever looks at those."""
     import numpy as np
     from rensa import RMinHash
 
-    if not texts:
-        return []
     matrix = RMinHash.digest_matrix_from_token_sets([sorted(shingles(t, ngram)) for t in texts], num_perm, seed)
     digests = np.asarray(matrix.to_rows(), dtype=np.uint32)
     bands, rows = lsh_bands(threshold, num_perm)
-    band_view = np.ascontiguousarray(digests[:, : bands * rows]).view(np.dtype((np.void, 4 * rows)))
-    band_view = band_view.reshape(len(texts), bands)
-    buckets: list[dict[bytes, list[int]]] = [{} for _ in range(bands)]
-    out: list[tuple[int, float] | None] = []
-    for i in range(len(texts)):
-        keys = [band_view[i, b].tobytes() for b in range(bands)]
-        candidates = {j for b, k in enumerate(keys) for j in buckets[b].get(k, ())}
-        match = None
-        if candidates:
-            cand = np.fromiter(candidates, dtype=np.int64)
-            sims = (digests[cand] == digests[i]).mean(axis=1)
-            best = int(np.argmax(sims))
-            if sims[best] >= threshold:
-                match = (int(cand[best]), float(sims[best]))
-        out.append(match)
-        if match is None:  # only kept rows are indexed: a cluster is represented by its first row
-            for b, k in enumerate(keys):
-                buckets[b].setdefault(k, []).append(i)
+    parts = digests[:, : bands * rows].reshape(len(texts), bands, rows).astype(np.uint64)
+    weights = np.array([0x9E3779B97F4A7C15 ** (k + 1) % 2**64 for k in range(rows)], dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        keys = (parts * weights).sum(axis=2, dtype=np.uint64)
+    groups = np.full(keys.shape, -1, dtype=np.int64)
+    offset = 0
+    for b in range(bands):
+        order = np.argsort(keys[:, b], kind="stable")
+        ordered = keys[order, b]
+        starts = np.ones(len(ordered), dtype=bool)
+        starts[1:] = ordered[1:] != ordered[:-1]
+        group = np.cumsum(starts) - 1
+        shared = np.bincount(group)[group] > 1
+        groups[order[shared], b] = group[shared] + offset
+        offset += int(group[-1]) + 1
+    return digests, groups
+
+
+def _best(digests, candidates: set[int], i: int, threshold: float) -> tuple[int, float] | None:
+    """The candidate most similar to row i, if its estimated Jaccard reaches the threshold (verification)."""
+    import numpy as np
+
+    if not candidates:
+        return None
+    cand = np.fromiter(candidates, dtype=np.int64)
+    sims = (digests[cand] == digests[i]).mean(axis=1)
+    best = int(np.argmax(sims))
+    return (int(cand[best]), float(sims[best])) if sims[best] >= threshold else None
+
+
+def _grouped_rows(groups) -> list[tuple[int, list[int]]]:
+    """(row, its shared groups) for the rows sharing any band with another row, in row order."""
+    import numpy as np
+
+    rows = np.nonzero((groups >= 0).any(axis=1))[0]
+    return [(i, [g for g in gs if g >= 0]) for i, gs in zip(rows.tolist(), groups[rows].tolist(), strict=True)]
+
+
+def near_duplicates(texts: list[str], threshold: float = 0.7, ngram: int = 3, num_perm: int = 128,
+                    seed: int = 0) -> list[tuple[int, float] | None]:
+    """For each text, (index of the earlier kept text it near-duplicates, estimated Jaccard), or None."""
+    if not texts:
+        return []
+    digests, groups = _band_groups(texts, threshold, ngram, num_perm, seed)
+    out: list[tuple[int, float] | None] = [None] * len(texts)
+    kept: dict[int, list[int]] = {}  # group -> its kept rows so far: a cluster is represented by its first row
+    for i, shared in _grouped_rows(groups):
+        match = _best(digests, {j for g in shared for j in kept.get(g, ())}, i, threshold)
+        out[i] = match
+        if match is None:
+            for g in shared:
+                kept.setdefault(g, []).append(i)
+    return out
+
+
+def cross_matches(texts: list[str], reference: list[str], threshold: float = 0.7, ngram: int = 3,
+                  num_perm: int = 128, seed: int = 0) -> list[tuple[int, float] | None]:
+    """For each text, (index of the reference text it near-duplicates, estimated Jaccard), or None.
+    Only the reference is indexed: texts are looked up, never matched with each other."""
+    if not texts or not reference:
+        return [None] * len(texts)
+    digests, groups = _band_groups([*reference, *texts], threshold, ngram, num_perm, seed)
+    refs: dict[int, list[int]] = {}
+    out: list[tuple[int, float] | None] = [None] * len(texts)
+    for i, shared in _grouped_rows(groups):  # reference rows come first
+        if i < len(reference):
+            for g in shared:
+                refs.setdefault(g, []).append(i)
+        else:
+            out[i - len(reference)] = _best(digests, {j for g in shared for j in refs.get(g, ())}, i, threshold)
     return out
 
 
@@ -96,8 +149,7 @@ def quality_problem(response: str, max_repeat_share: float = 0.3) -> str | None:
         return f"refusal boilerplate ({m.group(0)!r})"
     w = words(response)
     if len(w) >= 12:
-        grams = [tuple(w[i:i + 3]) for i in range(len(w) - 2)]
-        top = max(grams.count(g) for g in set(grams))
+        top = max(Counter(zip(w, w[1:], w[2:], strict=False)).values())
         if top * 3 / len(w) > max_repeat_share and top >= 4:
             return f"runaway repetition (one 3-gram repeats {top} times)"
     return None

@@ -3,7 +3,6 @@ process and distilabel's workers, which rebuild steps by module path)."""
 
 # no `from __future__ import annotations`: distilabel reads the `StepInput` hint of process() at runtime
 
-import uuid
 from typing import Any
 
 from distilabel.steps import Step, StepInput
@@ -16,12 +15,14 @@ def step_failed(row: dict[str, Any]) -> bool:
 
 
 class SaveBatches(Step):
-    """Writes the finished rows of every batch it sees to `folder` (any fsspec URL) as one parquet
-    file, then passes the batch on. Rows of a failed batch are not written, so a retry regenerates
-    exactly those; the files already there are what a retry does not redo."""
+    """Writes the finished rows of every batch it sees into the row cache at `folder` (any fsspec
+    URL) as one new shard, then passes the batch on. Each input's `id` is its cache key. Rows of a
+    failed batch, and rows whose `required` fields came back empty, are not written: a retry (or the
+    next night) asks for exactly those again."""
 
     folder: str
-    columns: list[str]
+    fields: list[str]
+    required: list[str] = []
 
     @property
     def inputs(self) -> list[str]:
@@ -32,15 +33,18 @@ class SaveBatches(Step):
         return []
 
     def process(self, inputs: StepInput):  # type: ignore[override]  # noqa: D102
-        import fsspec
-        import pandas as pd
+        from synthtune.rowcache import RowCache
 
-        done = [{c: row.get(c) for c in self.columns} for row in inputs if not step_failed(row)]
-        if done:
-            fs, base = fsspec.core.url_to_fs(self.folder)
-            fs.makedirs(base, exist_ok=True)
-            name = f"{base}/batch-{uuid.uuid4().hex}"
-            with fs.open(name + ".tmp", "wb") as f:
-                pd.DataFrame(done).to_parquet(f, index=False)
-            fs.mv(name + ".tmp", name + ".parquet")  # a half-written file never looks finished
+        def present(value) -> bool:
+            if isinstance(value, str):
+                return bool(value.strip())
+            if isinstance(value, list | tuple):
+                return any(v is not None for v in value)
+            return value is not None
+
+        def usable(row) -> bool:
+            return not step_failed(row) and all(present(row.get(f)) for f in self.required)
+
+        RowCache(self.folder).write([{"key": row["id"], **{f: row.get(f) for f in self.fields}}
+                                     for row in inputs if usable(row)])
         yield inputs

@@ -9,10 +9,20 @@ from typing import Annotated, Any, get_args, get_origin
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo
 
 
-def field(default: Any = ..., description: str = "", *, affects_output: bool = True, **kw: Any) -> Any:
-    """A pydantic Field with its description; `affects_output=False` keeps it out of cache keys."""
+def field(default: Any = ..., description: str = "", *, affects_output: bool = True, resolved: bool = False,
+          **kw: Any) -> Any:
+    """A pydantic Field with its description. `affects_output=False` keeps it out of cache keys;
+    `resolved=True` keys it by what it resolves to on the machine (its stage adds that value), never
+    by the literal (`auto` means different things on a CPU box and a GPU box)."""
     extra = {} if affects_output else {"affects_output": False}
+    if resolved:
+        extra["resolved"] = True
     return Field(default, description=description, json_schema_extra=extra or None, **kw)
+
+
+def field_flags(info) -> dict:
+    """The synthtune flags of a pydantic field (`affects_output`, `resolved`)."""
+    return info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
 
 
 def _resolve_existing(kind: str):
@@ -40,15 +50,23 @@ class ContentHashed:
 
 
 def content_kind(annotation: Any) -> str | None:
-    """'file' or 'dir' when an annotation (possibly inside Optional/Union) is an input path."""
+    """'file', 'dir', 'path' or 'sources' when an annotation (possibly inside Optional/Union) names inputs."""
     if get_origin(annotation) is Annotated:
         return next((m.kind for m in annotation.__metadata__ if isinstance(m, ContentHashed)), None)
     return next((k for a in get_args(annotation) if (k := content_kind(a))), None)
 
 
+def _resolve_source(value: str, info: ValidationInfo) -> str:
+    from synthtune.seeds import resolve_source
+
+    return resolve_source(str(value), Path((info.context or {}).get("base_dir") or os.getcwd()))
+
+
 InputFile = Annotated[Path, AfterValidator(_resolve_existing("file")), ContentHashed("file")]
 InputDir = Annotated[Path, AfterValidator(_resolve_existing("dir")), ContentHashed("dir")]
 InputPath = Annotated[Path, AfterValidator(_resolve_existing("path")), ContentHashed("path")]  # file or folder
+# a file, a folder or a glob, local (resolved against the config's folder) or on any fsspec URL
+SeedSource = Annotated[str, AfterValidator(_resolve_source), ContentHashed("sources")]
 
 
 class Section(BaseModel):

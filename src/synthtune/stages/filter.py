@@ -18,16 +18,16 @@ from typing import TYPE_CHECKING
 from pydantic import model_validator
 
 from synthtune.artifacts import ArtifactRef, ArtifactStore, Staging, key_payload, produce, sha256_file, stage_key
-from synthtune.dedup import contaminated, near_duplicates, ngram_index, quality_problem
+from synthtune.dedup import contaminated, cross_matches, near_duplicates, ngram_index, quality_problem
+from synthtune.eval_tasks import task_data_files, task_documents
 from synthtune.fields import Section, field
-from synthtune.models import fingerprint, load_tokenizer
+from synthtune.models import fingerprint, load_tokenizer, token_lengths
 
 if TYPE_CHECKING:
     from synthtune.config import PipelineConfig
 
 STAGE = "filter"
-VERSION = "3"
-UPSTREAM = ("generate",)
+VERSION = "4"
 
 
 class FilterConfig(Section):
@@ -45,7 +45,10 @@ class FilterConfig(Section):
     min_judge_score: float | None = field(None, "Drop rows whose `rating` column (judge score) is below this.")
     min_tokens: int = field(1, "Fewest response tokens (student tokenizer) a row may have.", ge=0)
     max_tokens: int = field(1024, "Most response tokens (student tokenizer) a row may have.", ge=1)
-    holdout: int = field(0, "Kept rows set aside (never trained on) for evaluate's in-domain task.", ge=0)
+    holdout_fraction: float = field(
+        0.0, "Share of seeds set aside (never trained on) for evaluate's in-domain task. A seed's side is decided by a "
+        "hash of its id alone: it never moves as data grows, and all generations of one seed fall on the same side.",
+        ge=0, lt=1)
 
     @model_validator(mode="after")
     def _bounds(self) -> FilterConfig:
@@ -61,42 +64,13 @@ class EmptyDatasetError(RuntimeError):
 def key(cfg: PipelineConfig, upstream: dict[str, str]) -> str:
     payload = {"filter": key_payload(cfg.filter), "student": fingerprint(cfg.student)}
     if cfg.filter.decontaminate:  # what counts as contamination is in the eval tasks' data
-        payload["eval_data"] = {str(p.name): sha256_file(p) for p in eval_data_files(cfg)}
+        payload["eval_data"] = {str(p.name): sha256_file(p)
+                                for p in task_data_files(cfg.evaluate.tasks, cfg.evaluate.task_dir)}
     return stage_key(STAGE, VERSION, payload, upstream)
 
 
 def normalize(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip().casefold()
-
-
-def eval_data_files(cfg: PipelineConfig) -> list:
-    """Data files of the configured local eval tasks (registry tasks are not read here)."""
-    from synthtune.stages.evaluate import data_files, local_tasks
-
-    return sorted({f for name, (path, doc) in local_tasks(cfg.evaluate.task_dir).items()
-                   if name in cfg.evaluate.tasks for f in data_files(path, doc) if f.is_file()})
-
-
-def eval_documents(cfg: PipelineConfig) -> list[str]:
-    """Every string in the local eval tasks' items, for decontamination."""
-    docs: list[str] = []
-
-    def strings(value):
-        if isinstance(value, str):
-            docs.append(value)
-        elif isinstance(value, dict):
-            for v in value.values():
-                strings(v)
-        elif isinstance(value, list):
-            for v in value:
-                strings(v)
-
-    for path in eval_data_files(cfg):
-        with open(path) as f:
-            for line in f:
-                if line.strip():
-                    strings(json.loads(line))
-    return docs
 
 
 def response_of(row: dict) -> str:
@@ -106,7 +80,8 @@ def response_of(row: dict) -> str:
 
 def apply_filters(rows: list[dict], cfg: FilterConfig, count_tokens, eval_docs: list[str] | None = None,
                   special_tokens: list[str] | None = None) -> tuple[list[dict], list[dict], list[dict]]:
-    """(kept, rejects with a `filter` and `reason`, funnel rows) for the configured filters, in order."""
+    """(kept, rejects with a `filter` and `reason`, funnel rows) for the configured filters, in order.
+    `count_tokens(texts)` returns the student-token length of each text (called once, batched)."""
     funnel, rejects = [{"filter": "input", "rows_in": len(rows), "rows_out": len(rows), "dropped": 0}], []
 
     def step(name: str, keep) -> None:
@@ -159,8 +134,10 @@ def apply_filters(rows: list[dict], cfg: FilterConfig, count_tokens, eval_docs: 
         step("decontaminate", lambda row: f"shares a {n}-word n-gram with an eval item"
              if contaminated(f"{row['prompt']} {response_of(row)}", index, n) else None)
 
+    lengths = dict(zip(map(id, rows), count_tokens([response_of(r) for r in rows]), strict=True)) if rows else {}
+
     def within_bounds(row):
-        n = count_tokens(response_of(row))
+        n = lengths[id(row)]
         if n < cfg.min_tokens:
             return f"{n} response tokens < min_tokens {cfg.min_tokens}"
         if n > cfg.max_tokens:
@@ -175,13 +152,33 @@ def apply_filters(rows: list[dict], cfg: FilterConfig, count_tokens, eval_docs: 
     return rows, rejects, funnel
 
 
-def split_holdout(rows: list[dict], n: int) -> tuple[list[dict], list[dict]]:
-    """(train, held out): the n rows whose id hashes lowest, so the choice is stable across runs."""
-    if n == 0:
+def in_holdout(seed_id: str, fraction: float) -> bool:
+    """Whether a seed is held out: a hash of its id against the fraction (raising the fraction only adds seeds)."""
+    h = int.from_bytes(hashlib.sha256(f"synthtune-holdout:{seed_id}".encode()).digest()[:8], "big")
+    return h < fraction * 2**64
+
+
+def split_holdout(rows: list[dict], fraction: float) -> tuple[list[dict], list[dict]]:
+    """(train, held out) by seed id: stable as data grows, every generation of a seed on one side."""
+    if fraction == 0:
         return rows, []
-    order = sorted(range(len(rows)), key=lambda i: hashlib.sha256(str(rows[i]["id"]).encode()).hexdigest())
-    held = set(order[:n])
-    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+    held = [in_holdout(str(r["id"]), fraction) for r in rows]
+    return [r for r, h in zip(rows, held, strict=True) if not h], [r for r, h in zip(rows, held, strict=True) if h]
+
+
+def holdout_leaks(train: list[dict], heldout: list[dict], cfg: FilterConfig) -> dict[int, str]:
+    """Train rows whose prompt is a held-out prompt, exactly or as a near-duplicate: index -> reason."""
+    exact = {}
+    for h in heldout:
+        exact.setdefault(normalize(h["prompt"]), h["id"])
+    leaks = {i: f"prompt is held-out row {exact[n]}'s prompt" for i, r in enumerate(train)
+             if (n := normalize(r["prompt"])) in exact}
+    near = cross_matches([r["prompt"] for r in train], [h["prompt"] for h in heldout], cfg.near_dedup_threshold,
+                         cfg.near_dedup_ngram)
+    for i, m in enumerate(near):
+        if m is not None and i not in leaks:
+            leaks[i] = f"prompt near-duplicates held-out row {heldout[m[0]]['id']}'s (Jaccard ~{m[1]:.2f})"
+    return leaks
 
 
 def run(cfg: PipelineConfig, store: ArtifactStore, upstream: dict[str, ArtifactRef]) -> ArtifactRef:
@@ -193,20 +190,24 @@ def run(cfg: PipelineConfig, store: ArtifactStore, upstream: dict[str, ArtifactR
         with store.local_copy(src) as folder:
             rows = pd.read_parquet(folder / "data.parquet").to_dict("records")
         tok = load_tokenizer(cfg.student)
-        docs = eval_documents(cfg) if cfg.filter.decontaminate else None
+        docs = task_documents(cfg.evaluate.tasks, cfg.evaluate.task_dir) if cfg.filter.decontaminate else None
         specials = sorted({t for t in tok.all_special_tokens if len(t) > 1}, key=len, reverse=True)
-        kept, rejects, funnel = apply_filters(rows, cfg.filter, lambda t: len(tok(t, add_special_tokens=False)["input_ids"]),
-                                              docs, specials)
+        kept, rejects, funnel = apply_filters(rows, cfg.filter, lambda texts: token_lengths(tok, texts), docs, specials)
         if not kept:
             table = "\n".join(f"  {f['filter']:<14} in {f['rows_in']:>6}  out {f['rows_out']:>6}" for f in funnel)
             raise EmptyDatasetError(f"every row was filtered out; nothing to train on. Funnel:\n{table}")
         columns = list(rows[0].keys()) if rows else []
-        kept, heldout = split_holdout(kept, cfg.filter.holdout)
-        if heldout:
+        kept, heldout = split_holdout(kept, cfg.filter.holdout_fraction)
+        if cfg.filter.holdout_fraction:
             funnel.append({"filter": "holdout (in-domain eval)", "rows_in": len(kept) + len(heldout),
                            "rows_out": len(kept), "dropped": len(heldout)})
+            leaks = holdout_leaks(kept, heldout, cfg.filter)  # never train on what the in-domain eval asks
+            rejects += [{**kept[i], "filter": "holdout_leak", "reason": why} for i, why in sorted(leaks.items())]
+            funnel.append({"filter": "holdout_leak", "rows_in": len(kept), "rows_out": len(kept) - len(leaks),
+                           "dropped": len(leaks)})
+            kept = [r for i, r in enumerate(kept) if i not in leaks]
         if not kept:
-            raise EmptyDatasetError(f"filter.holdout={cfg.filter.holdout} leaves no row to train on")
+            raise EmptyDatasetError(f"filter.holdout_fraction={cfg.filter.holdout_fraction} leaves no row to train on")
         pd.DataFrame(kept, columns=columns).to_parquet(staging.path / "data.parquet", index=False)
         pd.DataFrame(heldout, columns=columns).to_parquet(staging.path / "heldout.parquet", index=False)
         pd.DataFrame(rejects, columns=columns + ["filter", "reason"]).to_parquet(

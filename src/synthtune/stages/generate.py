@@ -1,14 +1,18 @@
-"""generate: synthetic answers from a teacher model through a distilabel pipeline.
+"""generate: synthetic answers from a teacher model through distilabel, paying only for what is new.
 
-Seeds come from a JSONL or parquet file or a datasets folder (`id` plus the prompt field). The
-teacher is a local transformers model (distilabel's `TransformersLLM`) or an OpenAI-compatible
-endpoint (`OpenAILLM`, retried with backoff, the key read from an environment variable). In
-preference mode a second, weaker model answers the same seeds and its answers become `rejected`.
-distilabel's own cache is never used: it ignores changed input data and step code, so every run
-gets a fresh cache folder and `use_cache=False`; our cache key (seed contents, teacher identity,
-prompts, generation kwargs) decides instead. distilabel runs in a spawned child process (it forks
-workers, takes over the root logger and installs a SIGINT handler); its `distilabel.*` records are
-forwarded to the caller.
+Seeds come from a file, a folder or a glob on any fsspec URL (synthtune.seeds): every row remembers
+its file and line, and bad rows are quarantined before any model loads. The teacher is a local
+transformers model (distilabel's `TransformersLLM`) or an OpenAI-compatible endpoint (`OpenAILLM`,
+retried with backoff, the key read from an environment variable or a Prefect Secret block). In
+preference mode a second, weaker model answers the same seeds, and a judge may rate the answers
+(UltraFeedback). Magpie mode needs no seeds.
+
+Every answer and rating is kept in the row-level cache on the artifact root (synthtune.rowcache),
+keyed by what determines it: a night with 50 new seeds asks the teacher for 50 answers, a retry
+after a crash asks only for what has no answer yet, a removed seed drops out and an edited one is
+regenerated. distilabel's own cache is never used (it restores whole steps and ignores changed
+input). distilabel runs in a spawned child process (stages/_distilabel_run.py); its `distilabel.*`
+records are forwarded to the caller.
 
 Run as: synthtune generate configs/demo.yaml
 """
@@ -26,16 +30,16 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import SecretStr, model_validator
 
 from synthtune.artifacts import ArtifactRef, ArtifactStore, Staging, key_payload, produce, stage_key
-from synthtune.fields import InputPath, Section, field
-from synthtune.io import read_jsonl
-from synthtune.models import fingerprint, resolve
+from synthtune.fields import Section, SeedSource, field
+from synthtune.models import fingerprint, identity, resolve
+from synthtune.rowcache import RowCache, entry_key
+from synthtune.seeds import SeedSet, read_seeds
 
 if TYPE_CHECKING:
     from synthtune.config import PipelineConfig
 
 STAGE = "generate"
-VERSION = "3"
-UPSTREAM: tuple[str, ...] = ()
+VERSION = "4"
 
 
 class GenerateConfig(Section):
@@ -76,9 +80,10 @@ class GenerateConfig(Section):
                              affects_output=False)
     max_retries: int = field(6, "Retries with exponential backoff on HTTP 429/5xx and timeouts.", ge=0,
                              affects_output=False)
-    seeds: InputPath | None = field(
-        None, "Seed rows: a JSONL or parquet file, or a `datasets` folder (save_to_disk); each row needs an `id` and "
-        "the prompt field. Needed except in magpie mode.")
+    seeds: SeedSource | None = field(
+        None, "Seed rows: a JSONL or parquet file, a folder of them, a glob (`data/seeds/*.jsonl`) or any fsspec URL "
+        "(`s3://bucket/seeds/date=*/part-*.parquet`), or a `datasets` folder (save_to_disk); each row needs an `id` and "
+        "the prompt field. Files are read in sorted order. Needed except in magpie mode.")
     prompt_field: str = field("prompt", "Name of the field in each seed row that holds the instruction.")
     system_prompt: str | None = field(None, "System prompt sent to the teacher with every seed.")
     max_new_tokens: int = field(128, "Most tokens the teacher may write per answer.", ge=1, le=32768)
@@ -90,6 +95,12 @@ class GenerateConfig(Section):
                              "teacher; a local teacher loads one copy of the model per replica.", ge=1, le=64,
                              affects_output=False)
     seed: int = field(0, "Random seed for sampling.")
+    max_prompt_tokens: int | None = field(
+        None, "Longest seed prompt, in teacher tokens. Empty: a local teacher's context minus max_new_tokens; an HTTP "
+        "teacher's `max_model_len` when its /models reports one (vLLM), else unchecked.", ge=1)
+    long_prompts: Literal["quarantine", "truncate"] = field(
+        "quarantine", "Seed prompts over max_prompt_tokens: `quarantine` them (with the reason) or `truncate` them "
+        "(keep the end, where the question usually is). Either way they are counted.")
 
     @model_validator(mode="after")
     def _mode_needs(self) -> GenerateConfig:
@@ -102,20 +113,18 @@ class GenerateConfig(Section):
                              "or a rejected_model")
         if self.mode == "magpie" and self.teacher_kind != "transformers":
             raise ValueError("mode=magpie needs teacher_kind=transformers (it prompts the raw chat template)")
+        if self.teacher_kind == "openai" and not self.base_url:
+            raise ValueError("teacher_kind=openai needs base_url (the OpenAI-compatible endpoint, e.g. "
+                             "http://127.0.0.1:8000/v1)")
         return self
-
-
-def identity(gen: GenerateConfig, model: str) -> str:
-    """What a model is, for the cache key: a local model's contents, or the endpoint and model name."""
-    return fingerprint(model) if gen.teacher_kind == "transformers" else f"openai:{gen.base_url}:{model}"
 
 
 def key(cfg: PipelineConfig, upstream: dict[str, str]) -> str:
     gen = cfg.generate
     extra = {"rejected_model": fingerprint(gen.rejected_model)} if gen.mode == "preference" and gen.rejected_model else {}
     if gen.judge:
-        extra["judge"] = identity(gen, gen.judge)
-    payload = {"generate": key_payload(gen), "teacher": identity(gen, gen.teacher), **extra}
+        extra["judge"] = identity(gen.judge, gen.teacher_kind, gen.base_url)
+    payload = {"generate": key_payload(gen), "teacher": identity(gen.teacher, gen.teacher_kind, gen.base_url), **extra}
     return stage_key(STAGE, VERSION, payload, upstream)
 
 
@@ -123,36 +132,9 @@ class GenerationError(RuntimeError):
     pass
 
 
-def read_seed_rows(path) -> tuple[list[dict], list[dict]]:
-    """Rows (each with `_line`, its 1-based position) of a JSONL or parquet file or a datasets folder."""
-    if path.is_dir():
-        from datasets import DatasetDict, load_from_disk
-
-        data = load_from_disk(str(path))
-        if isinstance(data, DatasetDict):
-            data = data["train"] if "train" in data else next(iter(data.values()))
-        return [{**row, "_line": i} for i, row in enumerate(data.to_list(), 1)], []
-    if path.suffix == ".parquet":
-        import pandas as pd
-
-        return [{**row, "_line": i} for i, row in enumerate(pd.read_parquet(path).to_dict("records"), 1)], []
-    return read_jsonl(path)
-
-
-def load_seeds(gen: GenerateConfig) -> tuple[list[dict], list[dict]]:
-    """Valid seed rows, and quarantined ones with the reason (file, line, field)."""
-    rows, bad = read_seed_rows(gen.seeds)
-    good = []
-    for row in rows:
-        prompt = row.get(gen.prompt_field)
-        where = {"file": str(gen.seeds), "line": row["_line"]}
-        if "id" not in row:
-            bad.append({**where, "reason": "missing field 'id'"})
-        elif not isinstance(prompt, str) or not prompt.strip():
-            bad.append({**where, "id": str(row["id"]), "reason": f"field '{gen.prompt_field}' missing or not text"})
-        else:
-            good.append({"id": str(row["id"]), "instruction": prompt})
-    return good, bad
+def load_seeds(gen: GenerateConfig) -> SeedSet:
+    """The usable seed rows and what was quarantined; raises SeedError when ids conflict."""
+    return read_seeds(gen.seeds, gen.prompt_field)
 
 
 @contextlib.contextmanager
@@ -187,20 +169,48 @@ def generation_kwargs(gen: GenerateConfig) -> dict:
     }
 
 
+# ---------------------------------------------------------------- row-cache keys
+
+
+def answer_key(gen: GenerateConfig, model: str, prompt: str, index: int) -> str:
+    """Row-cache key of one answer: what determines it, nothing else (never the seed's id or file)."""
+    return entry_key(kind="answer", model=model, mode=gen.mode, generation=generation_kwargs(gen), seed=gen.seed,
+                     system_prompt=gen.system_prompt, prompt=prompt, index=index)
+
+
+def magpie_key(gen: GenerateConfig, model: str, index: int) -> str:
+    return entry_key(kind="magpie", model=model, generation=generation_kwargs(gen), seed=gen.seed,
+                     system_prompt=gen.system_prompt, pre_query=gen.magpie_pre_query_template, index=index)
+
+
+def rating_key(gen: GenerateConfig, judge: str, instruction: str, generations: list[str]) -> str:
+    """Row-cache key of one judge verdict: the judge and exactly the candidates it rated, in order."""
+    return entry_key(kind="rating", judge=judge, aspect=gen.judge_aspect, max_new_tokens=gen.judge_max_new_tokens,
+                     generation=generation_kwargs(gen), instruction=instruction, generations=generations)
+
+
+def cache_url(store: ArtifactStore) -> str:
+    """Where the row cache lives: beside the stage's outputs, on any fsspec root."""
+    return store.uri(STAGE, ".cache")
+
+
+# ---------------------------------------------------------------- the teacher, before any generation
+
+
 def env_api_key(gen: GenerateConfig) -> SecretStr | None:
     value = os.environ.get(gen.api_key_env)
     return SecretStr(value) if value else None
 
 
-def check_endpoint(gen: GenerateConfig, api_key: SecretStr | None) -> None:
-    """Before any generation: the OpenAI-compatible teacher answers `GET /models`, retried with
-    backoff like generation requests; one that stays down fails naming the endpoint and last error."""
+def check_endpoint(gen: GenerateConfig, api_key: SecretStr | None) -> int | None:
+    """The OpenAI-compatible teacher answers `GET /models`, retried with backoff like generation
+    requests; one that stays down fails naming the endpoint and the last error. Returns the teacher's
+    context length when the server reports one (vLLM's `max_model_len`)."""
+    import json
     import time
     import urllib.error
     import urllib.request
 
-    if not gen.base_url:
-        raise GenerationError("generate.teacher_kind=openai needs generate.base_url")
     headers = {"Authorization": f"Bearer {api_key.get_secret_value()}"} if api_key else {}
     request = urllib.request.Request(gen.base_url.rstrip("/") + "/models", headers=headers)
     last = None
@@ -208,7 +218,12 @@ def check_endpoint(gen: GenerateConfig, api_key: SecretStr | None) -> None:
         try:
             with urllib.request.urlopen(request, timeout=gen.timeout_s) as response:
                 if response.status < 400:
-                    return
+                    try:
+                        models = json.loads(response.read()).get("data") or []
+                    except (ValueError, AttributeError):
+                        models = []
+                    return next((m.get("max_model_len") for m in models
+                                 if isinstance(m, dict) and m.get("id") == gen.teacher), None)
         except urllib.error.HTTPError as e:
             last = f"HTTP {e.code} {e.reason}"
             if e.code not in (408, 409, 429) and e.code < 500:
@@ -220,54 +235,58 @@ def check_endpoint(gen: GenerateConfig, api_key: SecretStr | None) -> None:
                           f"last error: {last}")
 
 
-def work_url(store: ArtifactStore, k: str) -> str:
-    """Finished batches of an unfinished run `k`, beside the artifacts (any fsspec root), so a retry
-    on any machine skips them. Removed once the stage commits."""
-    return store.uri(STAGE, ".work", k)
+def teacher_context(gen: GenerateConfig) -> int | None:
+    """A local teacher's context length (tokens), from its config and tokenizer."""
+    from transformers import AutoConfig
+
+    from synthtune.models import load_tokenizer
+
+    sizes = [getattr(AutoConfig.from_pretrained(resolve(gen.teacher)), "max_position_embeddings", None),
+             load_tokenizer(gen.teacher).model_max_length]
+    sizes = [n for n in sizes if isinstance(n, int) and 0 < n < 10**7]
+    return min(sizes) if sizes else None
 
 
-def _generate(cfg: PipelineConfig, store: ArtifactStore, staging: Staging, k: str, on_log=None,
-              api_key: SecretStr | None = None) -> None:
-    gen = cfg.generate
-    seeds, quarantined = ([], []) if gen.mode == "magpie" else load_seeds(gen)
-    if gen.mode != "magpie" and not seeds:
-        raise GenerationError(f"{gen.seeds}: no usable seed rows; quarantined: {quarantined[:5]}")
-    if gen.mode == "magpie":  # before any model loads: a template we cannot read fails here
-        gen = gen.model_copy(update={"magpie_pre_query_template": pre_query_template(gen)})
-    if gen.teacher_kind == "openai":
-        api_key = api_key or env_api_key(gen)
-        if api_key is None and gen.api_key_secret:
-            raise GenerationError(f"generate.api_key_secret '{gen.api_key_secret}' is a Prefect Secret block, read "
-                                  f"only by the Prefect engine: run through Prefect, or set ${gen.api_key_env}")
-        check_endpoint(gen, api_key)
-    # distilabel forks its workers: run it from a clean spawned process (see synthtune.child)
-    from synthtune.child import call_in_child
+def _prompt_tokenizer(gen: GenerateConfig):
+    """The teacher's tokenizer where it loads without a download, else None (lengths are then estimated)."""
+    from synthtune.models import load_tokenizer
 
-    rows, dropped = call_in_child(_run_distilabel, gen, seeds, k, work_url(store, k), str(staging.path / ".distilabel"),
-                                  api_key, on_log=on_log, log_name="distilabel")
-    _write(gen, staging, rows, len(seeds) or gen.magpie_rows, quarantined + dropped)
+    try:
+        return load_tokenizer(gen.teacher)
+    except Exception:  # a hosted model: no tokenizer here
+        return None
 
 
-# ---------------------------------------------------------------- distilabel (in the child process)
-
-def _llm(gen: GenerateConfig, model: str, magpie: bool = False, max_new_tokens: int | None = None):
-    import torch
-
-    if max_new_tokens:
-        gen = gen.model_copy(update={"max_new_tokens": max_new_tokens})
-    if gen.teacher_kind == "openai":
-        from distilabel.models.llms import OpenAILLM
-
-        key = env_api_key(gen) or SecretStr("not-needed")
-        return OpenAILLM(model=model, base_url=gen.base_url, api_key=key, max_retries=gen.max_retries,
-                         timeout=int(gen.timeout_s), generation_kwargs=generation_kwargs(gen))
-    from distilabel.models.llms import TransformersLLM
-
-    extra = {}
-    if magpie:  # _generate has resolved the template
-        extra = {"use_magpie_template": True, "magpie_pre_query_template": gen.magpie_pre_query_template}
-    return TransformersLLM(model=resolve(model), device="cuda" if torch.cuda.is_available() else None,
-                           torch_dtype="auto", generation_kwargs=generation_kwargs(gen), **extra)
+def fit_prompts(gen: GenerateConfig, seeds: SeedSet, context: int | None) -> dict[str, int]:
+    """Apply the long-prompt policy to the seed rows in place; returns the counts (too_long, truncated)."""
+    limit = gen.max_prompt_tokens or (context - gen.max_new_tokens if context else None)
+    counts = {"too_long": 0, "truncated": 0}
+    if not limit or limit <= 0:
+        return counts
+    # a prompt of at most `limit` UTF-8 bytes has at most `limit` tokens: only longer ones are tokenized
+    long = [r for r in seeds.rows if len(r["instruction"].encode()) > limit]
+    if not long:
+        return counts
+    tok = _prompt_tokenizer(gen)
+    ids = tok([r["instruction"] for r in long], add_special_tokens=False)["input_ids"] if tok else [None] * len(long)
+    over = set()
+    for row, row_ids in zip(long, ids, strict=True):
+        n = len(row_ids) if row_ids is not None else len(row["instruction"].encode()) // 4
+        if n <= limit:
+            continue
+        if gen.long_prompts == "truncate":
+            row["instruction"] = (tok.decode(row_ids[-limit:]) if row_ids is not None
+                                  else row["instruction"].encode()[-4 * limit:].decode("utf-8", "ignore"))
+            counts["truncated"] += 1
+            continue
+        over.add(id(row))
+        how = "" if row_ids is not None else " (estimated at 4 bytes a token)"
+        seeds.quarantined.append({"file": row["seed_file"], "line": row["seed_line"], "id": row["id"],
+                                  "reason": f"prompt is {n} tokens{how}, over the teacher's limit of {limit} "
+                                            "(generate.max_prompt_tokens; long_prompts=truncate keeps its end)"})
+    seeds.rows[:] = [r for r in seeds.rows if id(r) not in over]
+    counts["too_long"] = len(over)
+    return counts
 
 
 def pre_query_template(gen: GenerateConfig) -> str:
@@ -285,211 +304,64 @@ def pre_query_template(gen: GenerateConfig) -> str:
                           "set generate.magpie_pre_query_template")
 
 
-def _read_done(folder: str) -> list[dict]:
-    import fsspec
-    import pandas as pd
-
-    fs, base = fsspec.core.url_to_fs(folder)
-    files = sorted(fs.glob(f"{base}/batch-*.parquet")) if fs.exists(base) else []
-    rows: list[dict] = []
-    for name in files:
-        with fs.open(name, "rb") as f:
-            rows += pd.read_parquet(f).to_dict("records")
-    return rows
+# ---------------------------------------------------------------- the stage
 
 
-def _pass(what: str, inputs: list[dict], folder: str, cache_dir: str, make_task, columns: list[str],
-          batch_size: int, replicas: int = 1) -> list[dict]:
-    """One distilabel task over `inputs` (each with a unique `id`), batch by batch. Batches finished
-    by an earlier attempt (in `folder`) are not redone; a batch whose step raised fails the pass
-    after the rest finished. Returns rows in input order (several per input for n generations)."""
-    from distilabel.pipeline import Pipeline
-    from distilabel.steps import LoadDataFromDicts, StepResources
-
-    from synthtune.distil_steps import SaveBatches, step_failed
-
-    done = _read_done(folder)
-    finished = {r["id"] for r in done}
-    todo = [r for r in inputs if r["id"] not in finished]
-    fresh: list[dict] = []
-    if finished:
-        logging.getLogger("distilabel.synthtune").info("%s: %d of %d inputs finished by an earlier attempt, %d to go",
-                                                       what, len(finished), len(inputs), len(todo))
-    if todo:
-        with Pipeline(name=f"synthtune-{what}", cache_dir=cache_dir) as pipeline:
-            load = LoadDataFromDicts(data=todo, batch_size=batch_size)
-            task = make_task(resources=StepResources(replicas=replicas))
-            save = SaveBatches(folder=folder, columns=columns, input_batch_size=batch_size)
-            load >> task >> save
-        with distilabel_guard():
-            distiset = pipeline.run(use_cache=False)
-        fresh = distiset["default"]["train"].to_list()
-    failed = sorted({r["id"] for r in fresh if step_failed(r)})
-    if failed:
-        raise GenerationError(
-            f"{what}: the step raised for {len(failed)} of {len(inputs)} inputs (first: {failed[:3]}); the "
-            f"{len(inputs) - len(failed)} finished are kept in {folder}, a retry redoes only the rest. "
-            "See the distilabel log for the step's error.")
-    order = {r["id"]: i for i, r in enumerate(inputs)}
-    rows = [{c: r.get(c) for c in columns} for r in done + fresh]
-    return sorted(rows, key=lambda r: order[r["id"]])
-
-
-def _answers(gen: GenerateConfig, model: str, seeds: list[dict], what: str, work: str, cache_dir: str) -> list[dict]:
-    import torch
-    from distilabel.steps.tasks import TextGeneration
-
-    torch.manual_seed(gen.seed)
-    llm = _llm(gen, model)
-    return _pass(what, seeds, f"{work}/{what}", cache_dir,
-                 lambda **kw: TextGeneration(llm=llm, system_prompt=gen.system_prompt, num_generations=gen.num_generations,
-                                             input_batch_size=gen.batch_size, add_raw_output=False, add_raw_input=False,
-                                             **kw),
-                 ["id", "instruction", "generation", "model_name"], gen.batch_size, gen.concurrency)
-
-
-def _ratings(gen: GenerateConfig, items: list[dict], work: str, cache_dir: str) -> dict[str, dict]:
-    """UltraFeedback over items {id, instruction, generations}: id -> {ratings, rationales}."""
-    from distilabel.steps.tasks import UltraFeedback
-
-    llm = _llm(gen, gen.judge, max_new_tokens=gen.judge_max_new_tokens)
-    rows = _pass("judge", items, f"{work}/judge", cache_dir,
-                 lambda **kw: UltraFeedback(llm=llm, aspect=gen.judge_aspect, input_batch_size=gen.batch_size,
-                                            add_raw_output=False, add_raw_input=False, **kw),
-                 ["id", "ratings", "rationales", "model_name"], gen.batch_size, gen.concurrency)
-    return {r["id"]: r for r in rows}
-
-
-def _text(value) -> str | None:
-    return value.strip() if isinstance(value, str) and value.strip() else None
-
-
-def _run_distilabel(gen: GenerateConfig, seeds: list[dict], k: str, work: str, cache_dir: str,
-                    api_key: SecretStr | None = None) -> tuple[list[dict], list[dict]]:
-    """The rows of the stage (provenance columns included) and the quarantined ones with reasons."""
-    if api_key is not None:  # this child's environment only: it ends with the child
-        os.environ[gen.api_key_env] = api_key.get_secret_value()
-    if gen.mode == "magpie":
-        return _magpie(gen, work, cache_dir)
-    dropped: list[dict] = []
-    candidates: dict[str, list[dict]] = {s["id"]: [] for s in seeds}  # per seed: {text, model, index}
-    for r in _answers(gen, gen.teacher, seeds, "teacher", work, cache_dir):
-        candidates[r["id"]].append({"text": _text(r["generation"]), "model": gen.teacher,
-                                    "index": len(candidates[r["id"]])})
+def _generate(cfg: PipelineConfig, store: ArtifactStore, staging: Staging, on_log=None,
+              api_key: SecretStr | None = None) -> None:
+    gen = cfg.generate
+    seeds = SeedSet() if gen.mode == "magpie" else load_seeds(gen)  # before any model loads
+    if gen.mode != "magpie" and not seeds.rows:
+        raise GenerationError(f"{gen.seeds}: no usable seed rows; quarantined: {seeds.quarantined[:5]}")
+    if gen.mode == "magpie":  # before any model loads: a template we cannot read fails here
+        gen = gen.model_copy(update={"magpie_pre_query_template": pre_query_template(gen)})
+    context = None
+    if gen.teacher_kind == "openai":
+        api_key = api_key or env_api_key(gen)
+        if api_key is None and gen.api_key_secret:
+            raise GenerationError(f"generate.api_key_secret '{gen.api_key_secret}' is a Prefect Secret block, read "
+                                  f"only by the Prefect engine: run through Prefect, or set ${gen.api_key_env}")
+        context = check_endpoint(gen, api_key)
+    elif gen.mode != "magpie":
+        context = teacher_context(gen)
+    lengths = fit_prompts(gen, seeds, context)
+    identities = {"teacher": identity(gen.teacher, gen.teacher_kind, gen.base_url)}
     if gen.mode == "preference" and gen.rejected_model:
-        weaker = gen.model_copy(update={"teacher_kind": "transformers", "num_generations": 1})
-        for r in _answers(weaker, gen.rejected_model, seeds, "rejected", work, cache_dir):
-            candidates[r["id"]].append({"text": _text(r["generation"]), "model": gen.rejected_model,
-                                        "index": len(candidates[r["id"]])})
-    for seed_id, cands in candidates.items():
-        for c in cands:
-            if c["text"] is None:
-                dropped.append({"id": seed_id, "reason": f"{c['model']} returned no text (generation {c['index']})",
-                                "empty": True})
-        cands[:] = [c for c in cands if c["text"] is not None]
-    prompts = {s["id"]: s["instruction"] for s in seeds}
-    if gen.mode == "sft":
-        rows = [{"id": i, "prompt": prompts[i], "response": c["text"], "teacher": gen.teacher, "generation_index": c["index"]}
-                for i, cands in candidates.items() for c in cands]
-        if gen.judge:  # each answer rated on its own
-            rated = _ratings(gen, [{"id": f"{r['id']}#{r['generation_index']}", "instruction": r["prompt"],
-                                    "generations": [r["response"]]} for r in rows], work, cache_dir)
-            for r in rows:
-                judged = rated[f"{r['id']}#{r['generation_index']}"]
-                r.update(judge=gen.judge, rating=_first(judged["ratings"]), rationale=_first(judged["rationales"]))
-        return rows, dropped
-    return _preference_pairs(gen, prompts, candidates, work, cache_dir, dropped), dropped
-
-
-def _first(values):
-    return values[0] if isinstance(values, list | tuple) and len(values) else None
-
-
-def _preference_pairs(gen: GenerateConfig, prompts: dict[str, str], candidates: dict[str, list[dict]], work: str,
-                      cache_dir: str, dropped: list[dict]) -> list[dict]:
-    """chosen/rejected per seed: by the judge's ratings (best vs worst), else teacher vs rejected_model."""
-    enough = {i: c for i, c in candidates.items() if len(c) >= 2}
-    for i in candidates.keys() - enough.keys():
-        dropped.append({"id": i, "reason": "fewer than two answers to compare"})
+        identities["rejected"] = fingerprint(gen.rejected_model)
     if gen.judge:
-        rated = _ratings(gen, [{"id": i, "instruction": prompts[i], "generations": [c["text"] for c in cands]}
-                               for i, cands in enough.items()], work, cache_dir)
-    rows = []
-    for i, cands in enough.items():
-        if not gen.judge:
-            chosen = next(c for c in cands if c["model"] == gen.teacher)
-            rejected = next((c for c in cands if c["model"] == gen.rejected_model), None)
-            if rejected is None:
-                dropped.append({"id": i, "reason": f"{gen.rejected_model} gave no answer"})
-                continue
-            rows.append({"id": i, "prompt": prompts[i], "chosen": chosen["text"], "rejected": rejected["text"],
-                         "teacher": gen.teacher, "generation_index": chosen["index"],
-                         "chosen_model": chosen["model"], "rejected_model": rejected["model"]})
-            continue
-        picked = pick_pair(cands, rated[i]["ratings"], rated[i]["rationales"])
-        if isinstance(picked, str):
-            dropped.append({"id": i, "reason": f"judge {gen.judge} {picked}"})
-            continue
-        (c, rating, rationale), (r, rejected_rating, rejected_rationale) = picked
-        rows.append({"id": i, "prompt": prompts[i], "chosen": c["text"], "rejected": r["text"], "teacher": gen.teacher,
-                     "generation_index": c["index"], "chosen_model": c["model"], "rejected_model": r["model"],
-                     "judge": gen.judge, "rating": rating, "rejected_rating": rejected_rating,
-                     "rationale": rationale, "rejected_rationale": rejected_rationale})
-    return rows
+        identities["judge"] = identity(gen.judge, gen.teacher_kind, gen.base_url)
+    # distilabel forks its workers: run it from a clean spawned process (see synthtune.child)
+    from synthtune.child import call_in_child
+    from synthtune.stages._distilabel_run import run_distilabel
+
+    rows, dropped, counts = call_in_child(run_distilabel, gen, seeds.rows, identities, cache_url(store),
+                                          str(staging.path / ".distilabel"), api_key, on_log=on_log,
+                                          log_name="distilabel")
+    _write(gen, staging, rows, seeds, dropped, {**counts, **lengths})
+    for kind in ("answers", "magpie", "ratings"):  # many nights of small shards -> one per kind
+        RowCache(f"{cache_url(store)}/{kind}").compact()
 
 
-def pick_pair(cands: list[dict], ratings, rationales):
-    """The best and the worst rated answer, each as (candidate, rating, rationale); or why there is
-    no pair (ratings missing or unparsable, or all equal). The first of equally rated answers wins."""
-    ratings, rationales = list(ratings or []), list(rationales or [])
-    why = rationales + [None] * len(cands)
-    scored = [(n, r) for n, r in enumerate(ratings[:len(cands)]) if isinstance(r, int | float)]
-    if len(scored) < 2:
-        return "rated fewer than two answers (unparsable output)"
-    best = max(scored, key=lambda x: (x[1], -x[0]))
-    worst = min(scored, key=lambda x: (x[1], -x[0]))
-    if best[1] == worst[1]:
-        return f"rated every answer {best[1]}"
-    return (cands[best[0]], best[1], why[best[0]]), (cands[worst[0]], worst[1], why[worst[0]])
-
-
-def _magpie(gen: GenerateConfig, work: str, cache_dir: str) -> tuple[list[dict], list[dict]]:
-    """Instructions and answers both from the teacher (Magpie): nothing but the chat template's
-    user-turn opening is given, the model writes the instruction, then answers it."""
-    import torch
-    from distilabel.steps.tasks import Magpie
-
-    torch.manual_seed(gen.seed)
-    llm = _llm(gen, gen.teacher, magpie=True)
-    inputs = [{"id": f"magpie-{n}"} for n in range(gen.magpie_rows)]
-    system = {"system_prompt": gen.system_prompt} if gen.system_prompt else {}
-    out = _pass("magpie", inputs, f"{work}/magpie", cache_dir,
-                lambda **kw: Magpie(llm=llm, n_turns=1, input_batch_size=gen.batch_size, **system, **kw),
-                ["id", "instruction", "response", "model_name"], gen.batch_size)
-    rows, dropped = [], []
-    for r in out:
-        instruction, response = _text(r["instruction"]), _text(r["response"])
-        if instruction is None or response is None:
-            missing = "instruction" if instruction is None else "response"
-            dropped.append({"id": r["id"], "reason": f"{gen.teacher} wrote no {missing}", "empty": True})
-            continue
-        rows.append({"id": r["id"], "prompt": instruction, "response": response, "teacher": gen.teacher,
-                     "generation_index": 0})
-    return rows, dropped
-
-
-def _write(gen: GenerateConfig, staging: Staging, rows: list[dict], asked: int, quarantined: list[dict]) -> None:
+def _write(gen: GenerateConfig, staging: Staging, rows: list[dict], seeds: SeedSet, dropped: list[dict],
+           counts: dict[str, int]) -> None:
     import pandas as pd
 
     shutil.rmtree(staging.path / ".distilabel", ignore_errors=True)
+    asked = len(seeds.rows) or gen.magpie_rows
+    where = {r["id"]: {"file": r["seed_file"], "line": r["seed_line"]} for r in seeds.rows}
+    quarantined = seeds.quarantined + [{**where.get(d["id"], {}), **d} for d in dropped]
     if not rows:
         raise GenerationError(f"teacher {gen.teacher} gave no usable rows for any of {asked} inputs; "
                               f"first reasons: {[q.get('reason') for q in quarantined[:3]]}")
     pd.DataFrame(rows).to_parquet(staging.path / "data.parquet", index=False)
     pd.DataFrame(quarantined, columns=["id", "file", "line", "reason"]).astype(str).to_parquet(
         staging.path / "quarantine.parquet", index=False)
-    empty = sum(bool(q.get("empty")) for q in quarantined)
-    staging.rows.update(seeds=asked, generated=len(rows), quarantined=len(quarantined), empty=empty)
+    counts["new"] = counts.pop("new_rows", 0)
+    if not gen.judge:
+        counts = {k: v for k, v in counts.items() if not k.startswith("ratings_")}
+    staging.rows.update(seeds=asked, output=len(rows), **counts, quarantined=len(quarantined),
+                        empty=sum(bool(d.get("empty")) for d in dropped), duplicates=seeds.duplicates)
+    staging.extra["seed_files"] = seeds.files
 
 
 def run(cfg: PipelineConfig, store: ArtifactStore, upstream: dict[str, ArtifactRef] | None = None,
@@ -498,6 +370,4 @@ def run(cfg: PipelineConfig, store: ArtifactStore, upstream: dict[str, ArtifactR
     (only `distilabel.*`: forwarding everything would loop through whoever listens). `api_key`, when
     given, wins over `$api_key_env` (the Prefect task passes a Secret block's value)."""
     k = key(cfg, {})
-    ref = produce(store, STAGE, k, {}, key_payload(cfg.generate), lambda st: _generate(cfg, store, st, k, on_log, api_key))
-    store.remove(STAGE, ".work", k)  # committed: its finished batches are no longer needed
-    return ref
+    return produce(store, STAGE, k, {}, key_payload(cfg.generate), lambda st: _generate(cfg, store, st, on_log, api_key))
