@@ -39,7 +39,7 @@ from pydantic import Field  # noqa: E402
 
 from synthtune.artifacts import ArtifactRef, ArtifactStore  # noqa: E402
 from synthtune.config import PipelineConfig, to_yaml  # noqa: E402
-from synthtune.runner import DAG, Step, plan  # noqa: E402
+from synthtune.runner import CHAMPION, DAG, Step, champion_train, step_config, step_inputs  # noqa: E402
 from tasks._common import FAULT  # noqa: E402
 from tasks.evaluate import evaluate  # noqa: E402
 from tasks.filter import filter  # noqa: E402
@@ -118,8 +118,12 @@ def run_steps(config: PipelineConfig, steps: tuple[Step, ...], refs: dict[str, A
     token = FAULT.set(fault)
     try:
         for step in steps:
+            champion = champion_train(config, store, refs["train"].key) if CHAMPION in step.inputs.values() else None
+            inputs = step_inputs(step, refs, champion)
+            if inputs is None:  # no champion to compare with (the first night, or the candidate is the champion)
+                continue
             task = TASKS[step.stage.STAGE].with_options(task_run_name=step.name, result_storage=storage)
-            refs[step.name] = task(config, {arg: refs[src] for arg, src in step.inputs.items()})
+            refs[step.name] = task(step_config(config, step, store), inputs)
             if report := REPORTS.get(step.stage.STAGE):
                 report(store, refs[step.name])
     finally:
@@ -158,17 +162,22 @@ def pipeline(config: PipelineConfig, gpu_deployment: GpuDeployment = "", gpu_slo
 @flow(name="synthtune-gpu", log_prints=False, persist_result=True)
 def gpu_stages(config: PipelineConfig, upstream: dict[str, ArtifactRef], gpu_slot: GpuSlot = "",
                fail_stage: FailStage = "none") -> dict[str, ArtifactRef]:
-    """train and evaluate (base, tuned) on a GPU worker, for a `pipeline` run in split mode."""
+    """train and evaluate (base, tuned, champion) on a GPU worker, for a `pipeline` run in split mode.
+    Its outputs are handed back through the artifact root (`handoff/<this run's id>.json`): their
+    keys depend on what this GPU machine resolves (quantization, kernels), which the parent cannot know."""
     refs = dict(upstream)
     with hold_gpu(slot_name(gpu_slot)):
         run_steps(config, GPU_STEPS, refs, fail_stage, result_storage(config))
-    return {s.name: refs[s.name] for s in GPU_STEPS}
+    out = {s.name: refs[s.name] for s in GPU_STEPS if s.name in refs}
+    store = ArtifactStore(config.artifact_root)
+    store.write_json(("handoff", f"{flow_run.get_id()}.json"), {k: v.model_dump(mode="json") for k, v in out.items()})
+    return out
 
 
 def _gpu_stages_elsewhere(config: PipelineConfig, deployment: str, gpu_slot: str,
                           refs: dict[str, ArtifactRef], fault: str) -> dict[str, ArtifactRef]:
     """Run the GPU steps as a child flow run of `deployment`, then read their outputs from the
-    artifact root by key (no result has to travel back through Prefect)."""
+    artifact root (no result has to travel back through Prefect)."""
     from prefect.deployments import run_deployment
 
     needed = {src for s in GPU_STEPS for src in s.inputs.values() if src in refs}
@@ -180,12 +189,14 @@ def _gpu_stages_elsewhere(config: PipelineConfig, deployment: str, gpu_slot: str
         state = child.state.name if child.state else "unknown"
         raise RuntimeError(f"GPU stages ({deployment}, run {child.name}) ended {state}: "
                            f"{child.state.message if child.state else ''}")
-    store, keys = ArtifactStore(config.artifact_root), plan(config)
+    store = ArtifactStore(config.artifact_root)
+    handed = store.read_json(("handoff", f"{child.id}.json"))
+    if handed is None:
+        raise RuntimeError(f"GPU stages run {child.name} completed but left no {store.uri('handoff', f'{child.id}.json')}")
     out = {}
-    for step in GPU_STEPS:
-        ref = store.ref(step.stage.STAGE, keys[step.name])
-        if ref is None:
-            raise RuntimeError(f"GPU stages run {child.name} completed but {step.name} ({keys[step.name]}) "
-                               f"is not at {store.uri(step.stage.STAGE, keys[step.name])}")
-        out[step.name] = ref
+    for name, data in handed.items():
+        ref = ArtifactRef.model_validate(data)
+        if store.ref(ref.stage, ref.key) is None:
+            raise RuntimeError(f"GPU stages run {child.name} completed but {name} is not at {ref.uri}")
+        out[name] = ref
     return out

@@ -54,7 +54,8 @@ def test_validate_reports_typo_missing_file_and_range_together(tmp_path):
 
 def test_relative_paths_resolve_against_the_yaml_folder(tmp_path):
     (tmp_path / "seeds.jsonl").write_text('{"id": 1, "prompt": "hi"}\n')
-    (tmp_path / "p.yaml").write_text("student: tiny:student\ngenerate:\n  teacher: tiny:teacher\n  seeds: seeds.jsonl\n")
+    (tmp_path / "p.yaml").write_text("student: tiny:student\ngenerate:\n  teacher: tiny:teacher\n  seeds: seeds.jsonl\n"
+                                     "evaluate:\n  tasks: [arc_easy]\npromote:\n  target_task: arc_easy\n")
     cfg = load_config(tmp_path / "p.yaml")
     assert cfg.generate.seeds == str(tmp_path / "seeds.jsonl")
 

@@ -207,3 +207,98 @@ def latest_attempt(run_id) -> dict[str, str]:
     for r in sorted(runs, key=lambda r: r.created):
         newest[r.name] = r
     return {n: r.state.name for n, r in newest.items()}
+
+
+class WebhookReceiver:
+    """A webhook endpoint on 127.0.0.1 that keeps every POST body."""
+
+    def __init__(self):
+        import http.server
+        import threading
+
+        self.posts: list[dict] = []
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                import json
+
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                receiver.posts.append(json.loads(body or b"{}"))
+                self.send_response(200)
+                self.end_headers()
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def wait_for(self, n: int, timeout: float = 90, settle: float = 10) -> list[dict]:
+        """The POSTs once there are `n`, after `settle` more seconds in which no other may arrive."""
+        deadline = time.monotonic() + timeout
+        while len(self.posts) < n and time.monotonic() < deadline:
+            time.sleep(0.5)
+        time.sleep(settle)
+        return list(self.posts)
+
+
+def _automations():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("automations", ROOT / "deployments" / "automations.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_failed_nightly_and_a_promotion_each_post_one_notification(stack):
+    receiver = WebhookReceiver()
+    _automations().apply(receiver.url, allow_private_urls=True)
+    failed = wait_run(start_run("synthtune/nightly", {"config": deployed_config(stack), "fail_stage": "preflight"}),
+                      timeout=300)
+    assert failed.state.type.value == "FAILED"
+    posts = receiver.wait_for(1)
+    assert len(posts) == 1 and "ended Failed" in posts[0]["text"] and failed.name in posts[0]["text"]
+
+    # a new decision (a looser tolerance is a new promote key; every other stage comes back cached) that promotes
+    config = with_changes(deployed_config(stack), promote={"min_delta_vs_champion": -1.0})
+    run = wait_run(start_run("synthtune/adhoc", {"config": config}), timeout=600)
+    assert run.state.type.value == "COMPLETED" and run.state.name == "Completed", run.state
+    posts = receiver.wait_for(2)
+    assert len(posts) == 2 and "is the new champion" in posts[1]["text"]
+    assert states(run.id)["promote"] == "Completed"
+
+
+def test_seeds_arriving_three_times_in_the_debounce_window_start_one_run(stack):
+    import subprocess
+    import sys
+    from datetime import UTC, datetime
+
+    with client() as c:
+        nightly = c.read_deployment_by_name("synthtune/nightly")
+
+    def triggered() -> list:
+        from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+        with client() as c:
+            runs = c.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[nightly.id])))
+        # the trigger schedules its run 10 minutes out; the cron's runs are at 02:00 Berlin
+        return [r for r in runs if r.state.name == "Scheduled" and r.created > started]
+
+    started = datetime.now(UTC)
+    cli = str(Path(sys.executable).parent / "synthtune")
+    for _ in range(3):  # three files landing within the window
+        out = subprocess.run([cli, "seeds-arrived", str(ROOT / "configs" / "demo.yaml"), "name=nightly"],
+                             env=stack.env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+    deadline = time.monotonic() + 60
+    while not triggered() and time.monotonic() < deadline:
+        time.sleep(1)
+    time.sleep(10)  # any further run would have been created by now
+    runs = triggered()
+    assert len(runs) == 1, runs
+    assert (runs[0].expected_start_time - started).total_seconds() > 300  # scheduled after the burst
+    with client() as c:
+        c.delete_flow_run(runs[0].id)  # it would run the whole loop ten minutes from now

@@ -254,6 +254,15 @@ class ArtifactStore:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
+    def read_json(self, parts: tuple[str, ...]) -> dict | None:
+        """A small JSON file under the root (None when missing)."""
+        return self._read_json(self._path(*parts))
+
+    def write_json(self, parts: tuple[str, ...], obj: Any) -> None:
+        """A small JSON file under the root, replaced whole."""
+        self.fs.makedirs(os.path.dirname(self._path(*parts)), exist_ok=True)
+        self._write_json(self._path(*parts), obj)
+
     def read_latest(self) -> dict | None:
         return self._read_json(self._path(LATEST))
 

@@ -44,8 +44,8 @@ class PipelineConfig(Section):
     filter: FilterConfig = field(default_factory=FilterConfig, description="What synthetic rows are kept.")
     template: TemplateConfig = field(default_factory=TemplateConfig, description="Chat template and lengths.")
     train: TrainConfig = field(default_factory=TrainConfig, description="LoRA / QLoRA fine-tuning.")
-    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig, description="lm-eval, base vs tuned.")
-    promote: PromoteConfig = field(default_factory=PromoteConfig, description="When `latest` moves.")
+    evaluate: EvaluateConfig = field(..., description="lm-eval, base vs champion vs tuned, identical flags.")
+    promote: PromoteConfig = field(..., description="When a candidate becomes the champion.")
 
     @model_validator(mode="after")
     def _cross_checks(self) -> PipelineConfig:

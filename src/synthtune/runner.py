@@ -3,6 +3,10 @@
 `DAG` is the single place that knows the edges: the Prefect flow (flows/pipeline.py) and
 `run_all` here both walk it. `run_all` skips finished stages from their manifests; it is what the
 CLI's per-stage commands and the GPU scripts use.
+
+One step's input is not made by this run: `evaluate[champion]` evaluates the adapter in service
+(the registry's champion) under this run's evaluation config. On the first night, or when tonight's
+candidate is the champion already, there is nothing to compare with and the step is skipped.
 """
 
 from __future__ import annotations
@@ -13,14 +17,17 @@ from types import ModuleType
 
 from synthtune.artifacts import ArtifactRef, ArtifactStore
 from synthtune.config import PipelineConfig
+from synthtune.registry import Registry, RegistryError
 from synthtune.stages import evaluate, filter, generate, preflight, promote, template, train
+
+CHAMPION = "champion"  # the input name that stands for the registry's champion, not a step of this run
 
 
 @dataclass(frozen=True)
 class Step:
     name: str  # unique within the DAG; the stage's name, or stage[variant]
     stage: ModuleType
-    inputs: dict[str, str] = field(default_factory=dict)  # upstream argument name -> step name
+    inputs: dict[str, str] = field(default_factory=dict)  # upstream argument name -> step name (or CHAMPION)
 
 
 DAG: tuple[Step, ...] = (
@@ -32,15 +39,60 @@ DAG: tuple[Step, ...] = (
     # `filter` feeds evaluate's in-domain task; without evaluate.in_domain it is not in the key
     Step("evaluate[base]", evaluate, {"filter": "filter"}),
     Step("evaluate[tuned]", evaluate, {"train": "train", "filter": "filter"}),
-    Step("promote", promote, {"base": "evaluate[base]", "tuned": "evaluate[tuned]", "train": "train"}),
+    Step("evaluate[champion]", evaluate, {"train": CHAMPION, "filter": "filter"}),
+    Step("promote", promote, {"base": "evaluate[base]", "tuned": "evaluate[tuned]", "train": "train",
+                              "champion": "evaluate[champion]"}),
 )
 
 
+def champion_train(cfg: PipelineConfig, store: ArtifactStore, candidate_key: str | None) -> ArtifactRef | None:
+    """The champion's train output, or None on the first night or when the candidate is the champion."""
+    record = Registry(store).champion()
+    if record is None or record["train_key"] == candidate_key:
+        return None
+    ref = store.ref("train", record["train_key"])
+    if ref is None or not store.fs.exists(store._path("train", record["train_key"], "adapter")):
+        raise RegistryError(f"the champion {record['train_key']} ({Registry(store).uri('champion.json')}) has no adapter "
+                            f"at {record['adapter']}: restore it, or `synthtune rollback --to TRAIN_KEY` to another")
+    return ref
+
+
+def step_config(cfg: PipelineConfig, step: Step, store: ArtifactStore) -> PipelineConfig:
+    """The config a step runs with: the champion is evaluated on its own base model."""
+    if CHAMPION not in step.inputs.values():
+        return cfg
+    record = Registry(store).champion()
+    student = (record or {}).get("student") or cfg.student
+    return cfg if student == cfg.student else cfg.model_copy(update={"student": student})
+
+
+def step_inputs(step: Step, done: dict[str, ArtifactRef | None], champion: ArtifactRef | None
+                ) -> dict[str, ArtifactRef] | None:
+    """A step's upstream references; None when the step has nothing to do (no champion to evaluate)."""
+    if CHAMPION in step.inputs.values() and champion is None:
+        return None
+    out = {}
+    for arg, src in step.inputs.items():
+        ref = champion if src == CHAMPION else done.get(src)
+        if ref is not None:
+            out[arg] = ref
+    return out
+
+
 def plan(cfg: PipelineConfig) -> dict[str, str]:
-    """Every step's cache key, computed from the config alone (nothing runs)."""
+    """Every step's cache key, computed from the config and the registry (nothing runs). A skipped
+    step (no champion to compare with) has no key."""
+    store = ArtifactStore(cfg.artifact_root)
     keys: dict[str, str] = {}
     for step in DAG:
-        keys[step.name] = step.stage.key(cfg, {arg: keys[src] for arg, src in step.inputs.items()})
+        champion = None
+        if CHAMPION in step.inputs.values():
+            champion = champion_train(cfg, store, keys.get("train"))
+            if champion is None:
+                continue
+        ups = {arg: (champion.key if src == CHAMPION else keys[src]) for arg, src in step.inputs.items()
+               if src == CHAMPION or src in keys}
+        keys[step.name] = step.stage.key(step_config(cfg, step, store), ups)
     return keys
 
 
@@ -50,9 +102,12 @@ def run_all(cfg: PipelineConfig, on_step: Callable[[str, ArtifactRef], None] | N
     store = ArtifactStore(cfg.artifact_root)
     refs: dict[str, ArtifactRef] = {}
     for step in DAG:
-        refs[step.name] = step.stage.run(cfg, store, {arg: refs[src] for arg, src in step.inputs.items()})
-        if on_step:
-            on_step(step.name, refs[step.name])
+        champion = champion_train(cfg, store, refs["train"].key) if CHAMPION in step.inputs.values() else None
+        inputs = step_inputs(step, refs, champion)
+        if inputs is not None:
+            refs[step.name] = step.stage.run(step_config(cfg, step, store), store, inputs)
+            if on_step:
+                on_step(step.name, refs[step.name])
         if until and step.stage.STAGE == until and all(s.stage.STAGE != until for s in DAG[DAG.index(step) + 1:]):
             break
     return refs

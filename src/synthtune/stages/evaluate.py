@@ -52,7 +52,8 @@ metadata:
 
 
 class EvaluateConfig(Section):
-    tasks: list[str] = field(["demo_facts"], "lm-eval task names: registry names or tasks defined in task_dir.")
+    tasks: list[str] = field(..., description="lm-eval task names: registry names or tasks defined in task_dir.",
+                             min_length=1)
     task_dir: InputDir | None = field(None, "Folder of lm-eval task YAMLs; their data files are hashed into the key.")
     num_fewshot: int = field(0, "Few-shot examples per item, the same for base and tuned.", ge=0)
     apply_chat_template: bool = field(True, "Render prompts with the model's chat template (base and tuned alike).")

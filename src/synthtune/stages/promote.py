@@ -1,78 +1,146 @@
-"""promote: compare tuned with base, and move the `latest` pointer only when the gate passes.
+"""promote: does tonight's candidate beat the model in service? Record the decision in the registry.
 
-The gate: the target task's metric must improve by at least `min_delta`, and no guard task's
-metric may drop by more than `max_guard_drop`. Passing writes `{artifact_root}/latest.json`;
-failing leaves it untouched and records the reasons. Either way the comparison table (base, tuned,
-delta, stderr per task and metric), a bar chart and the items that flipped right->wrong and
-wrong->right are written next to the verdict.
+The gate, on the same evaluation under identical flags:
+- the target task's metric must beat the base model by `min_delta` (as it always did), and the
+  champion (the adapter in service, re-scored tonight as `evaluate[champion]`) by
+  `min_delta_vs_champion` (0: at least as good; negative: a tolerance);
+- no guard task may drop by more than `max_guard_drop` against the champion (against base on the
+  first night, when there is no champion: the gate says so);
+- a paired McNemar test on per-item correctness of the target task (candidate vs champion, or vs
+  base on the first night) reports whether the difference is significant; with
+  `require_significance` the gate demands it.
+
+Every decision is appended to `{artifact_root}/registry/history.jsonl`; a promotion makes the
+candidate the champion (`registry/champion.json`, mirrored to `latest.json`). Either way the
+comparison (base, champion, tuned, deltas, stderrs), a bar chart and the items that flipped are
+written next to the verdict.
 
 Run as: synthtune promote configs/demo.yaml
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import time
+from math import comb
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from synthtune.artifacts import ArtifactRef, ArtifactStore, Staging, key_payload, produce, stage_key
+from pydantic import model_validator
+
+from synthtune.artifacts import ArtifactRef, ArtifactStore, Staging, current_run_id, key_payload, produce, stage_key
 from synthtune.fields import Section, field
+from synthtune.registry import Registry, champion_record, now
 
 if TYPE_CHECKING:
     from synthtune.config import PipelineConfig
 
 STAGE = "promote"
-VERSION = "2"
+VERSION = "3"
 
 
 class PromoteConfig(Section):
-    target_task: str = field("demo_facts", "Task whose score decides promotion; must be one of evaluate.tasks.")
+    target_task: str = field(..., description="Task whose score decides promotion; must be one of evaluate.tasks.")
     metric: str = field("acc", "Metric compared for every task, e.g. acc, acc_norm, exact_match[strict-match].")
     min_delta: float = field(0.0, "Tuned minus base on the target task must be at least this to promote.")
-    guard_tasks: list[str] = field([], "Tasks that must not get worse: each may drop by at most max_guard_drop.")
-    max_guard_drop: float = field(0.02, "Largest drop (base minus tuned) allowed on any guard task.", ge=0)
+    min_delta_vs_champion: float = field(
+        0.0, "Tuned minus the champion (the adapter in service) on the target task must be at least this: 0 means at "
+        "least as good, a negative value is a tolerance.")
+    guard_tasks: list[str] = field([], "Tasks that must not get worse: each may drop by at most max_guard_drop "
+                                   "against the champion (against base before the first promotion).")
+    max_guard_drop: float = field(0.02, "Largest drop (reference minus tuned) allowed on any guard task.", ge=0)
+    require_significance: bool = field(
+        False, "Promote only when a paired McNemar test on the target task's items says the candidate's difference "
+        "from the champion (from base before the first promotion) is significant.")
+    significance_level: float = field(0.05, "p-value below which the difference counts as significant.", gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _no_guard_is_the_target(self) -> PromoteConfig:
+        if self.target_task in self.guard_tasks:
+            raise ValueError(f"'{self.target_task}' is both target_task and a guard task")
+        return self
 
 
 def key(cfg: PipelineConfig, upstream: dict[str, str]) -> str:
     return stage_key(STAGE, VERSION, {"promote": key_payload(cfg.promote)}, upstream)
 
 
-def comparison(base: dict, tuned: dict) -> list[dict]:
-    """One row per task and metric: base, tuned, delta, and both stderrs."""
+def comparison(base: dict, tuned: dict, champion: dict | None = None) -> list[dict]:
+    """One row per task and metric: base, champion, tuned, deltas, and the stderrs."""
+    champion = champion or {}
     rows = []
     for task in sorted(set(base) | set(tuned)):
         for metric in sorted(set(base.get(task, {})) | set(tuned.get(task, {}))):
             if metric.endswith("_stderr"):
                 continue
             b, t = base.get(task, {}).get(metric), tuned.get(task, {}).get(metric)
-            rows.append({"task": task, "metric": metric, "base": b, "tuned": t,
-                         "delta": None if b is None or t is None else t - b,
-                         "base_stderr": base.get(task, {}).get(f"{metric}_stderr"),
-                         "tuned_stderr": tuned.get(task, {}).get(f"{metric}_stderr")})
+            c = champion.get(task, {}).get(metric)
+            row = {"task": task, "metric": metric, "base": b, "tuned": t,
+                   "delta": None if b is None or t is None else t - b,
+                   "base_stderr": base.get(task, {}).get(f"{metric}_stderr"),
+                   "tuned_stderr": tuned.get(task, {}).get(f"{metric}_stderr")}
+            if champion:
+                row.update(champion=c, delta_vs_champion=None if c is None or t is None else t - c,
+                           champion_stderr=champion.get(task, {}).get(f"{metric}_stderr"))
+            rows.append(row)
     return rows
 
 
-def decide(pc: PromoteConfig, base: dict, tuned: dict) -> tuple[bool, list[str]]:
-    """(promote?, one line per rule with the numbers)."""
+def mcnemar(tuned_right: dict[int, bool], other_right: dict[int, bool]) -> tuple[int, int, float]:
+    """Exact paired McNemar test over the items both were scored on: (right only for tuned, right
+    only for the other, two-sided p-value)."""
+    common = set(tuned_right) & set(other_right)
+    b = sum(tuned_right[i] and not other_right[i] for i in common)
+    c = sum(other_right[i] and not tuned_right[i] for i in common)
+    n = b + c
+    p = 1.0 if n == 0 else min(1.0, 2 * sum(comb(n, k) for k in range(min(b, c) + 1)) / 2**n)
+    return b, c, p
+
+
+def decide(pc: PromoteConfig, base: dict, tuned: dict, champion: dict | None = None, champion_key: str | None = None,
+           paired: tuple[int, int, float] | None = None) -> tuple[bool, list[str]]:
+    """(promote?, one line per rule with the numbers). `paired` is the McNemar result vs the reference."""
     lines, ok = [], True
-    for task, role in [(pc.target_task, "target"), *[(g, "guard") for g in pc.guard_tasks]]:
-        b, t = base.get(task, {}).get(pc.metric), tuned.get(task, {}).get(pc.metric)
-        if b is None or t is None:
+    if champion is None:
+        lines.append("no champion yet: the gate is vs base only")
+
+    def rule(role: str, task: str, ref_name: str, ref: dict, needs: str, passes) -> None:
+        nonlocal ok
+        r, t = ref.get(task, {}).get(pc.metric), tuned.get(task, {}).get(pc.metric)
+        if r is None or t is None:
             ok = False
-            lines.append(f"{role} {task}/{pc.metric}: missing (base={b}, tuned={t})")
-            continue
-        passed = (t - b >= pc.min_delta) if role == "target" else (b - t <= pc.max_guard_drop)
-        rule = f"needs >= {pc.min_delta:+.4f}" if role == "target" else f"may drop at most {pc.max_guard_drop:.4f}"
-        lines.append(f"{role} {task}/{pc.metric}: tuned {t:.4f} vs base {b:.4f} ({t - b:+.4f}; {rule}) "
+            lines.append(f"{role} {task}/{pc.metric}: missing ({ref_name}={r}, tuned={t}) FAILED")
+            return
+        passed = passes(t - r)
+        lines.append(f"{role} {task}/{pc.metric}: tuned {t:.4f} vs {ref_name} {r:.4f} ({t - r:+.4f}; {needs}) "
                      f"{'ok' if passed else 'FAILED'}")
         ok = ok and passed
+
+    rule("target", pc.target_task, "base", base, f"needs >= {pc.min_delta:+.4f}", lambda d: d >= pc.min_delta)
+    champ = f"champion {champion_key}" if champion_key else "champion"
+    if champion is not None:
+        rule("target", pc.target_task, champ, champion, f"needs >= {pc.min_delta_vs_champion:+.4f}",
+             lambda d: d >= pc.min_delta_vs_champion)
+    ref_name, ref = (champ, champion) if champion is not None else ("base", base)
+    for g in pc.guard_tasks:
+        rule("guard", g, ref_name, ref, f"may drop at most {pc.max_guard_drop:.4f}", lambda d: -d <= pc.max_guard_drop)
+    if paired is not None:
+        b, c, p = paired
+        significant = p < pc.significance_level
+        line = (f"paired McNemar on {pc.target_task}: {b} items right only for tuned, {c} only for {ref_name}, "
+                f"p = {p:.3g} ({'significant' if significant else 'not significant'} at {pc.significance_level})")
+        if pc.require_significance:
+            line += " ok" if significant else " FAILED (promote.require_significance)"
+            ok = ok and significant
+        lines.append(line)
     return ok, lines
 
 
-def _correct(path: Path, metric: str) -> dict[int, tuple[bool, str]]:
+def correct(path: Path, metric: str) -> dict[int, tuple[bool, str]]:
     """doc_id -> (scored right?, a short label) from an lm-eval samples file."""
     out = {}
+    if not path.is_file():
+        return out
     with open(path) as f:
         for line in f:
             s = json.loads(line)
@@ -91,7 +159,7 @@ def flips(base_dir: Path, tuned_dir: Path, metric: str) -> dict[str, dict[str, l
         other = tuned_dir / path.name
         if not other.exists():
             continue
-        b, t = _correct(path, metric), _correct(other, metric)
+        b, t = correct(path, metric), correct(other, metric)
         common = sorted(set(b) & set(t))
         out[task] = {"right_to_wrong": [b[i][1] for i in common if b[i][0] and not t[i][0]],
                      "wrong_to_right": [b[i][1] for i in common if not b[i][0] and t[i][0]]}
@@ -106,12 +174,15 @@ def chart(rows: list[dict], path: Path, title: str) -> None:
     import numpy as np
 
     rows = [r for r in rows if r["base"] is not None and r["tuned"] is not None]
+    sides = [("base", "#8c8c8c")] + ([("champion", "#dd8452")] if any("champion" in r for r in rows) else []) + [
+        ("tuned", "#4c72b0")]
+    width = 0.8 / len(sides)
     labels = [f"{r['task']}\n{r['metric']}" for r in rows]
     x = np.arange(len(rows))
-    fig, ax = plt.subplots(figsize=(max(4, 1.6 * len(rows) + 1), 3.4))
-    for offset, side, color in ((-0.2, "base", "#8c8c8c"), (0.2, "tuned", "#4c72b0")):
-        ax.bar(x + offset, [r[side] for r in rows], 0.4, label=side, color=color,
-               yerr=[r[f"{side}_stderr"] or 0 for r in rows], capsize=3)
+    fig, ax = plt.subplots(figsize=(max(4, 1.8 * len(rows) + 1), 3.4))
+    for n, (side, color) in enumerate(sides):
+        ax.bar(x + (n - (len(sides) - 1) / 2) * width, [r.get(side) or 0 for r in rows], width, label=side, color=color,
+               yerr=[r.get(f"{side}_stderr") or 0 for r in rows], capsize=3)
     ax.set_xticks(x, labels)
     ax.set_ylabel("score")
     ax.set_title(title)
@@ -121,25 +192,62 @@ def chart(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def data_keys(store: ArtifactStore, train: ArtifactRef) -> dict[str, str]:
+    """The data stage keys behind an adapter (template, filter, generate), from the manifests."""
+    keys, stage, key_ = {}, "train", train.key
+    for upstream in ("template", "filter", "generate"):
+        manifest = store.manifest(stage, key_) or {}
+        key_ = (manifest.get("upstream") or {}).get(upstream)
+        if key_ is None:
+            break
+        keys[upstream], stage = key_, upstream
+    return keys
+
+
 def run(cfg: PipelineConfig, store: ArtifactStore, upstream: dict[str, ArtifactRef]) -> ArtifactRef:
+    """Decide on upstream['tuned'] (the adapter of upstream['train']) against upstream['base'] and, when
+    there is one, upstream['champion'] (the champion's evaluation under the same flags)."""
     base, tuned, train = upstream["base"], upstream["tuned"], upstream["train"]
+    champion_eval = upstream.get("champion")
+    pc = cfg.promote
+    ups = {name: ref.key for name, ref in upstream.items()}
+    k = key(cfg, ups)
 
     def build(staging: Staging) -> None:
         b, t = base.summary["scores"], tuned.summary["scores"]
-        promoted, reasons = decide(cfg.promote, b, t)
-        rows = comparison(b, t)
-        with store.local_copy(base) as base_dir, store.local_copy(tuned) as tuned_dir:
-            flipped = flips(base_dir, tuned_dir, cfg.promote.metric)
-        chart(rows, staging.path / "comparison.png", f"{cfg.name}: base vs tuned")
-        verdict = {"promoted": promoted, "reasons": reasons, "comparison": rows, "flips": flipped,
-                   "adapter": store.uri(train.stage, train.key, "adapter"), "train_key": train.key,
-                   "base_eval": base.key, "tuned_eval": tuned.key}
-        if promoted:
-            store.write_latest({**verdict, "pipeline": cfg.name, "student": cfg.student,
-                                "promoted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        c = champion_eval.summary["scores"] if champion_eval else None
+        champion_key = champion_eval.summary.get("adapter_key") if champion_eval else None
+        reference = champion_eval or base
+        with store.local_copy(tuned) as tuned_dir, store.local_copy(reference) as ref_dir, \
+                store.local_copy(base) as base_dir:
+            samples = f"samples_{pc.target_task}.jsonl"
+            paired = mcnemar({i: v for i, (v, _) in correct(tuned_dir / samples, pc.metric).items()},
+                             {i: v for i, (v, _) in correct(ref_dir / samples, pc.metric).items()})
+            flipped = flips(base_dir, tuned_dir, pc.metric)
+        promoted, reasons = decide(pc, b, t, c, champion_key, paired)
+        rows = comparison(b, t, c)
+        chart(rows, staging.path / "comparison.png", f"{cfg.name}: base vs champion vs tuned" if c else
+              f"{cfg.name}: base vs tuned")
+        adapter = store.uri(train.stage, train.key, "adapter")
+        if promoted and not store.fs.exists(store._path(train.stage, train.key, "adapter")):
+            raise FileNotFoundError(f"refusing to promote {train.key}: its adapter is missing at {adapter}; rerun train")
+        event = {"id": k, "run_id": current_run_id(), "pipeline": cfg.name, "student": cfg.student, "train_key": train.key,
+                 "adapter": adapter, "data_keys": data_keys(store, train), "config_sha256": config_sha256(cfg),
+                 "scores": t, "base_scores": b, "champion_scores": c, "champion_train_key": champion_key,
+                 "promoted": promoted, "reasons": reasons, "p_value": paired[2]}
+        Registry(store).decide(event, champion_record({**event, "config": cfg.model_dump(mode="json")}, now())
+                               if promoted else None)
+        verdict = {"promoted": promoted, "reasons": reasons, "comparison": rows, "flips": flipped, "adapter": adapter,
+                   "train_key": train.key, "base_eval": base.key, "tuned_eval": tuned.key,
+                   "champion_eval": champion_eval.key if champion_eval else None, "champion_train_key": champion_key,
+                   "mcnemar": {"tuned_only": paired[0], "reference_only": paired[1], "p_value": paired[2]}}
         (staging.path / "verdict.json").write_text(json.dumps(verdict, indent=2))
-        staging.metrics.update(promoted=promoted, reasons=reasons, comparison=rows,
-                               flips={task: {k: len(v) for k, v in f.items()} for task, f in flipped.items()})
+        staging.metrics.update(promoted=promoted, reasons=reasons, comparison=rows, champion_train_key=champion_key,
+                               p_value=paired[2], train_key=train.key,
+                               flips={task: {k_: len(v) for k_, v in f.items()} for task, f in flipped.items()})
 
-    ups = {"base": base.key, "tuned": tuned.key, "train": train.key}
-    return produce(store, STAGE, key(cfg, ups), ups, key_payload(cfg.promote), build)
+    return produce(store, STAGE, k, ups, key_payload(cfg.promote), build)
+
+
+def config_sha256(cfg: PipelineConfig) -> str:
+    return hashlib.sha256(cfg.model_dump_json().encode()).hexdigest()
