@@ -33,3 +33,18 @@ def test_finished_stages_are_skipped_from_their_manifests(demo_run):
     again = run_all(cfg)
     assert {k: v.key for k, v in again.items()} == {k: v.key for k, v in refs.items()}
     assert stamps == {name: os.path.getmtime(f"{ref.uri}/manifest.json") for name, ref in again.items()}
+
+
+def test_the_template_inspector_shows_what_is_trained(demo_run):
+    from typer.testing import CliRunner
+
+    from synthtune.cli import app
+
+    cfg, refs = demo_run
+    result = CliRunner().invoke(app, ["template", "configs/demo.yaml", f"artifact_root={cfg.artifact_root}", "--show", "2"])
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "row f00" in out and "row f01" in out and "row f02" not in out
+    # not a terminal: the trained tokens between guillemets, the prompt outside them
+    assert "«The capital of Vardon is Quellis.<|im_end|>»" in out and "«What is" not in out
+    assert "trained-token share" in out and "quirks: none" in out

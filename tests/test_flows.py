@@ -81,6 +81,8 @@ def test_rerun_is_cached_and_one_field_reruns_only_downstream(prefect_server, de
     keys = {a.key for a in artifacts}
     assert {"resolved-config", "data-funnel", "length-report", "length-percentiles", "train-metrics", "loss-curve",
             "eval-comparison", "eval-flips", "promotion-verdict"} <= keys
+    preview = next(a for a in artifacts if a.key == "template-preview").data  # what the loss is on, in bold
+    assert "**The capital of Vardon is Quellis.&lt;|im\\_end|>**" in preview or "**The capital of Vardon is Quellis." in preview
     funnel = next(a for a in artifacts if a.key == "data-funnel").data  # generate's new rows head the funnel
     assert "35 new rows; answers: 0 reused, 35 generated" in str(funnel) and "exact_dedup" in str(funnel)
     length_report = next(a for a in artifacts if a.key == "length-report").data

@@ -194,5 +194,6 @@ def test_a_template_that_rewrites_replies_is_refused_not_mismasked():
     family = FAMILIES[0]
     shouting = family.template.replace("message.content + '<|im_end|>'", "message.content | upper + '<|im_end|>'")
     tok = make_tokenizer(Family("shouting", shouting, family.specials, family.eot, eos=family.eos))
-    with pytest.raises(TemplateError, match="row s1: assistant turn 2 is not where the template should put it"):
+    with pytest.raises(TemplateError, match="row s1: the chat template rewrites assistant turn 2: its text is not in the "
+                                            "rendering"):
         ChatEncoder(tok).encode(CONVERSATION, "s1")

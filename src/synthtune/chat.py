@@ -1,21 +1,32 @@
-"""Chat templating with an exact loss mask, for any chat template.
+"""Chat templating with an exact loss mask, for the chat templates models actually ship.
 
-The assistant spans come from the template itself: where it has `{% generation %}` markers,
-transformers reports them; otherwise each assistant turn is located by rendering the conversation
-up to that turn with the generation prompt and diffing prefixes against the full rendering. The
-trained tokens of a turn are its content plus the special token right after it (only whitespace
-between): its end-of-turn (`<|im_end|>`, `<|eot_id|>`, `</s>`, `<end_of_turn>`, `<|end|>`), which a
-known anchor bug leaves masked so the model never learns to stop. Template quirks are detected and reported, never
-silently fixed: a template that refuses a system turn gets it merged into the first user turn, a
-template that puts BOS in the text while the tokenizer adds it again gets one BOS removed.
+What is trained is each assistant reply plus the one end-of-turn token that follows it (`<|im_end|>`,
+`<|eot_id|>`, `</s>`, `<end_of_turn>`, `<|end|>`, ...): a known anchor bug leaves that token masked so
+the model never learns to stop. Every reply is located in the full rendering by its own text, in
+order; where the same text occurs more than once (a user quoting the reply, say), the rendering of
+the conversation up to that turn says which occurrence is the turn, tolerating the whitespace that
+templates written with `{% %}` tags on separate lines add or drop. Templates with `{% generation %}`
+markers give each turn's span directly; a span is cut after its end-of-turn token and never widened
+past one.
+
+Template quirks are detected and reported, never silently fixed:
+- a template that refuses a system turn gets it merged into the first user turn;
+- a template that drops the system prompt (Mistral's, which puts it on the last user turn only, so a
+  conversation ending with the assistant loses it) gets it folded into the first user turn;
+- a template that writes BOS (possibly after leading whitespace) while the tokenizer adds it again
+  gets one BOS, at the start.
+A template that still cannot be handled (it rewrites replies, say) is refused with a message that
+says what it does. The first rows' masks are decoded back and checked against the replies.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 ROLES = ("system", "user", "assistant")
 VERIFY_ROWS = 64  # rows whose mask is decoded back and compared with their replies
+CHUNK = 1024  # rows rendered and tokenized per batch
 
 
 class TemplateError(ValueError):
@@ -30,9 +41,14 @@ class RowError(ValueError):
 class Quirks:
     """What was adjusted, counted for the report."""
 
-    system_merged: int = 0
+    system_merged: int = 0  # the template refuses a system role: merged into the first user turn
+    system_folded: int = 0  # the template drops (or moves) the system prompt: folded into the first user turn
     double_bos_removed: int = 0
     notes: list[str] = field(default_factory=list)
+
+    def note(self, text: str) -> None:
+        if text not in self.notes:
+            self.notes.append(text)
 
 
 def to_messages(row: dict) -> list[dict]:
@@ -63,6 +79,22 @@ def check_messages(messages: list) -> None:
             raise RowError(f"turn {i}: empty assistant turn")
 
 
+def _fold_system(messages: list[dict], row_id: str, why: str) -> list[dict]:
+    system, rest = messages[0], messages[1:]
+    if not rest or rest[0]["role"] != "user":
+        raise RowError(f"a system turn not followed by a user turn, and {why}")
+    return [{"role": "user", "content": f"{system['content']}\n\n{rest[0]['content']}"}, *rest[1:]]
+
+
+@dataclass
+class Layout:
+    """A rendered row: its text, each assistant turn as (content start, content end) offsets, its id."""
+
+    text: str
+    turns: list[tuple[int, int]]
+    row_id: str
+
+
 class ChatEncoder:
     """Renders and tokenizes conversations with one tokenizer and chat template."""
 
@@ -76,7 +108,9 @@ class ChatEncoder:
         if not getattr(tokenizer, "is_fast", False):
             raise TemplateError("a fast tokenizer (offset mapping) is required to build the loss mask")
         self.system_prompt = system_prompt
-        self.has_generation_markers = "{% generation %}" in self.template or "{%- generation %}" in self.template
+        import re
+
+        self.has_generation_markers = bool(re.search(r"\{%-?\s*generation\s*-?%\}", self.template))
         self.special_ids = set(tokenizer.all_special_ids) | {
             i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
         self.quirks = Quirks()
@@ -95,6 +129,13 @@ class ChatEncoder:
         return self._compiled.render(messages=messages, tools=None, documents=None,
                                      add_generation_prompt=add_generation_prompt, **self._template_vars)
 
+    def render_marked(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+        """The rendering and the character spans of its `{% generation %}` blocks."""
+        from transformers.utils.chat_template_utils import _render_with_assistant_indices
+
+        return _render_with_assistant_indices(compiled_template=self._compiled, messages=messages, tools=None,
+                                              documents=None, add_generation_prompt=False, **self._template_vars)
+
     def _supports_system(self) -> bool:
         if self._system_supported is None:
             probe = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
@@ -104,26 +145,29 @@ class ChatEncoder:
                 self._system_supported = True
             except Exception:  # jinja's raise_exception: the template refuses a system turn
                 self._system_supported = False
-                self.quirks.notes.append(
-                    "the chat template rejects a system role: system turns were merged into the first user turn")
         return self._system_supported
 
     def prepare(self, messages: list[dict], row_id: str) -> tuple[list[dict], str]:
-        """Messages with the configured system prompt (merged into the first user turn where the
-        template has no system role), and their full rendering."""
+        """Messages with the configured system prompt (merged or folded into the first user turn where
+        the template refuses or drops it), and their full rendering."""
         if self.system_prompt and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": self.system_prompt}, *messages]
         if messages[0]["role"] == "system" and not self._supports_system():
-            system, rest = messages[0], messages[1:]
-            if not rest or rest[0]["role"] != "user":
-                raise RowError("a system turn not followed by a user turn, and the template has no system role")
-            rest = [{"role": "user", "content": f"{system['content']}\n\n{rest[0]['content']}"}, *rest[1:]]
+            messages = _fold_system(messages, row_id, "the template has no system role")
             self.quirks.system_merged += 1
-            messages = rest
+            self.quirks.note("the chat template rejects a system role: system turns were merged into the first "
+                             "user turn")
         try:
-            return messages, self.render(messages)
+            full = self.render(messages)
         except Exception as e:
             raise TemplateError(f"row {row_id}: the chat template refused this conversation: {e}") from None
+        if messages[0]["role"] == "system" and messages[0]["content"].strip() not in full:
+            messages = _fold_system(messages, row_id, "the template drops the system prompt")
+            self.quirks.system_folded += 1
+            self.quirks.note("the chat template drops the system prompt in these conversations (it puts it on the "
+                             "last user turn only, say): it was folded into the first user turn")
+            full = self.render(messages)
+        return messages, full
 
     # ------------------------------------------------------------------ SFT
 
@@ -132,28 +176,40 @@ class ChatEncoder:
         return self.encode_many([(messages, row_id)])[0]
 
     def encode_many(self, rows: list[tuple[list[dict], str]]) -> list[tuple[list[int], list[int]]]:
-        """`encode` for many conversations: rendered one by one, tokenized in one batch."""
-        if self.has_generation_markers:
-            return [self._encode_marked(self.prepare(m, row_id)[0], row_id) for m, row_id in rows]
-        return self.tokenize_layouts([self.layout(m, row_id) for m, row_id in rows])
-
-    def layout(self, messages: list[dict], row_id: str) -> tuple[str, list[tuple[int, int]], str]:
-        """(rendered text, assistant turns as character offsets, row id): everything but tokenizing."""
-        messages, full = self.prepare(messages, row_id)
-        return full, self._assistant_turns(messages, full, row_id), row_id
-
-    def tokenize_layouts(self, layouts: list) -> list[tuple[list[int], list[int]]]:
-        """Tokenize rendered rows in one batch and mark each turn's content and end-of-turn token."""
-        if not layouts:
-            return []
-        batch = self.tok([text for text, _, _ in layouts], add_special_tokens=True, return_offsets_mapping=True)
+        """`encode` for many conversations: rendered one by one, tokenized in batches."""
         out = []
-        for (text, turns, row_id), ids, offsets in zip(layouts, batch["input_ids"], batch["offset_mapping"], strict=True):
-            skip = self._double_bos(ids)
-            ids, offsets = list(ids[skip:]), offsets[skip:]
-            mask = self._mask(ids, offsets, text, turns, row_id)
+        for start in range(0, len(rows), CHUNK):
+            out += self.tokenize_layouts([self.layout(m, row_id) for m, row_id in rows[start:start + CHUNK]])
+        return out
+
+    def layout(self, messages: list[dict], row_id: str) -> Layout:
+        """The row rendered and its assistant turns located: everything but tokenizing."""
+        messages, full = self.prepare(messages, row_id)
+        blocks = None
+        if self.has_generation_markers:
+            full, blocks = self.render_marked(messages)
+        return Layout(full, self._assistant_turns(messages, full, row_id, blocks), row_id)
+
+    def tokenize_layouts(self, layouts: list[Layout]) -> list[tuple[list[int], list[int]]]:
+        """Tokenize rendered rows in one batch and mark each turn's content and end-of-turn token."""
+        return self.masks(layouts, self.tokenize_texts([lay.text for lay in layouts]))
+
+    def tokenize_texts(self, texts: list[str]) -> list:
+        """The Rust tokenizer's own batch call (it releases the GIL, so chunks can be tokenized on other
+        threads): ids and offsets without transformers building a dict per row."""
+        return self.tok.backend_tokenizer.encode_batch(texts, add_special_tokens=True) if texts else []
+
+    def masks(self, layouts: list[Layout], encodings: list) -> list[tuple[list[int], list[int]]]:
+        """(ids, mask) per row from its layout and its tokenization."""
+        out = []
+        for lay, encoding in zip(layouts, encodings, strict=True):
+            ids = encoding.ids
+            skip = self._leading_bos(ids)
+            mask = self._mask(ids, encoding, lay)
+            if skip:
+                ids, mask = ids[skip:], mask[skip:]
             if self._verified < VERIFY_ROWS:
-                self._verify(ids, mask, [text[a:b].strip() for a, b in turns], row_id)
+                self._verify(ids, mask, [lay.text[a:b] for a, b in lay.turns], lay.row_id)
             out.append((ids, mask))
         return out
 
@@ -166,72 +222,74 @@ class ChatEncoder:
                                 f"(trained {trained!r}); this template needs {{% generation %}} markers")
         self._verified += 1
 
-    def _mask(self, ids: list[int], offsets, text: str, turns: list[tuple[int, int]], row_id: str) -> list[int]:
-        """One pass over the tokens: each turn's content tokens, then its end-of-turn: the special
-        token that follows the content with nothing but whitespace in between."""
+    def _is_blank(self, token_id: int) -> bool:
+        return token_id not in self.special_ids and not self.tok.decode([token_id]).strip()
+
+    def _mask(self, ids: list[int], encoding, lay: Layout) -> list[int]:
+        """Each turn's content tokens (those holding its first to its last character), then its
+        end-of-turn: the special token that follows the content with nothing but whitespace between."""
         mask = [0] * len(ids)
-        t = 0
-        for start, content_end in turns:
-            while t < len(ids) and offsets[t][0] < start:
-                t += 1
-            first = t
-            while t < len(ids) and offsets[t][0] < content_end:
-                mask[t] = int(offsets[t][1] > offsets[t][0])
-                t += 1
-            if not any(mask[first:t]):
-                raise TemplateError(f"row {row_id}: an assistant turn maps to no token")
-            while t < len(ids) and ids[t] not in self.special_ids and not text[offsets[t][0]:offsets[t][1]].strip():
+        for start, end in lay.turns:
+            first, last = encoding.char_to_token(start), encoding.char_to_token(end - 1)
+            if first is None or last is None:
+                raise TemplateError(f"row {lay.row_id}: an assistant turn maps to no token")
+            mask[first:last + 1] = [1] * (last + 1 - first)
+            t = last + 1
+            while t < len(ids) and ids[t] not in self.special_ids:
+                a, b = encoding.token_to_chars(t)
+                if lay.text[a:b].strip():
+                    break
                 t += 1
             if t < len(ids) and ids[t] in self.special_ids:
                 mask[t] = 1
-                t += 1
         return mask
 
-    def _assistant_turns(self, messages: list[dict], full: str, row_id: str) -> list[tuple[int, int]]:
-        """(start, content end) character offsets of each assistant turn in `full`: the turn starts
-        where the conversation rendered up to it with the generation prompt ends."""
-        turns = []
-        for i, m in enumerate(messages):
-            if m["role"] != "assistant":
-                continue
-            prefix = self.render(messages[:i], add_generation_prompt=True)
-            if not full.startswith(prefix):
-                raise TemplateError(
-                    f"row {row_id}: the chat template renders the history before assistant turn {i} differently once "
-                    "later turns are added, so its span cannot be located by prefix; use a template with "
-                    "{% generation %} markers")
-            content = m["content"].strip()
-            at = full.find(content, len(prefix))
+    def _assistant_turns(self, messages: list[dict], full: str, row_id: str,
+                         blocks: list[tuple[int, int]] | None = None) -> list[tuple[int, int]]:
+        """(start, end) character offsets of each assistant turn's content in `full`, in order."""
+        turns: list[tuple[int, int]] = []
+        replies = [(i, m["content"].strip()) for i, m in enumerate(messages) if m["role"] == "assistant"]
+        if blocks is not None and len(blocks) != len(replies):
+            raise TemplateError(f"row {row_id}: the template's {{% generation %}} markers wrap {len(blocks)} spans for "
+                                f"{len(replies)} assistant turns; each assistant reply needs exactly one")
+        pos = 0
+        for n, (i, content) in enumerate(replies):
+            floor = max(pos, blocks[n][0]) if blocks else pos
+            at = full.find(content, floor)
             if at < 0:
-                raise TemplateError(f"row {row_id}: assistant turn {i} is not where the template should put it")
-            turns.append((len(prefix), at + len(content)))
+                raise TemplateError(
+                    f"row {row_id}: the chat template rewrites assistant turn {i}: its text is not in the rendering "
+                    "(the template changes replies, e.g. strips reasoning before `</think>`, changes case or "
+                    "reformats them), so the tokens to train cannot be found; use a template that keeps replies as "
+                    "written")
+            if blocks is None and full.find(content, at + 1) >= 0:  # the same text again: which one is the turn?
+                at = full.find(content, max(floor, self._turn_start(messages, i, full)))
+            turns.append((at, at + len(content)))
+            pos = at + len(content)
         return turns
 
-    def _encode_marked(self, messages: list[dict], row_id: str) -> tuple[list[int], list[int]]:
-        """Templates with {% generation %} markers: transformers' assistant mask, plus each turn's
-        end-of-turn token when the markers stop short of it."""
-        out = self.tok.apply_chat_template(messages, chat_template=self.template, tokenize=True, return_dict=True,
-                                           return_assistant_tokens_mask=True)
-        ids, mask = list(out["input_ids"]), list(out["assistant_masks"])
-        if not any(mask):
-            raise TemplateError(f"row {row_id}: the template's {{% generation %}} markers cover no token")
-        marked = list(mask)
-        for t in range(1, len(ids)):
-            # widen only a span that stops at content: one that already ends in its end-of-turn (Llama 3.2's
-            # `{% generation %}` around content + '<|eot_id|>') is followed by the next turn's header
-            if marked[t - 1] and not marked[t] and ids[t] in self.special_ids and ids[t - 1] not in self.special_ids:
-                mask[t] = 1
-        return ids, mask
+    def _turn_start(self, messages: list[dict], i: int, full: str) -> int:
+        """Where turn i can start: as far as the rendering of the conversation up to it (with the
+        generation prompt, trailing whitespace ignored) agrees with the full rendering."""
+        prefix = self.render(messages[:i], add_generation_prompt=True).rstrip()
+        return len(os.path.commonprefix([prefix, full]))
 
-    def _double_bos(self, ids: list[int]) -> int:
-        """1 when the template wrote BOS and the tokenizer added it again (one is dropped), else 0."""
+    def _leading_bos(self, ids: list[int]) -> int:
+        """How many leading tokens to drop so the sequence holds one BOS: the template wrote BOS (maybe
+        after whitespace: `\\n<s>`) and the tokenizer added it again."""
         bos = self.tok.bos_token_id
-        if bos is not None and len(ids) > 1 and ids[0] == bos and ids[1] == bos:
-            if not self.quirks.double_bos_removed:
-                self.quirks.notes.append("the chat template writes BOS and the tokenizer adds it again: one was removed")
-            self.quirks.double_bos_removed += 1
-            return 1
-        return 0
+        if bos is None or not ids or ids[0] != bos:
+            return 0
+        j = 1
+        while j < len(ids) and self._is_blank(ids[j]):
+            j += 1
+        if j >= len(ids) or ids[j] != bos:
+            return 0
+        self.quirks.double_bos_removed += 1
+        self.quirks.note("the chat template writes BOS and the tokenizer adds it again: one was removed" if j == 1 else
+                         "the chat template writes whitespace, then BOS, and the tokenizer adds BOS too: the added "
+                         "BOS and the whitespace were removed")
+        return j
 
     # ------------------------------------------------------------------ preference (DPO)
 
@@ -252,7 +310,7 @@ class ChatEncoder:
         msgs = self.prepare([*prompt_msgs, out[0]], row_id)[0][:-1]
         prompt_text = self.render(msgs, add_generation_prompt=True)
         prompt_ids = self.tok(prompt_text, add_special_tokens=True)["input_ids"]
-        prompt_ids = prompt_ids[self._double_bos(prompt_ids):]
+        prompt_ids = prompt_ids[self._leading_bos(prompt_ids):]
         replies = []
         for reply in out:
             full = self.render([*msgs, reply])

@@ -294,7 +294,58 @@ def _stage_command(stage: str):
 
 
 for _stage in STAGES:
-    app.command(name=_stage)(_stage_command(_stage))
+    if _stage != "template":
+        app.command(name=_stage)(_stage_command(_stage))
+
+
+@app.command("template")
+def template_command(
+    config: ConfigArg = None, overrides: Overrides = None,
+    show: Annotated[int, typer.Option(help="Print this many templated rows, trained tokens highlighted.", min=0)] = 0,
+) -> None:
+    """Run the template stage alone (upstream reused or run first); with --show N, print N templated rows with
+    the trained tokens highlighted, the template's quirks and the length report, before any GPU time."""
+    from synthtune.artifacts import ArtifactStore
+    from synthtune.runner import run_all
+
+    cfg = _load(config, overrides)
+    refs = run_all(cfg, until="template",
+                   on_step=lambda name, ref: console.print(f"[green]done[/green] {name} {ref.key} {ref.uri}"))
+    ref = refs["template"]
+    if not show:
+        console.print(ref.summary)
+        return
+    from synthtune.stages.template import preview
+
+    store = ArtifactStore(cfg.artifact_root)
+    with store.local_copy(ref) as folder:
+        rows = preview(cfg, folder, show)
+    print_preview(rows, store.manifest("template", ref.key)["report"], sys.stdout.isatty())
+
+
+def print_preview(rows, report: dict, tty: bool) -> None:
+    """Templated rows with what is trained marked: green on a terminal, «between guillemets» otherwise."""
+    from rich.text import Text
+
+    for row_id, segments in rows:
+        console.rule(f"row {row_id}", style="dim")
+        text = Text()
+        for part, trained in segments:
+            if tty:
+                text.append(part, style="bold green" if trained else "dim")
+            else:
+                text.append(f"«{part}»" if trained else part)
+        console.print(text, highlight=False, soft_wrap=True)
+    console.rule("report", style="dim")
+    total = report["lengths"]["train"]["total"]
+    console.print(f"rows in {report['rows_in']}, out {report['rows_out']}, quarantined {report['quarantined']}, "
+                  f"dropped {report['dropped']}, truncated {report['truncated']}; trained-token share "
+                  f"{report['trained_token_share']}; total tokens p50 {total.get('p50')}, p99 {total.get('p99')}, "
+                  f"max {total.get('max')}", highlight=False)
+    quirks = {k: report.get(k, 0) for k in ("system_merged", "system_folded", "double_bos_removed")}
+    console.print("quirks: " + (", ".join(f"{k} {v}" for k, v in quirks.items() if v) or "none"), highlight=False)
+    for warning in report["warnings"]:
+        console.print(f"[yellow]warning:[/yellow] {escape(warning)}", highlight=False)
 
 
 @app.command("tiny-model")

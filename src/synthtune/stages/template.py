@@ -12,12 +12,15 @@ Run as: synthtune template configs/demo.yaml
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import logging
+import os
 from typing import TYPE_CHECKING, Literal
 
 from synthtune.artifacts import ArtifactRef, ArtifactStore, Staging, key_payload, produce, stage_key
-from synthtune.chat import ChatEncoder, RowError, TemplateError, to_messages
+from synthtune.chat import CHUNK, ChatEncoder, RowError, TemplateError, to_messages
 from synthtune.fields import InputFile, Section, field
 from synthtune.models import fingerprint, load_tokenizer
 
@@ -25,7 +28,8 @@ if TYPE_CHECKING:
     from synthtune.config import PipelineConfig
 
 STAGE = "template"
-VERSION = "2"
+PREVIEW = 5  # rows kept in preview.json
+VERSION = "3"
 log = logging.getLogger("synthtune.template")
 
 __all__ = ["TemplateConfig", "TemplateError", "run", "key"]
@@ -144,6 +148,66 @@ def histogram(parts: dict[str, list[int]], path, title: str, max_length: int) ->
     plt.close(fig)
 
 
+@contextlib.contextmanager
+def _no_cyclic_gc():
+    """The cyclic garbage collector paused: a million rows of token lists hold no reference cycles, and
+    its passes over the growing heap cost a quarter of the encoding time (bench/template.py)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+def encode_rows(enc: ChatEncoder, rows: list[dict], preference: bool):
+    """(row id, its token ids, or the RowError that quarantines it) for every row, in order.
+
+    SFT rows take the fast path: the main thread renders and lays out a chunk of rows while worker
+    threads tokenize the chunks before it (the Rust tokenizer releases the GIL), so rendering,
+    tokenizing and masking overlap across the machine's cores. Preference rows are encoded one by one."""
+    chunks = [[(str(row.get("id", start + n)), row) for n, row in enumerate(rows[start:start + CHUNK])]
+              for start in range(0, len(rows), CHUNK)]
+    if preference:
+        for chunk in chunks:
+            for row_id, row in chunk:
+                try:
+                    yield row_id, enc.encode_preference(row, row_id)
+                except RowError as e:
+                    yield row_id, e
+        return
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    # one more tokenizing thread than cores: the Rust call holds the GIL for part of its work (measured:
+    # 3 threads beat 2 on a 2-core box by ~10%)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = max(2, min(8, cores + 1))
+    pending: deque = deque()
+
+    def finish():
+        chunk, slots, future = pending.popleft()
+        encoded = iter(enc.masks([s for s in slots if not isinstance(s, RowError)], future.result()))
+        for (row_id, _), slot in zip(chunk, slots, strict=True):
+            yield row_id, slot if isinstance(slot, RowError) else next(encoded)
+
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="synthtune-tokenize") as pool, _no_cyclic_gc():
+        for chunk in chunks:
+            slots: list = []
+            for row_id, row in chunk:
+                try:
+                    slots.append(enc.layout(to_messages(row), row_id))
+                except RowError as e:
+                    slots.append(e)
+            texts = [s.text for s in slots if not isinstance(s, RowError)]
+            pending.append((chunk, slots, pool.submit(enc.tokenize_texts, texts)))
+            while len(pending) > workers:
+                yield from finish()
+        while pending:
+            yield from finish()
+
+
 def _template(cfg: PipelineConfig, staging: Staging, rows: list[dict]) -> None:
     import pandas as pd
 
@@ -153,24 +217,19 @@ def _template(cfg: PipelineConfig, staging: Staging, rows: list[dict]) -> None:
     enc = ChatEncoder(tok, template_text, tc.system_prompt)
     preference = bool(rows) and "chosen" in rows[0]
     out, quarantined, lengths = [], [], _Lengths()
-    for row in rows:
-        row_id = str(row.get("id", len(out) + len(quarantined)))
-        try:
-            if preference:
-                fitted = enc.encode_preference(row, row_id)
-                lengths.add(len(fitted[0]), max(len(fitted[1]), len(fitted[2])))
-                fitted = _fit_preference(*fitted, tc, row_id, lengths)
-                if fitted:
-                    out.append({"id": row_id, "prompt_ids": fitted[0], "chosen_ids": fitted[1], "rejected_ids": fitted[2]})
-            else:
-                ids, mask = enc.encode(to_messages(row), row_id)
-                first = mask.index(1)
-                lengths.add(first, len(ids) - first)
-                fitted = _fit_sft(ids, mask, tc, row_id, lengths)
-                if fitted:
-                    out.append({"id": row_id, "input_ids": fitted[0], "assistant_masks": fitted[1]})
-        except RowError as e:
-            quarantined.append({"id": row_id, "reason": str(e)})
+    for row_id, encoded in encode_rows(enc, rows, preference):
+        if isinstance(encoded, RowError):
+            quarantined.append({"id": row_id, "reason": str(encoded)})
+        elif preference:
+            lengths.add(len(encoded[0]), max(len(encoded[1]), len(encoded[2])))
+            if fitted := _fit_preference(*encoded, tc, row_id, lengths):
+                out.append({"id": row_id, "prompt_ids": fitted[0], "chosen_ids": fitted[1], "rejected_ids": fitted[2]})
+        else:
+            ids, mask = encoded
+            first = mask.index(1)
+            lengths.add(first, len(ids) - first)
+            if fitted := _fit_sft(ids, mask, tc, row_id, lengths):
+                out.append({"id": row_id, "input_ids": fitted[0], "assistant_masks": fitted[1]})
     if not out:
         raise TemplateError(f"no usable row: {len(rows)} in, {len(quarantined)} quarantined "
                             f"({quarantined[:3]}), {len(lengths.over)} over the length limits")
@@ -196,13 +255,18 @@ def _template(cfg: PipelineConfig, staging: Staging, rows: list[dict]) -> None:
         "rows_in": len(rows), "rows_out": len(out), "quarantined": len(quarantined),
         "over_limits": len(lengths.over), "dropped": lengths.dropped, "truncated": lengths.truncated,
         "dropped_no_trained_token": lengths.dropped_no_trained,
-        "system_merged": enc.quirks.system_merged, "double_bos_removed": enc.quirks.double_bos_removed,
+        "system_merged": enc.quirks.system_merged, "system_folded": enc.quirks.system_folded,
+        "double_bos_removed": enc.quirks.double_bos_removed,
         "trained_token_share": round(trained / total, 4),
         "worst_rows": sorted(lengths.over, key=lambda r: -r["tokens"])[:10],
         "lengths": {"train": stats},
         "warnings": warnings,
     }
     pd.DataFrame(out).to_parquet(staging.path / "data.parquet", index=False)
+    if not preference:  # what the first rows train on, for people (the Prefect preview, `synthtune template --show`)
+        (staging.path / "preview.json").write_text(json.dumps(
+            [{"id": r["id"], "segments": segments(tok, r["input_ids"], r["assistant_masks"])} for r in out[:PREVIEW]],
+            indent=1))
     pd.DataFrame(quarantined, columns=["id", "reason"]).to_parquet(staging.path / "quarantine.parquet", index=False)
     (staging.path / "report.json").write_text(json.dumps(report, indent=2))
     histogram(lengths.parts, staging.path / "lengths.png",
@@ -212,6 +276,29 @@ def _template(cfg: PipelineConfig, staging: Staging, rows: list[dict]) -> None:
     staging.metrics.update(trained_token_share=report["trained_token_share"], p99_tokens=stats["total"]["p99"],
                            warnings=warnings)
     staging.extra["report"] = report
+
+
+def segments(tokenizer, ids: list[int], mask: list[int]) -> list[tuple[str, bool]]:
+    """A templated row as (text, trained?) runs, for people to read what the loss is on."""
+    out: list[tuple[str, bool]] = []
+    start = 0
+    for t in range(1, len(ids) + 1):
+        if t == len(ids) or mask[t] != mask[start]:
+            out.append((tokenizer.decode(ids[start:t]), bool(mask[start])))
+            start = t
+    return out
+
+
+def preview(cfg: PipelineConfig, folder, n: int) -> list[tuple[str, list[tuple[str, bool]]]]:
+    """(row id, segments) of the first n SFT rows of a template output folder."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(f"{folder}/data.parquet")
+    if "input_ids" not in table.column_names or n <= 0:
+        return []
+    tok = load_tokenizer(cfg.student)
+    rows = table.slice(0, n).to_pylist()
+    return [(r["id"], segments(tok, r["input_ids"], r["assistant_masks"])) for r in rows]
 
 
 def run(cfg: PipelineConfig, store: ArtifactStore, upstream: dict[str, ArtifactRef]) -> ArtifactRef:
