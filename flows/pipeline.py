@@ -37,9 +37,18 @@ from prefect.runtime import flow_run  # noqa: E402
 from prefect.states import Completed  # noqa: E402
 from pydantic import Field  # noqa: E402
 
-from synthtune.artifacts import ArtifactRef, ArtifactStore  # noqa: E402
+from synthtune.artifacts import REBUILD, ArtifactRef, ArtifactStore  # noqa: E402
 from synthtune.config import PipelineConfig, to_yaml  # noqa: E402
-from synthtune.runner import CHAMPION, DAG, Step, champion_train, step_config, step_inputs  # noqa: E402
+from synthtune.runner import (  # noqa: E402
+    CHAMPION,
+    DAG,
+    Step,
+    champion_train,
+    downstream,
+    rebuild_keys,
+    step_config,
+    step_inputs,
+)
 from tasks._common import FAULT  # noqa: E402
 from tasks.evaluate import evaluate  # noqa: E402
 from tasks.filter import filter  # noqa: E402
@@ -63,6 +72,9 @@ _first, _last = DAG.index(GPU_STEPS[0]), DAG.index(GPU_STEPS[-1])
 assert DAG[_first:_last + 1] == GPU_STEPS, "the GPU stages must be consecutive in the DAG"
 BEFORE_GPU, AFTER_GPU = DAG[:_first], DAG[_last + 1:]
 
+Refresh = Annotated[list[Literal["preflight", "generate", "filter", "template", "train", "evaluate", "promote"]],
+                    Field(description="Rebuild these stages and everything after them even when finished (after "
+                                      "an upgrade, say). Empty: reuse whatever is finished and intact.")]
 FailStage = Annotated[Literal["none", "preflight", "generate", "filter", "template", "train", "evaluate", "promote"],
                       Field(description="Drill: make this stage fail on the run's first attempt (a Retry then "
                                         "succeeds). Keep `none` for real runs.")]
@@ -111,23 +123,32 @@ def hold_gpu(name: str, lease_s: float = 120) -> Iterator[None]:
 
 
 def run_steps(config: PipelineConfig, steps: tuple[Step, ...], refs: dict[str, ArtifactRef], fault: str,
-              storage) -> None:
+              storage, refresh: list[str] | tuple[str, ...] = ()) -> None:
     """Each step as its task (results persisted to `storage`), outputs added to `refs` (which holds
-    every step's inputs), and its report as Prefect artifacts of this flow run."""
+    every step's inputs), and its report as Prefect artifacts of this flow run. A step whose output
+    is missing or no longer matches its manifest, or that `refresh` asks for, runs even if Prefect
+    holds a cached result for its key (which would point at that output)."""
     store = ArtifactStore(config.artifact_root)
-    token = FAULT.set(fault)
+    refreshed = downstream(refresh)
+    tokens = FAULT.set(fault), REBUILD.set(rebuild_keys(config, refresh) if refresh else frozenset())
     try:
         for step in steps:
             champion = champion_train(config, store, refs["train"].key) if CHAMPION in step.inputs.values() else None
             inputs = step_inputs(step, refs, champion)
             if inputs is None:  # no champion to compare with (the first night, or the candidate is the champion)
                 continue
-            task = TASKS[step.stage.STAGE].with_options(task_run_name=step.name, result_storage=storage)
-            refs[step.name] = task(step_config(config, step, store), inputs)
+            cfg = step_config(config, step, store)
+            key = step.stage.key(cfg, {arg: ref.key for arg, ref in inputs.items()})
+            stale = step.name in refreshed or store.ref(step.stage.STAGE, key) is None or \
+                bool(store.problems(step.stage.STAGE, key))
+            task = TASKS[step.stage.STAGE].with_options(task_run_name=step.name, result_storage=storage,
+                                                        refresh_cache=stale)
+            refs[step.name] = task(cfg, inputs)
             if report := REPORTS.get(step.stage.STAGE):
                 report(store, refs[step.name])
     finally:
-        FAULT.reset(token)
+        FAULT.reset(tokens[0])
+        REBUILD.reset(tokens[1])
 
 
 def this_attempts_fault(fail_stage: str) -> str:
@@ -137,22 +158,22 @@ def this_attempts_fault(fail_stage: str) -> str:
 
 @flow(name="synthtune", log_prints=False, persist_result=True)
 def pipeline(config: PipelineConfig, gpu_deployment: GpuDeployment = "", gpu_slot: GpuSlot = "",
-             fail_stage: FailStage = "none") -> dict[str, ArtifactRef]:
-    """preflight -> generate -> filter -> template -> train -> evaluate (base, tuned) -> promote.
+             fail_stage: FailStage = "none", refresh: Refresh = []) -> dict[str, ArtifactRef]:  # noqa: B006
+    """preflight -> generate -> filter -> template -> train -> evaluate (base, tuned, champion) -> promote.
 
     Ends `Completed`, or `Completed` named `NotPromoted` (reasons in its message and the
-    promotion-verdict artifact) when the adapter failed the gate and `latest` was left alone."""
+    promotion-verdict artifact) when the candidate failed the gate and the champion stays in service."""
     create_markdown_artifact(f"```yaml\n{to_yaml(config)}```", key="resolved-config",
                              description=f"Resolved config of pipeline '{config.name}'")
     fault, storage = this_attempts_fault(fail_stage), result_storage(config)
     refs: dict[str, ArtifactRef] = {}
-    run_steps(config, BEFORE_GPU, refs, fault, storage)
+    run_steps(config, BEFORE_GPU, refs, fault, storage, refresh)
     if gpu_deployment:
-        refs.update(_gpu_stages_elsewhere(config, gpu_deployment, gpu_slot, refs, fault))
+        refs.update(_gpu_stages_elsewhere(config, gpu_deployment, gpu_slot, refs, fault, refresh))
     else:
         with hold_gpu(slot_name(gpu_slot)):
-            run_steps(config, GPU_STEPS, refs, fault, storage)
-    run_steps(config, AFTER_GPU, refs, fault, storage)
+            run_steps(config, GPU_STEPS, refs, fault, storage, refresh)
+    run_steps(config, AFTER_GPU, refs, fault, storage, refresh)
     verdict = refs["promote"].summary
     if not verdict["promoted"]:  # a finished run whose adapter failed the gate: say so in the run's state
         return Completed(name="NotPromoted", message="; ".join(verdict["reasons"]), data=refs)
@@ -161,21 +182,21 @@ def pipeline(config: PipelineConfig, gpu_deployment: GpuDeployment = "", gpu_slo
 
 @flow(name="synthtune-gpu", log_prints=False, persist_result=True)
 def gpu_stages(config: PipelineConfig, upstream: dict[str, ArtifactRef], gpu_slot: GpuSlot = "",
-               fail_stage: FailStage = "none") -> dict[str, ArtifactRef]:
+               fail_stage: FailStage = "none", refresh: Refresh = []) -> dict[str, ArtifactRef]:  # noqa: B006
     """train and evaluate (base, tuned, champion) on a GPU worker, for a `pipeline` run in split mode.
     Its outputs are handed back through the artifact root (`handoff/<this run's id>.json`): their
     keys depend on what this GPU machine resolves (quantization, kernels), which the parent cannot know."""
     refs = dict(upstream)
     with hold_gpu(slot_name(gpu_slot)):
-        run_steps(config, GPU_STEPS, refs, fail_stage, result_storage(config))
+        run_steps(config, GPU_STEPS, refs, fail_stage, result_storage(config), refresh)
     out = {s.name: refs[s.name] for s in GPU_STEPS if s.name in refs}
     store = ArtifactStore(config.artifact_root)
     store.write_json(("handoff", f"{flow_run.get_id()}.json"), {k: v.model_dump(mode="json") for k, v in out.items()})
     return out
 
 
-def _gpu_stages_elsewhere(config: PipelineConfig, deployment: str, gpu_slot: str,
-                          refs: dict[str, ArtifactRef], fault: str) -> dict[str, ArtifactRef]:
+def _gpu_stages_elsewhere(config: PipelineConfig, deployment: str, gpu_slot: str, refs: dict[str, ArtifactRef],
+                          fault: str, refresh: list[str]) -> dict[str, ArtifactRef]:
     """Run the GPU steps as a child flow run of `deployment`, then read their outputs from the
     artifact root (no result has to travel back through Prefect)."""
     from prefect.deployments import run_deployment
@@ -184,7 +205,7 @@ def _gpu_stages_elsewhere(config: PipelineConfig, deployment: str, gpu_slot: str
     child = run_deployment(deployment, timeout=None, parameters={
         "config": config.model_dump(mode="json"),
         "upstream": {name: refs[name].model_dump(mode="json") for name in sorted(needed)},
-        "gpu_slot": gpu_slot, "fail_stage": fault})
+        "gpu_slot": gpu_slot, "fail_stage": fault, "refresh": list(refresh)})
     if not child.state or not child.state.is_completed():
         state = child.state.name if child.state else "unknown"
         raise RuntimeError(f"GPU stages ({deployment}, run {child.name}) ended {state}: "

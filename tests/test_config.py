@@ -11,23 +11,72 @@ from synthtune.cli import app
 from synthtune.config import ConfigError, PipelineConfig, load_config
 from tests.conftest import DEMO, ROOT
 
-PIPELINES = sorted(p for p in (ROOT / "configs").glob("*.yaml"))
+PIPELINES = sorted((ROOT / "configs").glob("*.yaml"))
+EVAL_TASKS = sorted((ROOT / "configs").rglob("eval_tasks/*.yaml"))
+
+
+def deployed_pipelines() -> list[tuple[str, dict]]:
+    """(deployment name, config) of every deployment in deployments/prefect.yaml that carries one."""
+    import yaml
+
+    spec = yaml.safe_load((ROOT / "deployments" / "prefect.yaml").read_text())
+    return [(d["name"], d["parameters"]["config"]) for d in spec["deployments"] if "config" in d.get("parameters", {})]
 
 
 @pytest.mark.parametrize("path", PIPELINES, ids=lambda p: p.name)
 def test_every_shipped_pipeline_validates(path: Path):
     cfg = load_config(path)
-    assert isinstance(cfg, PipelineConfig)
+    assert cfg.promote.target_task in cfg.evaluate.tasks and cfg.generate.seeds
     result = CliRunner().invoke(app, ["validate", str(path)])
     assert result.exit_code == 0, result.output
+    assert f"{path}: ok" in " ".join(result.output.split())
+
+
+@pytest.mark.parametrize("name, raw", deployed_pipelines(), ids=lambda v: v if isinstance(v, str) else "")
+def test_every_deployed_pipeline_validates(name, raw, tmp_path):
+    import json
+
+    filled = json.loads(json.dumps(raw).replace("{{ $SYNTHTUNE_ARTIFACT_ROOT }}", str(tmp_path)))
+    cfg = PipelineConfig.model_validate(filled, context={"base_dir": ROOT})
+    assert cfg.artifact_root == str(tmp_path) and cfg.promote.target_task in cfg.evaluate.tasks
 
 
 def test_every_shipped_eval_task_has_its_data():
     from synthtune.eval_tasks import check_tasks, local_tasks
 
-    tasks = local_tasks(ROOT / "configs" / "eval_tasks")
-    assert "demo_facts" in tasks
-    assert check_tasks(sorted(tasks), ROOT / "configs" / "eval_tasks") == []
+    assert EVAL_TASKS
+    for folder in {p.parent for p in EVAL_TASKS}:
+        tasks = local_tasks(folder)
+        assert tasks and check_tasks(sorted(tasks), folder) == [], folder
+
+
+def test_the_checks_fail_on_a_broken_copy(tmp_path):
+    """The tests above can fail: a copy with a broken eval task and a bad field is refused."""
+    import shutil
+
+    shutil.copytree(ROOT / "configs", tmp_path / "configs")
+    (tmp_path / "configs" / "eval_tasks" / "demo_facts.jsonl").unlink()
+    result = CliRunner().invoke(app, ["validate", str(tmp_path / "configs" / "demo.yaml")])
+    assert result.exit_code == 2 and "data file not found" in result.output
+    with pytest.raises(ConfigError, match="train.lora.r"):
+        load_config(tmp_path / "configs" / "demo.yaml", ["train.lora.r=0"])
+
+
+def test_configs_is_self_contained(tmp_path):
+    """A copy of configs/ anywhere validates and finds every file it names (seeds, tasks, task data)."""
+    import shutil
+
+    from synthtune.eval_tasks import check_tasks
+
+    shutil.copytree(ROOT / "configs", tmp_path / "mine")
+    cfg = load_config(tmp_path / "mine" / "demo.yaml")
+    assert cfg.generate.seeds.startswith(str(tmp_path)) and str(cfg.evaluate.task_dir).startswith(str(tmp_path))
+    assert check_tasks(cfg.evaluate.tasks, cfg.evaluate.task_dir) == []
+
+
+def test_the_facts_the_teacher_knows_are_the_facts_the_demo_asks():
+    packaged = ROOT / "src" / "synthtune" / "data" / "demo_facts.jsonl"
+    assert (ROOT / "configs" / "eval_tasks" / "demo_facts.jsonl").read_bytes() == packaged.read_bytes()
 
 
 def test_shipped_configs_say_what_they_are_and_how_to_run():
@@ -58,6 +107,11 @@ def test_relative_paths_resolve_against_the_yaml_folder(tmp_path):
                                      "evaluate:\n  tasks: [arc_easy]\npromote:\n  target_task: arc_easy\n")
     cfg = load_config(tmp_path / "p.yaml")
     assert cfg.generate.seeds == str(tmp_path / "seeds.jsonl")
+
+
+def test_an_openai_teacher_needs_a_base_url_before_anything_runs():
+    with pytest.raises(ConfigError, match="generate: teacher_kind=openai needs base_url"):
+        load_config(DEMO, ["generate.teacher_kind=openai"])
 
 
 def test_overrides_set_nested_values_parsed_as_yaml():

@@ -45,8 +45,8 @@ def test_base_and_tuned_flags_differ_only_by_the_adapter(demo_cfg, tmp_path):
 def test_portable_task_dir_makes_data_files_absolute(demo_cfg, tmp_path):
     out = portable_task_dir(demo_cfg.evaluate.task_dir, tmp_path / "copy")
     text = (out / "demo_facts.yaml").read_text()
-    data = Path(__file__).resolve().parents[1] / "src" / "synthtune" / "data" / "demo_facts.jsonl"
-    assert str(data) in text and "../../src" not in text
+    data = Path(__file__).resolve().parents[1] / "configs" / "eval_tasks" / "demo_facts.jsonl"
+    assert str(data) in text and "test: demo_facts.jsonl" not in text
     assert "doc_to_choice" in text  # the rest of the YAML kept verbatim
 
 

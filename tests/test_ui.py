@@ -144,7 +144,7 @@ def test_quick_run_and_custom_run_complete_with_their_parameters(page, stack):
     # the form sends every field, the deployment's values where it has them and the defaults elsewhere
     assert differences(defaults["config"], quick_params["config"]) == set()
     assert {k: v for k, v in quick_params.items() if k != "config"} == {"gpu_deployment": "", "gpu_slot": "",
-                                                                       "fail_stage": "none"}
+                                                                       "fail_stage": "none", "refresh": []}
     assert custom_params["config"]["train"]["lora"]["r"] == 8
     assert differences(defaults["config"], custom_params["config"]) == {"train.lora.r"}
     assert adapter_of(custom) != adapter_of(quick)  # r=8 is another adapter (trained now, or cached earlier)

@@ -12,6 +12,7 @@ import contextlib
 import contextvars
 import hashlib
 import json
+import logging
 import os
 import platform
 import shutil
@@ -27,8 +28,10 @@ from typing import Any
 import fsspec
 from pydantic import BaseModel
 
+from synthtune.digests import file_sha256, remember
 from synthtune.fields import content_kind, field_flags
 
+log = logging.getLogger("synthtune.artifacts")
 MANIFEST = "manifest.json"
 LATEST = "latest.json"
 _VERSIONED_LIBS = ("synthtune", "torch", "transformers", "trl", "peft", "datasets", "distilabel", "lm_eval",
@@ -197,9 +200,11 @@ class ArtifactStore:
             if self.fs.exists(final):  # leftovers of a crashed attempt: never finished, safe to replace
                 self.fs.rm(final, recursive=True)
             self.fs.makedirs(final, exist_ok=True)
-            for rel in files:
+            for rel, meta in files.items():
                 self.fs.makedirs(os.path.dirname(self._path(stage, key, rel)), exist_ok=True)
                 self.fs.put_file(str(tmp / rel), self._path(stage, key, rel))
+                if self.local:  # the digest is known: checking this output later costs a stat, not a read
+                    remember(self._path(stage, key, rel), meta["sha256"])
             manifest = {
                 "stage": stage,
                 "key": key,
@@ -218,6 +223,40 @@ class ArtifactStore:
             self._write_json(self._path(stage, key, MANIFEST), manifest)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+    def problems(self, stage: str, key: str, full: bool = False) -> list[str]:
+        """How the files of a finished output differ from its manifest: missing, another size, or
+        another sha256 (checked through the digest cache on a local root, so an unchanged file costs a
+        stat; `full` reads every byte anywhere)."""
+        manifest = self.manifest(stage, key)
+        if manifest is None:
+            return [f"{stage}/{key} is not finished (no {MANIFEST})"]
+        base = self._path(stage, key)
+        try:
+            found = {p[len(base):].lstrip("/"): info for p, info in self.fs.find(base, detail=True).items()}
+        except FileNotFoundError:
+            found = {}
+        out = []
+        for rel, meta in manifest.get("files", {}).items():
+            info = found.get(rel)
+            if info is None:
+                out.append(f"{rel} is missing")
+            elif int(info.get("size") or 0) != meta["bytes"]:
+                out.append(f"{rel} is {info.get('size')} bytes, its manifest says {meta['bytes']}")
+            elif full or self.local:
+                digest = self._sha256(self._path(stage, key, rel), cached=not full)
+                if digest != meta["sha256"]:
+                    out.append(f"{rel} was changed after it was written (sha256 differs from its manifest)")
+        return out
+
+    def _sha256(self, path: str, cached: bool = True) -> str:
+        if self.local and cached:
+            return file_sha256(path)
+        h = hashlib.sha256()
+        with self.fs.open(path, "rb") as f:
+            while block := f.read(8 << 20):
+                h.update(block)
+        return h.hexdigest()
 
     def remove(self, *parts: str) -> None:
         """Delete `{root}/{parts...}` (a file or a folder) if it is there."""
@@ -280,13 +319,25 @@ class ArtifactStore:
         return shutil.disk_usage(p).free
 
 
+# (stage, key) pairs this run must rebuild even if finished (`synthtune run --refresh STAGE`)
+REBUILD: contextvars.ContextVar[frozenset[tuple[str, str]]] = contextvars.ContextVar("synthtune_rebuild",
+                                                                                   default=frozenset())
+
+
 def produce(store: ArtifactStore, stage: str, key: str, upstream: dict[str, str], config: dict,
             build) -> ArtifactRef:
-    """Return the finished output `{stage}/{key}` if its manifest exists; else run `build(staging)`
-    and commit what it wrote. The one place that decides skip-or-run, with or without Prefect."""
+    """Return the finished output `{stage}/{key}` if its files match its manifest; else run
+    `build(staging)` and commit what it wrote. The one place that decides skip-or-run, with or
+    without Prefect. An output whose files were changed, truncated or deleted since it was written is
+    never used: it is rebuilt, with a log line saying why."""
     ref = store.ref(stage, key)
     if ref is not None:
-        return ref
+        bad = ["rebuild asked for (--refresh)"] if (stage, key) in REBUILD.get() else store.problems(stage, key)
+        if not bad:
+            return ref
+        log.warning("%s/%s: %s; rebuilding it", stage, key, "; ".join(bad[:3]))
+        store.remove(stage, key, MANIFEST)  # first: a half-removed output never looks finished
+        store.remove(stage, key)
     with store.writing(stage, key, upstream, config) as staging:
         build(staging)
     return store.ref(stage, key)

@@ -70,16 +70,24 @@ def run(
     config: ConfigArg = None,
     overrides: Overrides = None,
     engine: Annotated[str, typer.Option(help="`prefect` (embedded unless PREFECT_API_URL is set) or `local`")] = "prefect",
+    refresh: Annotated[list[str] | None, typer.Option(
+        help="Rebuild this stage and everything after it even if finished (repeatable), e.g. --refresh evaluate")] = None,
 ) -> None:
     """Run the whole loop; finished stages are skipped (Prefect: `Cached`)."""
+    from synthtune import STAGES
+
     cfg = _load(config, overrides)
+    unknown = [r for r in refresh or [] if r not in STAGES]
+    if unknown:
+        raise _fail(f"--refresh {unknown[0]}: not a stage (stages: {', '.join(STAGES)})")
     start = time.perf_counter()
     if engine == "prefect":
-        refs = _load_flow()(cfg)
+        refs = _load_flow()(cfg, refresh=list(refresh or []))
     elif engine == "local":
         from synthtune.runner import run_all
 
-        refs = run_all(cfg, on_step=lambda name, ref: console.print(f"[green]done[/green] {name} {ref.key}"))
+        refs = run_all(cfg, on_step=lambda name, ref: console.print(f"[green]done[/green] {name} {ref.key}"),
+                       refresh=refresh or ())
     else:
         raise typer.BadParameter(f"--engine must be prefect or local, not {engine}")
     print_summary(cfg, refs, time.perf_counter() - start)
@@ -126,6 +134,61 @@ def print_summary(cfg, refs: dict, seconds: float) -> None:
     console.print(table)
     root = refs["promote"].uri.rsplit("/promote/", 1)[0] if "promote" in refs else cfg.artifact_root
     console.print(f"artifacts: {root}  (the model in service: {root}/registry/champion.json, `synthtune show`)",
+                  highlight=False)
+
+
+@app.command()
+def verify(config: ConfigArg = None, overrides: Overrides = None) -> None:
+    """Check every finished stage output of a config against its manifest, every byte (sha256). Exit 1 on any
+    mismatch: a run would rebuild that stage rather than use it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from synthtune.artifacts import ArtifactStore
+    from synthtune.registry import RegistryError
+    from synthtune.runner import DAG, plan
+
+    cfg = _load(config, overrides)
+    store = ArtifactStore(cfg.artifact_root)
+    try:
+        keys = plan(cfg)
+    except RegistryError as e:
+        raise _fail(str(e)) from None
+    steps = [s for s in DAG if s.name in keys]
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=4) as pool:  # hashlib releases the GIL: outputs hashed in parallel
+        found = {s.name: pool.submit(lambda s=s: None if store.manifest(s.stage.STAGE, keys[s.name]) is None else
+                                     store.problems(s.stage.STAGE, keys[s.name], full=True)) for s in steps}
+    table = Table(title=f"'{cfg.name}' outputs under {cfg.artifact_root} ({time.perf_counter() - start:.1f} s)")
+    for col in ("step", "key", "status"):
+        table.add_column(col, overflow="fold")
+    bad = 0
+    for s in steps:
+        problems = found[s.name].result()
+        bad += bool(problems)
+        status = "not built" if problems is None else ("ok" if not problems else "MISMATCH: " + "; ".join(problems))
+        table.add_row(s.name, keys[s.name], escape(status))
+    console.print(table)
+    if bad:
+        raise _fail(f"{bad} output(s) differ from their manifests: the next run rebuilds them", 1)
+
+
+@app.command()
+def init(directory: Annotated[Path, typer.Argument(help="Folder to create (must not exist or be empty).")]) -> None:
+    """Write a starter pipeline folder (pipeline.yaml, a seed folder, an eval task) that validates and runs as
+    is: the demo, ready to be edited into your own."""
+    import shutil
+
+    src = project_root() / "configs"
+    if directory.exists() and any(directory.iterdir()):
+        raise _fail(f"init: {directory} exists and is not empty; choose a new folder")
+    directory.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(src / "data", directory / "data")
+    shutil.copytree(src / "eval_tasks", directory / "eval_tasks")
+    text = (src / "demo.yaml").read_text().replace("name: demo", f"name: {directory.resolve().name}", 1)
+    text = text.replace("synthtune run configs/demo.yaml", f"synthtune run {directory}/pipeline.yaml")
+    (directory / "pipeline.yaml").write_text(text)
+    console.print(f"wrote {directory}/pipeline.yaml, {directory}/data/seeds/, {directory}/eval_tasks/\n"
+                  f"next: synthtune validate {directory}/pipeline.yaml && synthtune run {directory}/pipeline.yaml",
                   highlight=False)
 
 

@@ -34,6 +34,9 @@ class PipelineConfig(Section):
     student: str = field(
         ..., "Student model: a Hugging Face id, a local folder, or `tiny:student` (the demo's locally built model)."
     )
+    student_revision: str | None = field(
+        None, "Hub revision (branch, tag or commit) of the student, pinned for every load and in the cache keys. "
+        "Empty: the default branch, keyed by the commit the local Hugging Face cache knows.")
     artifact_root: str = field(
         ".synthtune/artifacts",
         "Where every stage writes: a local folder or any fsspec URL (s3://, gs://).",

@@ -65,6 +65,14 @@ def file_sha256(path: str | os.PathLike) -> str:
     return _remembered(path, st.st_size, str(st.st_mtime_ns), compute)
 
 
+def remember(path: str | os.PathLike, digest: str) -> None:
+    """Record the digest of a local file just written (its bytes already hashed elsewhere)."""
+    path = os.path.abspath(path)
+    st = os.stat(path)
+    with _table() as t:
+        t.execute("INSERT OR REPLACE INTO digests VALUES (?, ?, ?, ?)", (path, st.st_size, str(st.st_mtime_ns), digest))
+
+
 def fs_sha256(fs, path: str) -> str:
     """sha256 of a file on any fsspec filesystem (local files go through `file_sha256`)."""
     if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):

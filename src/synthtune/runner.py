@@ -11,11 +11,11 @@ candidate is the champion already, there is nothing to compare with and the step
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from types import ModuleType
 
-from synthtune.artifacts import ArtifactRef, ArtifactStore
+from synthtune.artifacts import REBUILD, ArtifactRef, ArtifactStore
 from synthtune.config import PipelineConfig
 from synthtune.registry import Registry, RegistryError
 from synthtune.stages import evaluate, filter, generate, preflight, promote, template, train
@@ -96,9 +96,33 @@ def plan(cfg: PipelineConfig) -> dict[str, str]:
     return keys
 
 
+def downstream(names: Iterable[str]) -> set[str]:
+    """The steps named (a stage name means all its steps) and every step that depends on them."""
+    names, out = set(names), set()
+    for step in DAG:
+        if step.name in names or step.stage.STAGE in names or any(src in out for src in step.inputs.values()):
+            out.add(step.name)
+    return out
+
+
+def rebuild_keys(cfg: PipelineConfig, refresh: Iterable[str]) -> frozenset[tuple[str, str]]:
+    """(stage, key) of every output `--refresh` asks to rebuild: the stages named and what follows."""
+    steps, keys = downstream(refresh), plan(cfg)
+    return frozenset((s.stage.STAGE, keys[s.name]) for s in DAG if s.name in steps and s.name in keys)
+
+
 def run_all(cfg: PipelineConfig, on_step: Callable[[str, ArtifactRef], None] | None = None,
-            until: str | None = None) -> dict[str, ArtifactRef]:
-    """Run the loop (up to and including stage `until`), returning each step's output reference."""
+            until: str | None = None, refresh: Iterable[str] = ()) -> dict[str, ArtifactRef]:
+    """Run the loop (up to and including stage `until`), returning each step's output reference;
+    the stages in `refresh` and everything after them are rebuilt even if finished."""
+    token = REBUILD.set(rebuild_keys(cfg, refresh))
+    try:
+        return _run_all(cfg, on_step, until)
+    finally:
+        REBUILD.reset(token)
+
+
+def _run_all(cfg: PipelineConfig, on_step, until) -> dict[str, ArtifactRef]:
     store = ArtifactStore(cfg.artifact_root)
     refs: dict[str, ArtifactRef] = {}
     for step in DAG:

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 from importlib import resources
 from pathlib import Path
+
+from synthtune.digests import cache_root
 
 # Bump when the builder changes what it produces: cached tiny models are keyed on it.
 BUILDER_VERSION = "2"
@@ -52,10 +53,6 @@ def demo_facts() -> list[dict]:
     """The fictional fact set the tiny teacher knows and the demo evaluates on."""
     text = resources.files("synthtune.data").joinpath("demo_facts.jsonl").read_text()
     return [json.loads(line) for line in text.splitlines() if line.strip()]
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("SYNTHTUNE_CACHE", Path.home() / ".cache" / "synthtune"))
 
 
 def tiny_path(name: str) -> Path:

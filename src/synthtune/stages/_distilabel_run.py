@@ -50,7 +50,8 @@ class Tally:
         return {k: v for k, v in vars(self).items() if k != "fresh"}
 
 
-def _llm(gen: GenerateConfig, model: str, magpie: bool = False, max_new_tokens: int | None = None):
+def _llm(gen: GenerateConfig, model: str, magpie: bool = False, max_new_tokens: int | None = None,
+         revision: str | None = None):
     import torch
 
     if max_new_tokens:
@@ -66,7 +67,8 @@ def _llm(gen: GenerateConfig, model: str, magpie: bool = False, max_new_tokens: 
     extra = {}
     if magpie:  # the parent has resolved the template
         extra = {"use_magpie_template": True, "magpie_pre_query_template": gen.magpie_pre_query_template}
-    return TransformersLLM(model=resolve(model), device="cuda" if torch.cuda.is_available() else None,
+    return TransformersLLM(model=resolve(model), revision=revision or "main",
+                           device="cuda" if torch.cuda.is_available() else None,
                            torch_dtype="auto", generation_kwargs=generation_kwargs(gen), **extra)
 
 
@@ -126,7 +128,7 @@ def _answers(gen: GenerateConfig, model: str, requests: list[dict], what: str, c
         import torch
 
         torch.manual_seed(gen.seed)
-        llm = _llm(gen, model)
+        llm = _llm(gen, model, revision=gen.teacher_revision if model == gen.teacher else None)
         return _pass(what, misses, cache, cache_dir,
                      lambda **kw: TextGeneration(llm=llm, system_prompt=gen.system_prompt, num_generations=1,
                                                  input_batch_size=gen.batch_size, add_raw_output=False,
@@ -148,7 +150,7 @@ def _ratings(gen: GenerateConfig, judge_id: str, items: list[dict], cache_url: s
     def make(misses: list[dict]) -> dict[str, dict]:
         if not misses:
             return {}
-        llm = _llm(gen, gen.judge, max_new_tokens=gen.judge_max_new_tokens)
+        llm = _llm(gen, gen.judge, max_new_tokens=gen.judge_max_new_tokens, revision=gen.judge_revision)
         return _pass("judge", misses, cache, cache_dir,
                      lambda **kw: UltraFeedback(llm=llm, aspect=gen.judge_aspect, input_batch_size=gen.batch_size,
                                                 add_raw_output=False, add_raw_input=False, **kw),
@@ -286,7 +288,7 @@ def _magpie(gen: GenerateConfig, teacher_id: str, cache_url: str, cache_dir: str
         import torch
 
         torch.manual_seed(gen.seed)
-        llm = _llm(gen, gen.teacher, magpie=True)
+        llm = _llm(gen, gen.teacher, magpie=True, revision=gen.teacher_revision)
         return _pass("magpie", misses, cache, cache_dir,
                      lambda **kw: Magpie(llm=llm, n_turns=1, input_batch_size=gen.batch_size, **system, **kw),
                      ["instruction", "response", "model_name"], ["instruction", "response"], gen.batch_size)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from synthtune.models import resolve
+from synthtune.models import resolve, revision_kw
 from synthtune.stages.train import (
     OOM_EXIT,
     PEAK_FLOPS,
@@ -137,7 +137,7 @@ def _finish(run: Finished) -> None:
         if run.runtime.four_bit:  # merging into NF4 weights would lose precision: merge into the unquantized base
             from peft import PeftModel
 
-            base = load_student(run.cfg.student, run.runtime, four_bit=False)
+            base = load_student(run.cfg.student, run.runtime, four_bit=False, revision=run.cfg.student_revision)
             merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
         else:
             merged = model.merge_and_unload()
@@ -185,10 +185,10 @@ def main(spec_path: str) -> int:
         torch.manual_seed(tc.seed)
         columns = ["prompt_ids", "chosen_ids", "rejected_ids"] if tc.mode == "dpo" else ["input_ids", "assistant_masks"]
         dataset = Dataset.from_parquet(spec["data"]).select_columns(columns)
-        tokenizer = AutoTokenizer.from_pretrained(resolve(cfg.student))
+        tokenizer = AutoTokenizer.from_pretrained(resolve(cfg.student), **revision_kw(cfg.student_revision))
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        model = get_peft_model(load_student(cfg.student, runtime), lora_config(tc))
+        model = get_peft_model(load_student(cfg.student, runtime, revision=cfg.student_revision), lora_config(tc))
         fixed = fix_cpu_4bit(model) if runtime.four_bit and runtime.device == "cpu" else 0
         before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         args = trainer_args(cfg, str(work / "checkpoints"), batch, accum, runtime, spec.get("activation_checkpointing", False))

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING
 from synthtune.artifacts import ArtifactRef, ArtifactStore, Staging, key_payload, produce, sha256_file, stage_key
 from synthtune.eval_tasks import data_files, local_tasks, portable_task_dir
 from synthtune.fields import InputDir, Section, field
-from synthtune.models import fingerprint, resolve
+from synthtune.models import fingerprint, resolve, revision_kw
+from synthtune.versions import stage_libs
 
 if TYPE_CHECKING:
     from synthtune.config import PipelineConfig
@@ -73,18 +74,28 @@ def key(cfg: PipelineConfig, upstream: dict[str, str]) -> str:
     for name, (path, doc) in local_tasks(ec.task_dir).items():
         if name in ec.tasks:
             files[name] = [sha256_file(f) for f in data_files(path, doc) if f.is_file()]
-    payload = {"evaluate": key_payload(ec), "data_files": files, "student": fingerprint(cfg.student)}
+    payload = {"evaluate": key_payload(ec), "data_files": files, "libs": stage_libs(STAGE),
+               "student": fingerprint(cfg.student, cfg.student_revision), "runtime": eval_runtime()}
     if not ec.in_domain:  # base scores stay cached across nights unless they depend on the data
         upstream = {k: v for k, v in upstream.items() if k != "filter"}
     return stage_key(STAGE, VERSION, payload, upstream)
 
 
-def lm_eval_args(cfg: PipelineConfig, adapter: Path | None, task_dir: Path | None) -> dict:
-    """The simple_evaluate arguments: everything but `peft` identical for base and tuned."""
+def eval_runtime() -> dict[str, str]:
+    """What changes lm-eval's numbers on this hardware: the device kind and the dtype it loads in
+    (both in the evaluate key, so a CPU box's scores are never served to a GPU box as cached)."""
     import torch
 
+    cuda = torch.cuda.is_available()
+    return {"device": "cuda" if cuda else "cpu", "dtype": "auto" if cuda else "float32"}
+
+
+def lm_eval_args(cfg: PipelineConfig, adapter: Path | None, task_dir: Path | None) -> dict:
+    """The simple_evaluate arguments: everything but `peft` identical for base and tuned."""
+
     ec = cfg.evaluate
-    model_args: dict = {"pretrained": resolve(cfg.student), "dtype": "auto" if torch.cuda.is_available() else "float32"}
+    runtime = eval_runtime()
+    model_args: dict = {"pretrained": resolve(cfg.student), "dtype": runtime["dtype"], **revision_kw(cfg.student_revision)}
     if adapter is not None:
         model_args["peft"] = str(adapter)
     return {
@@ -94,7 +105,7 @@ def lm_eval_args(cfg: PipelineConfig, adapter: Path | None, task_dir: Path | Non
         "num_fewshot": ec.num_fewshot,
         "batch_size": ec.batch_size,
         "limit": ec.limit,
-        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "device": runtime["device"],
         "apply_chat_template": ec.apply_chat_template,
         "fewshot_as_multiturn": ec.fewshot_as_multiturn and ec.apply_chat_template,
         "system_instruction": ec.system_instruction,

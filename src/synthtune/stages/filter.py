@@ -62,7 +62,7 @@ class EmptyDatasetError(RuntimeError):
 
 
 def key(cfg: PipelineConfig, upstream: dict[str, str]) -> str:
-    payload = {"filter": key_payload(cfg.filter), "student": fingerprint(cfg.student)}
+    payload = {"filter": key_payload(cfg.filter), "student": fingerprint(cfg.student, cfg.student_revision)}
     if cfg.filter.decontaminate:  # what counts as contamination is in the eval tasks' data
         payload["eval_data"] = {str(p.name): sha256_file(p)
                                 for p in task_data_files(cfg.evaluate.tasks, cfg.evaluate.task_dir)}
@@ -189,7 +189,7 @@ def run(cfg: PipelineConfig, store: ArtifactStore, upstream: dict[str, ArtifactR
     def build(staging: Staging) -> None:
         with store.local_copy(src) as folder:
             rows = pd.read_parquet(folder / "data.parquet").to_dict("records")
-        tok = load_tokenizer(cfg.student)
+        tok = load_tokenizer(cfg.student, cfg.student_revision)
         docs = task_documents(cfg.evaluate.tasks, cfg.evaluate.task_dir) if cfg.filter.decontaminate else None
         specials = sorted({t for t in tok.all_special_tokens if len(t) > 1}, key=len, reverse=True)
         kept, rejects, funnel = apply_filters(rows, cfg.filter, lambda texts: token_lengths(tok, texts), docs, specials)

@@ -31,9 +31,10 @@ from pydantic import SecretStr, model_validator
 
 from synthtune.artifacts import ArtifactRef, ArtifactStore, Staging, key_payload, produce, stage_key
 from synthtune.fields import Section, SeedSource, field
-from synthtune.models import fingerprint, identity, resolve
+from synthtune.models import fingerprint, identity, resolve, revision_kw
 from synthtune.rowcache import RowCache, entry_key
 from synthtune.seeds import SeedSet, read_seeds
+from synthtune.versions import stage_libs
 
 if TYPE_CHECKING:
     from synthtune.config import PipelineConfig
@@ -52,12 +53,15 @@ class GenerateConfig(Section):
         "`num_generations`, plus `rejected_model`'s); with a `judge` the best rated is `chosen` and the worst "
         "`rejected`, without one the teacher's answer is `chosen` and `rejected_model`'s `rejected`. `magpie`: "
         "no seeds; a local instruct teacher writes the instructions too (Magpie), `magpie_rows` of them.")
+    teacher_revision: str | None = field(
+        None, "Hub revision (branch, tag or commit) of a local teacher, pinned for every load and in the cache keys.")
     rejected_model: str | None = field(
         None, "Preference mode: a local model whose answers join the candidates (e.g. tiny:student or the student id); "
         "needed without a judge, where its answer is `rejected`.")
     judge: str | None = field(
         None, "Model that rates answers with distilabel's UltraFeedback (1-5 with a rationale, columns `rating` and "
         "`rationale`); same kind and endpoint as the teacher. Empty: no judge.")
+    judge_revision: str | None = field(None, "Hub revision of a local judge, pinned like teacher_revision.")
     judge_max_new_tokens: int = field(512, "Most tokens the judge may write (its ratings and rationales).", ge=16,
                                       le=32768)
     judge_aspect: Literal["overall-rating", "helpfulness", "honesty", "instruction-following", "truthfulness"] = field(
@@ -123,8 +127,9 @@ def key(cfg: PipelineConfig, upstream: dict[str, str]) -> str:
     gen = cfg.generate
     extra = {"rejected_model": fingerprint(gen.rejected_model)} if gen.mode == "preference" and gen.rejected_model else {}
     if gen.judge:
-        extra["judge"] = identity(gen.judge, gen.teacher_kind, gen.base_url)
-    payload = {"generate": key_payload(gen), "teacher": identity(gen.teacher, gen.teacher_kind, gen.base_url), **extra}
+        extra["judge"] = identity(gen.judge, gen.teacher_kind, gen.base_url, gen.judge_revision)
+    payload = {"generate": key_payload(gen), "libs": stage_libs(STAGE),
+               "teacher": identity(gen.teacher, gen.teacher_kind, gen.base_url, gen.teacher_revision), **extra}
     return stage_key(STAGE, VERSION, payload, upstream)
 
 
@@ -241,8 +246,9 @@ def teacher_context(gen: GenerateConfig) -> int | None:
 
     from synthtune.models import load_tokenizer
 
-    sizes = [getattr(AutoConfig.from_pretrained(resolve(gen.teacher)), "max_position_embeddings", None),
-             load_tokenizer(gen.teacher).model_max_length]
+    config = AutoConfig.from_pretrained(resolve(gen.teacher), **revision_kw(gen.teacher_revision))
+    sizes = [getattr(config, "max_position_embeddings", None),
+             load_tokenizer(gen.teacher, gen.teacher_revision).model_max_length]
     sizes = [n for n in sizes if isinstance(n, int) and 0 < n < 10**7]
     return min(sizes) if sizes else None
 
@@ -252,7 +258,7 @@ def _prompt_tokenizer(gen: GenerateConfig):
     from synthtune.models import load_tokenizer
 
     try:
-        return load_tokenizer(gen.teacher)
+        return load_tokenizer(gen.teacher, gen.teacher_revision)
     except Exception:  # a hosted model: no tokenizer here
         return None
 
@@ -295,7 +301,7 @@ def pre_query_template(gen: GenerateConfig) -> str:
         return gen.magpie_pre_query_template
     from synthtune.models import load_tokenizer
 
-    template = load_tokenizer(gen.teacher).chat_template or ""
+    template = load_tokenizer(gen.teacher, gen.teacher_revision).chat_template or ""
     if "<|im_start|>" in template:
         return "qwen2"
     if "<|start_header_id|>" in template:
@@ -325,11 +331,11 @@ def _generate(cfg: PipelineConfig, store: ArtifactStore, staging: Staging, on_lo
     elif gen.mode != "magpie":
         context = teacher_context(gen)
     lengths = fit_prompts(gen, seeds, context)
-    identities = {"teacher": identity(gen.teacher, gen.teacher_kind, gen.base_url)}
+    identities = {"teacher": identity(gen.teacher, gen.teacher_kind, gen.base_url, gen.teacher_revision)}
     if gen.mode == "preference" and gen.rejected_model:
         identities["rejected"] = fingerprint(gen.rejected_model)
     if gen.judge:
-        identities["judge"] = identity(gen.judge, gen.teacher_kind, gen.base_url)
+        identities["judge"] = identity(gen.judge, gen.teacher_kind, gen.base_url, gen.judge_revision)
     # distilabel forks its workers: run it from a clean spawned process (see synthtune.child)
     from synthtune.child import call_in_child
     from synthtune.stages._distilabel_run import run_distilabel

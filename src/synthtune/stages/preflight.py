@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from synthtune.artifacts import ArtifactRef, ArtifactStore, Staging, key_payload, produce, stage_key
 from synthtune.eval_tasks import check_tasks
 from synthtune.fields import Section, field
-from synthtune.models import fingerprint, identity, resolve
+from synthtune.models import fingerprint, identity, resolve, revision_kw
 
 if TYPE_CHECKING:
     from synthtune.config import PipelineConfig
@@ -42,20 +42,21 @@ def key(cfg: PipelineConfig, upstream: dict[str, str]) -> str:
     payload = {
         "preflight": key_payload(cfg.preflight),
         "evaluate_tasks": {"tasks": cfg.evaluate.tasks, **key_payload(cfg.evaluate)},
-        "models": [fingerprint(cfg.student), identity(gen.teacher, gen.teacher_kind, gen.base_url),
-                   *(identity(m, gen.teacher_kind, gen.base_url) for m in (gen.judge,) if m),
+        "models": [fingerprint(cfg.student, cfg.student_revision),
+                   identity(gen.teacher, gen.teacher_kind, gen.base_url, gen.teacher_revision),
+                   *(identity(m, gen.teacher_kind, gen.base_url, gen.judge_revision) for m in (gen.judge,) if m),
                    *(fingerprint(m) for m in (cfg.generate.rejected_model,) if m and cfg.generate.mode == "preference")],
         "artifact_root": cfg.artifact_root,
     }
     return stage_key(STAGE, VERSION, payload, upstream)
 
 
-def check_model(spec: str, role: str, allow_remote_code: bool) -> list[str]:
+def check_model(spec: str, role: str, allow_remote_code: bool, revision: str | None = None) -> list[str]:
     """Problems with a model's config (architecture known locally, no remote code needed)."""
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(resolve(spec), trust_remote_code=False)
+        config = AutoConfig.from_pretrained(resolve(spec), trust_remote_code=False, **revision_kw(revision))
     except ValueError as e:
         if "trust_remote_code" in str(e) and allow_remote_code:
             return []
@@ -68,10 +69,10 @@ def check_model(spec: str, role: str, allow_remote_code: bool) -> list[str]:
     return []
 
 
-def check_tokenizer(spec: str) -> list[str]:
+def check_tokenizer(spec: str, revision: str | None = None) -> list[str]:
     from synthtune.models import load_tokenizer
 
-    tok = load_tokenizer(spec)
+    tok = load_tokenizer(spec, revision)
     problems = []
     if not tok.chat_template:
         problems.append(f"student '{spec}' tokenizer has no chat template: use an instruct/chat variant "
@@ -92,16 +93,16 @@ def check_disk(store: ArtifactStore, min_free_gb: float) -> tuple[list[str], flo
 
 
 def checks(cfg: PipelineConfig, store: ArtifactStore) -> tuple[list[str], dict]:
-    problems = check_model(cfg.student, "student", cfg.preflight.allow_remote_code)
+    problems = check_model(cfg.student, "student", cfg.preflight.allow_remote_code, cfg.student_revision)
     gen = cfg.generate
     if gen.teacher_kind == "transformers":  # local models must load; endpoints are checked by generate
-        problems += check_model(gen.teacher, "teacher", cfg.preflight.allow_remote_code)
+        problems += check_model(gen.teacher, "teacher", cfg.preflight.allow_remote_code, gen.teacher_revision)
         if gen.judge:
-            problems += check_model(gen.judge, "judge", cfg.preflight.allow_remote_code)
+            problems += check_model(gen.judge, "judge", cfg.preflight.allow_remote_code, gen.judge_revision)
     if gen.mode == "preference" and gen.rejected_model:
         problems += check_model(gen.rejected_model, "rejected_model", cfg.preflight.allow_remote_code)
     if not problems:
-        problems += check_tokenizer(cfg.student)
+        problems += check_tokenizer(cfg.student, cfg.student_revision)
     problems += check_tasks(cfg.evaluate.tasks, cfg.evaluate.task_dir)
     disk, free_gb = check_disk(store, cfg.preflight.min_free_gb)
     return problems + disk, {"free_gb": free_gb}

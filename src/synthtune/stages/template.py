@@ -23,6 +23,7 @@ from synthtune.artifacts import ArtifactRef, ArtifactStore, Staging, key_payload
 from synthtune.chat import CHUNK, ChatEncoder, RowError, TemplateError, to_messages
 from synthtune.fields import InputFile, Section, field
 from synthtune.models import fingerprint, load_tokenizer
+from synthtune.versions import stage_libs
 
 if TYPE_CHECKING:
     from synthtune.config import PipelineConfig
@@ -55,7 +56,8 @@ class TemplateConfig(Section):
 
 def key(cfg: PipelineConfig, upstream: dict[str, str]) -> str:
     # the student fingerprint hashes its tokenizer files, chat template included
-    payload = {"template": key_payload(cfg.template), "student": fingerprint(cfg.student)}
+    payload = {"template": key_payload(cfg.template), "libs": stage_libs(STAGE),
+               "student": fingerprint(cfg.student, cfg.student_revision)}
     return stage_key(STAGE, VERSION, payload, upstream)
 
 
@@ -212,7 +214,7 @@ def _template(cfg: PipelineConfig, staging: Staging, rows: list[dict]) -> None:
     import pandas as pd
 
     tc = cfg.template
-    tok = load_tokenizer(cfg.student)
+    tok = load_tokenizer(cfg.student, cfg.student_revision)
     template_text = tc.chat_template.read_text() if tc.chat_template else None
     enc = ChatEncoder(tok, template_text, tc.system_prompt)
     preference = bool(rows) and "chosen" in rows[0]
@@ -296,7 +298,7 @@ def preview(cfg: PipelineConfig, folder, n: int) -> list[tuple[str, list[tuple[s
     table = pq.read_table(f"{folder}/data.parquet")
     if "input_ids" not in table.column_names or n <= 0:
         return []
-    tok = load_tokenizer(cfg.student)
+    tok = load_tokenizer(cfg.student, cfg.student_revision)
     rows = table.slice(0, n).to_pylist()
     return [(r["id"], segments(tok, r["input_ids"], r["assistant_masks"])) for r in rows]
 

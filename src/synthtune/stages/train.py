@@ -31,7 +31,8 @@ from typing import TYPE_CHECKING, Literal
 
 from synthtune.artifacts import ArtifactRef, ArtifactStore, Staging, key_payload, produce, stage_key
 from synthtune.fields import Section, field
-from synthtune.models import fingerprint, resolve
+from synthtune.models import fingerprint, resolve, revision_kw
+from synthtune.versions import stage_libs
 
 if TYPE_CHECKING:
     from synthtune.config import PipelineConfig
@@ -133,7 +134,8 @@ def resolve_runtime(tc: TrainConfig) -> Runtime:
 def key(cfg: PipelineConfig, upstream: dict[str, str]) -> str:
     # max_length is the template stage's, already part of its key through upstream; quantization,
     # packing and liger enter through what they resolve to here
-    payload = {"train": key_payload(cfg.train), "student": fingerprint(cfg.student),
+    payload = {"train": key_payload(cfg.train), "libs": stage_libs(STAGE),
+               "student": fingerprint(cfg.student, cfg.student_revision),
                "runtime": asdict(resolve_runtime(cfg.train))}
     return stage_key(STAGE, VERSION, payload, upstream)
 
@@ -151,7 +153,7 @@ def lora_config(tc: TrainConfig):
     )
 
 
-def load_student(spec: str, runtime: Runtime, four_bit: bool | None = None):
+def load_student(spec: str, runtime: Runtime, four_bit: bool | None = None, revision: str | None = None):
     """The student ready for LoRA: NF4-quantized (QLoRA) or full precision, as `runtime` says
     (`four_bit=False` forces the full-precision base, e.g. to merge into)."""
     import torch
@@ -168,7 +170,7 @@ def load_student(spec: str, runtime: Runtime, four_bit: bool | None = None):
             bnb_4bit_compute_dtype=compute,
         )
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))} if cuda else {"": "cpu"}
-    return AutoModelForCausalLM.from_pretrained(resolve(spec), **kwargs)
+    return AutoModelForCausalLM.from_pretrained(resolve(spec), **revision_kw(revision), **kwargs)
 
 
 def fix_cpu_4bit(model) -> int:
@@ -198,7 +200,7 @@ def _shape(cfg: PipelineConfig) -> tuple[int, int, int, int]:
     from peft import get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(resolve(cfg.student))
+    config = AutoConfig.from_pretrained(resolve(cfg.student), **revision_kw(cfg.student_revision))
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config)
     total = sum(p.numel() for p in model.parameters())
