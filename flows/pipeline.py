@@ -9,19 +9,15 @@ Two ways to place the stages on machines:
   to the `gpu_stages` flow deployed on a GPU pool (`gpu_deployment=...`). The two only share the
   artifact root: the child finds its inputs there by key, and the parent finds the child's outputs.
 
-Either way the GPU stages hold the worker's GPU slot (a Prefect global concurrency limit of 1
-named `gpu:<host>` unless `SYNTHTUNE_GPU_SLOT` says otherwise), so two runs never share a GPU.
-The slot is a lease: if its holder dies, it comes back once the lease runs out.
+Either way the GPU stages hold the worker's GPU slot (tasks/gpu_slot.py), so two runs never
+share a GPU, and a dead holder never keeps it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
-import socket
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -30,13 +26,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from typing import Annotated  # noqa: E402
 
-from prefect import flow, get_run_logger  # noqa: E402
+from prefect import flow  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.filesystems import RemoteFileSystem  # noqa: E402
 from prefect.runtime import flow_run  # noqa: E402
 from prefect.states import Completed  # noqa: E402
 from pydantic import Field  # noqa: E402
 
+from synthtune import progress  # noqa: E402
 from synthtune.artifacts import REBUILD, ArtifactRef, ArtifactStore  # noqa: E402
 from synthtune.config import PipelineConfig, to_yaml  # noqa: E402
 from synthtune.runner import (  # noqa: E402
@@ -54,6 +51,8 @@ from tasks.evaluate import evaluate  # noqa: E402
 from tasks.filter import filter  # noqa: E402
 from tasks.filter import report as filter_report  # noqa: E402
 from tasks.generate import generate  # noqa: E402
+from tasks.gpu_slot import hold as hold_gpu  # noqa: E402
+from tasks.gpu_slot import release_for_flow_run, slot_name  # noqa: E402
 from tasks.preflight import preflight  # noqa: E402
 from tasks.promote import promote  # noqa: E402
 from tasks.promote import report as promote_report  # noqa: E402
@@ -97,29 +96,22 @@ def result_storage(cfg: PipelineConfig):
     return f"remote-file-system/{name}"
 
 
-def slot_name(gpu_slot: str) -> str:
-    return gpu_slot or os.environ.get("SYNTHTUNE_GPU_SLOT") or f"gpu:{socket.gethostname()}"
+def drain() -> None:
+    """Send what Prefect still queues (run logs, events) while its server is up: the embedded
+    server stops right after the flow returns."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        with contextlib.suppress(Exception):
+            worker.drain_all(timeout=30)
 
 
-@contextlib.contextmanager
-def hold_gpu(name: str, lease_s: float = 120) -> Iterator[None]:
-    """One holder at a time on `name` (a global concurrency limit of 1, created if missing). The
-    lease is renewed while held; a crashed holder's slot frees itself `lease_s` after its last renewal."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-    from prefect.concurrency.sync import concurrency
-    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
-
-    with get_client(sync_client=True) as client:
-        try:
-            client.read_global_concurrency_limit_by_name(name)
-        except ObjectNotFound:
-            with contextlib.suppress(ObjectAlreadyExists):
-                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
-    get_run_logger().info("waiting for GPU slot %s", name)
-    with concurrency(name, occupy=1, lease_duration=lease_s, strict=True):
-        get_run_logger().info("holding GPU slot %s", name)
-        yield
+def give_back_gpu(flow, run, state) -> None:
+    """on_crashed / on_cancellation: a run that dies holding the GPU slot gives it back now, not
+    when its lease runs out (its process may be gone, so this runs wherever Prefect runs hooks)."""
+    with contextlib.suppress(Exception):
+        release_for_flow_run(slot_name(run.parameters.get("gpu_slot", "")), str(run.id))
 
 
 def run_steps(config: PipelineConfig, steps: tuple[Step, ...], refs: dict[str, ArtifactRef], fault: str,
@@ -143,7 +135,12 @@ def run_steps(config: PipelineConfig, steps: tuple[Step, ...], refs: dict[str, A
                 bool(store.problems(step.stage.STAGE, key))
             task = TASKS[step.stage.STAGE].with_options(task_run_name=step.name, result_storage=storage,
                                                         refresh_cache=stale)
-            refs[step.name] = task(cfg, inputs)
+            progress.emit("step_start", step=step.name)
+            state = task(cfg, inputs, return_state=True)
+            if not state.is_completed():
+                progress.emit("step_end", step=step.name, state="Failed")
+            refs[step.name] = state.result()  # the task's exception when it failed
+            progress.emit("step_end", step=step.name, state=state.name, summary=refs[step.name].summary)
             if report := REPORTS.get(step.stage.STAGE):
                 report(store, refs[step.name])
     finally:
@@ -156,7 +153,8 @@ def this_attempts_fault(fail_stage: str) -> str:
     return fail_stage if (flow_run.get_run_count() or 1) <= 1 else "none"
 
 
-@flow(name="synthtune", log_prints=False, persist_result=True)
+@flow(name="synthtune", log_prints=False, persist_result=True, on_crashed=[give_back_gpu],
+      on_cancellation=[give_back_gpu])
 def pipeline(config: PipelineConfig, gpu_deployment: GpuDeployment = "", gpu_slot: GpuSlot = "",
              fail_stage: FailStage = "none", refresh: Refresh = []) -> dict[str, ArtifactRef]:  # noqa: B006
     """preflight -> generate -> filter -> template -> train -> evaluate (base, tuned, champion) -> promote.
@@ -180,7 +178,8 @@ def pipeline(config: PipelineConfig, gpu_deployment: GpuDeployment = "", gpu_slo
     return refs
 
 
-@flow(name="synthtune-gpu", log_prints=False, persist_result=True)
+@flow(name="synthtune-gpu", log_prints=False, persist_result=True, on_crashed=[give_back_gpu],
+      on_cancellation=[give_back_gpu])
 def gpu_stages(config: PipelineConfig, upstream: dict[str, ArtifactRef], gpu_slot: GpuSlot = "",
                fail_stage: FailStage = "none", refresh: Refresh = []) -> dict[str, ArtifactRef]:  # noqa: B006
     """train and evaluate (base, tuned, champion) on a GPU worker, for a `pipeline` run in split mode.

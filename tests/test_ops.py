@@ -128,11 +128,11 @@ HOLD = """
 import sys, time
 sys.path.insert(0, {root!r})
 from prefect import flow
-from flows.pipeline import hold_gpu
+from tasks.gpu_slot import hold
 
 @flow
 def holder():
-    with hold_gpu("gpu:crash-test", lease_s=60):
+    with hold("gpu:crash-test", lease_s=60):
         print("HOLDING", flush=True)
         time.sleep(600)
 

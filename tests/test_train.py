@@ -43,10 +43,19 @@ def _check_trained(ref):
 
 
 def _checkpoint(folder: Path, step: int, files=CHECKPOINT_FILES, state: str | None = None) -> Path:
+    """A checkpoint folder as the Trainer writes it: real safetensors and torch files."""
+    import torch
+    from safetensors.torch import save_file
+
     ckpt = folder / f"checkpoint-{step}"
     ckpt.mkdir(parents=True)
     for f in files:
-        (ckpt / f).write_text(state if f == "trainer_state.json" and state else json.dumps({"global_step": step}))
+        if f == "adapter_model.safetensors":
+            save_file({"lora_A": torch.zeros(4, 8)}, str(ckpt / f))
+        elif f.endswith(".pt"):
+            torch.save({"step": step}, ckpt / f)
+        else:
+            (ckpt / f).write_text(state if f == "trainer_state.json" and state else json.dumps({"global_step": step}))
     (ckpt / "rng_state.pth").write_text("rng")
     return ckpt
 
@@ -55,9 +64,35 @@ def test_corrupt_latest_checkpoint_is_skipped_for_the_previous_one(tmp_path, cap
     good = _checkpoint(tmp_path, 20)
     _checkpoint(tmp_path, 40, files=[f for f in CHECKPOINT_FILES if f != "optimizer.pt"])
     _checkpoint(tmp_path, 60, state="{half written")
+    truncated = _checkpoint(tmp_path, 80) / "adapter_model.safetensors"  # the crash hit while saving the adapter
+    truncated.write_bytes(truncated.read_bytes()[:-40])
+    broken_optimizer = _checkpoint(tmp_path, 100) / "optimizer.pt"
+    broken_optimizer.write_bytes(broken_optimizer.read_bytes()[:50])
     assert latest_valid_checkpoint(tmp_path) == good
     assert "checkpoint-60: trainer_state.json does not parse" in caplog.text
     assert "checkpoint-40: missing optimizer.pt" in caplog.text
+    assert "checkpoint-80: adapter_model.safetensors is" in caplog.text and "its header needs" in caplog.text
+    assert "checkpoint-100: optimizer.pt is not a readable torch file" in caplog.text
+
+
+def test_the_retry_hint_is_true(tmp_path):
+    from synthtune.stages.train import TrainConfig, training_failed
+
+    tc = TrainConfig(save_steps=50)
+    assert "before any checkpoint was written (one every train.save_steps=50 steps): a retry starts from the " \
+           "beginning" in training_failed(1, tmp_path, tc)
+    _checkpoint(tmp_path / "checkpoints", 50)
+    assert training_failed(-15, tmp_path, tc) == (f"training failed (stopped by SIGTERM); checkpoint-50 in "
+                                                  f"{tmp_path / 'checkpoints'} is kept and a retry resumes from it")
+
+
+def test_infinite_or_nan_numbers_are_refused_at_validation():
+    from synthtune.config import ConfigError, load_config
+    from tests.conftest import DEMO
+
+    for bad in ("train.epochs=.inf", "train.learning_rate=.nan", "filter.near_dedup_threshold=.nan"):
+        with pytest.raises(ConfigError, match=bad.split("=")[0].replace(".", r"\.") + ": Input should be a finite"):
+            load_config(DEMO, [bad])
 
 
 def test_oom_plan_keeps_the_effective_batch():

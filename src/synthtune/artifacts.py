@@ -28,6 +28,7 @@ from typing import Any
 import fsspec
 from pydantic import BaseModel
 
+from synthtune.atomic import lock
 from synthtune.digests import file_sha256, remember
 from synthtune.fields import content_kind, field_flags
 
@@ -131,6 +132,32 @@ def git_sha() -> str | None:
         return None
 
 
+_swept = False
+
+
+def staging_dir(stage: str) -> Path:
+    """A local temporary folder named after this process, so a killed process's folders are found and
+    removed by the next one (they hold nothing finished: outputs are committed elsewhere)."""
+    global _swept
+    if not _swept:
+        _swept = True
+        sweep_staging()
+    return Path(tempfile.mkdtemp(prefix=f"synthtune-{stage}-{os.getpid()}-"))
+
+
+def sweep_staging() -> int:
+    """Remove the staging folders of processes that are gone; returns how many."""
+    import psutil
+
+    removed = 0
+    for entry in Path(tempfile.gettempdir()).glob("synthtune-*-*-*"):
+        pid = entry.name.split("-")[2]
+        if entry.is_dir() and pid.isdigit() and int(pid) != os.getpid() and not psutil.pid_exists(int(pid)):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed += 1
+    return removed
+
+
 RUN_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("synthtune_run_id", default=None)
 
 
@@ -185,7 +212,7 @@ class ArtifactStore:
     def writing(self, stage: str, key: str, upstream: dict[str, str], config: dict) -> Iterator[Staging]:
         """Stage files in a local folder; on success copy them to `{root}/{stage}/{key}/` and write the
         manifest last. On error nothing that looks finished is left behind."""
-        tmp = Path(tempfile.mkdtemp(prefix=f"synthtune-{stage}-"))
+        tmp = staging_dir(stage)
         staging = Staging(path=tmp)
         try:
             yield staging
@@ -286,7 +313,7 @@ class ArtifactStore:
         if self.local:
             yield Path(self._path(ref.stage, ref.key))
             return
-        tmp = Path(tempfile.mkdtemp(prefix=f"synthtune-{ref.stage}-"))
+        tmp = staging_dir(ref.stage)
         try:
             self.fs.get(self._path(ref.stage, ref.key) + "/", str(tmp), recursive=True)
             yield tmp
@@ -330,14 +357,22 @@ def produce(store: ArtifactStore, stage: str, key: str, upstream: dict[str, str]
     `build(staging)` and commit what it wrote. The one place that decides skip-or-run, with or
     without Prefect. An output whose files were changed, truncated or deleted since it was written is
     never used: it is rebuilt, with a log line saying why."""
+    rebuild = (stage, key) in REBUILD.get()
     ref = store.ref(stage, key)
-    if ref is not None:
-        bad = ["rebuild asked for (--refresh)"] if (stage, key) in REBUILD.get() else store.problems(stage, key)
-        if not bad:
-            return ref
-        log.warning("%s/%s: %s; rebuilding it", stage, key, "; ".join(bad[:3]))
-        store.remove(stage, key, MANIFEST)  # first: a half-removed output never looks finished
-        store.remove(stage, key)
-    with store.writing(stage, key, upstream, config) as staging:
-        build(staging)
+    if ref is not None and not rebuild and not store.problems(stage, key):
+        return ref
+    # one producer per output, across runs and machines sharing the root: the others wait, then reuse
+    with lock(store.fs, store._path(".locks", f"{stage}-{key}.lock"), f"{stage}/{key}",
+              on_wait=lambda holder: log.info("%s/%s is being produced by another run (%s): waiting for it",
+                                              stage, key, holder)):
+        ref = store.ref(stage, key)
+        if ref is not None:
+            bad = ["rebuild asked for (--refresh)"] if rebuild else store.problems(stage, key)
+            if not bad:
+                return ref  # another run finished it while this one waited
+            log.warning("%s/%s: %s; rebuilding it", stage, key, "; ".join(bad[:3]))
+            store.remove(stage, key, MANIFEST)  # first: a half-removed output never looks finished
+            store.remove(stage, key)
+        with store.writing(stage, key, upstream, config) as staging:
+            build(staging)
     return store.ref(stage, key)

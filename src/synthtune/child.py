@@ -7,6 +7,7 @@ starts clean, and whatever the body does to logging, signals or GPU memory ends 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing as mp
 import threading
@@ -19,7 +20,84 @@ class ChildError(RuntimeError):
     """The child raised; the message carries its type, message and traceback."""
 
 
+# child processes doing a stage's work (distilabel, training) that an interrupted command must stop
+_LIVE: set = set()
+_LIVE_LOCK = threading.Lock()
+
+
+def track(proc) -> None:
+    with _LIVE_LOCK:
+        _LIVE.add(proc)
+
+
+def untrack(proc) -> None:
+    with _LIVE_LOCK:
+        _LIVE.discard(proc)
+
+
+def stop_all(grace: float = 5.0) -> int:
+    """Stop every tracked child and what it started (SIGTERM, then SIGKILL after `grace` seconds);
+    returns how many there were. Safe to call from a signal handler's thread."""
+    import signal
+
+    import psutil
+
+    with _LIVE_LOCK:
+        procs = list(_LIVE)
+    tree = []
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            root = psutil.Process(proc.pid)
+            tree += [root, *root.children(recursive=True)]
+    for p in tree:
+        with contextlib.suppress(psutil.Error):
+            p.send_signal(signal.SIGTERM)
+    _, alive = psutil.wait_procs(tree, timeout=grace)
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    return len(procs)
+
+
+def die_with_parent(sig: int | None = None) -> None:
+    """In a child: the kernel sends `sig` (SIGTERM by default) when the parent dies, however it dies
+    (`kill -9` included), so no stage's work outlives the command that started it. Linux only."""
+    import signal
+
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, sig or signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _stop_descendants_on_term() -> None:
+    """SIGTERM (from the parent's death or stop_all) takes this child's own workers down with it."""
+    import os
+    import signal
+
+    def handler(signum, frame):
+        import psutil
+
+        for p in psutil.Process().children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        os._exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def _entry(conn, fn, args, kwargs, log_queue=None, log_name=None) -> None:
+    import os
+
+    die_with_parent()
+    _stop_descendants_on_term()
+
+    if log_file := os.environ.get("SYNTHTUNE_LOG_FILE"):  # the child's prints and warnings go to the run's log
+        fd = os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
     if log_queue is not None:  # forward this logger's records (and its children's) to the parent
         import logging.handlers
 
@@ -50,6 +128,7 @@ def call_in_child(fn: Callable[..., Any], *args: Any, on_log: Callable[[logging.
     queue = ctx.Queue() if on_log else None
     proc = ctx.Process(target=_entry, args=(child, fn, args, kwargs, queue, log_name), daemon=False)
     proc.start()
+    track(proc)
     child.close()
     listener = None
     if queue is not None:
@@ -66,6 +145,7 @@ def call_in_child(fn: Callable[..., Any], *args: Any, on_log: Callable[[logging.
         if proc.is_alive():
             proc.kill()
             proc.join()
+        untrack(proc)
         if queue is not None:
             queue.put(None)
             listener.join(timeout=10)

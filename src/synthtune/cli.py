@@ -7,10 +7,14 @@ Run as: synthtune run                      (the demo: configs/demo.yaml on the e
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import logging
 import os
 import sys
+import threading
 import time
+import traceback
 from pathlib import Path
 from typing import Annotated
 
@@ -37,12 +41,17 @@ def project_root() -> Path:
     raise typer.BadParameter("cannot find flows/pipeline.py: run synthtune from the project checkout")
 
 
+def _config_path(config: Path | None, overrides: list[str] | None) -> tuple[Path, list[str]]:
+    """The config a command reads (the demo's when none is given: `synthtune run a.b=1`) and the overrides."""
+    if config is not None and "=" in str(config) and not config.exists():
+        config, overrides = None, [str(config), *(overrides or [])]
+    return config or project_root() / "configs" / "demo.yaml", list(overrides or [])
+
+
 def _load(config: Path | None, overrides: list[str] | None):
     from synthtune.config import ConfigError, load_config
 
-    if config is not None and "=" in str(config) and not config.exists():
-        config, overrides = None, [str(config), *(overrides or [])]  # `synthtune run a.b=1`: overrides only
-    path = config or project_root() / "configs" / "demo.yaml"
+    path, overrides = _config_path(config, overrides)
     try:
         return load_config(path, overrides or [])
     except ConfigError as e:
@@ -51,18 +60,22 @@ def _load(config: Path | None, overrides: list[str] | None):
 
 
 @app.command()
-def validate(config: Annotated[Path, typer.Argument(help="Pipeline YAML.")], overrides: Overrides = None) -> None:
+def validate(config: ConfigArg = None, overrides: Overrides = None) -> None:
     """Check every field, range and referenced file (seeds, task YAMLs and their data). Exit 2 on error."""
     from synthtune.eval_tasks import check_tasks
 
+    path = _config_path(config, overrides)[0]
     cfg = _load(config, overrides)
     problems = check_tasks(cfg.evaluate.tasks, cfg.evaluate.task_dir)
     if problems:
-        err.print(f"[red]{config}: {len(problems)} problem(s)[/red]")
+        err.print(f"[red]{path}: {len(problems)} problem(s)[/red]")
         for p in problems:
             err.print(f"  {p}", highlight=False)
         raise typer.Exit(2)
-    console.print(f"[green]{config}: ok[/green] (pipeline '{cfg.name}', artifacts at {cfg.artifact_root})")
+    from synthtune.artifacts import ArtifactStore
+
+    console.print(f"[green]{path}: ok[/green] (pipeline '{cfg.name}', artifacts at "
+                  f"{ArtifactStore(cfg.artifact_root).uri()})", highlight=False)
 
 
 @app.command()
@@ -72,34 +85,121 @@ def run(
     engine: Annotated[str, typer.Option(help="`prefect` (embedded unless PREFECT_API_URL is set) or `local`")] = "prefect",
     refresh: Annotated[list[str] | None, typer.Option(
         help="Rebuild this stage and everything after it even if finished (repeatable), e.g. --refresh evaluate")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Also show library warnings, progress bars and "
+                                          "raw logs on the terminal (they always go to the run's log file).")] = False,
 ) -> None:
     """Run the whole loop; finished stages are skipped (Prefect: `Cached`)."""
-    from synthtune import STAGES
+    from synthtune import STAGES, progress
+    from synthtune.runner import DAG
+    from synthtune.terminal import RunView, TerminalWarnings, log_path, mute_console_handlers, run_log
 
     cfg = _load(config, overrides)
     unknown = [r for r in refresh or [] if r not in STAGES]
     if unknown:
         raise _fail(f"--refresh {unknown[0]}: not a stage (stages: {', '.join(STAGES)})")
+    if engine not in ("prefect", "local"):
+        raise _fail(f"--engine must be prefect or local, not {engine}")
+    log = log_path(cfg.artifact_root, cfg.name)
     start = time.perf_counter()
-    if engine == "prefect":
-        refs = _load_flow()(cfg, refresh=list(refresh or []))
-    elif engine == "local":
-        from synthtune.runner import run_all
+    failure: BaseException | None = None
+    warnings_handler = TerminalWarnings(console)
+    with run_log(log, verbose), RunView(console, [s.name for s in DAG], sys.stdout.isatty()) as view, \
+            progress.listen(view), _interrupt_stops_children():
+        logging.getLogger("synthtune").addHandler(warnings_handler)
+        try:
+            with _prefect_server(engine):
+                if engine == "prefect":
+                    flows = _load_flows()
+                    mute_console_handlers()
+                    try:
+                        refs = flows.pipeline(cfg, refresh=list(refresh or []))
+                    finally:
+                        flows.drain()  # its logs and events reach the server before the server stops
+                else:
+                    from synthtune.runner import run_all
 
-        refs = run_all(cfg, on_step=lambda name, ref: console.print(f"[green]done[/green] {name} {ref.key}"),
-                       refresh=refresh or ())
-    else:
-        raise typer.BadParameter(f"--engine must be prefect or local, not {engine}")
+                    refs = run_all(cfg, refresh=refresh or ())
+        except BaseException as e:  # reported below, in one message, once the live view has stopped
+            failure = e
+            traceback.print_exc()  # the whole story goes to the log file
+        finally:
+            logging.getLogger("synthtune").removeHandler(warnings_handler)
+    if isinstance(failure, KeyboardInterrupt):
+        err.print(f"[red]interrupted[/red] during {view.current or 'startup'}: {_resume_hint(cfg, view.current)}; "
+                  f"log: {log}", highlight=False)
+        raise typer.Exit(130)
+    if failure is not None:
+        raise _fail(f"{view.current or 'the run'} failed after {time.perf_counter() - start:.0f} s: "
+                    f"{_one_message(failure)}\nfull log: {log}", 1)
     print_summary(cfg, refs, time.perf_counter() - start)
+    console.print(f"log: {log}", highlight=False)
 
 
-def _load_flow():
+def _one_message(error: BaseException) -> str:
+    """The real message of a failure: the error's own text, without the child's traceback."""
+    text = str(error).split("--- in child process ---")[0].strip() or type(error).__name__
+    lines = text.splitlines()
+    return "\n".join(lines[:20]) + ("\n  ..." if len(lines) > 20 else "")
+
+
+def _resume_hint(cfg, step: str | None) -> str:
+    """Where an interrupted run can pick up from."""
+    if step == "train":
+        from synthtune.artifacts import ArtifactStore
+        from synthtune.runner import plan
+        from synthtune.stages.train import latest_valid_checkpoint, work_dir
+
+        with contextlib.suppress(Exception):
+            folder = work_dir(ArtifactStore(cfg.artifact_root), plan(cfg)["train"]) / "checkpoints"
+            ckpt = latest_valid_checkpoint(folder)
+            if ckpt is not None:
+                return f"training stopped; {ckpt.name} in {folder} is kept and the same command resumes from it"
+            return f"training stopped before its first checkpoint (in {folder}); the same command starts it again"
+    if step == "generate":
+        return "finished answers are in the row cache; the same command asks only for the rest"
+    return "finished stages are kept; the same command continues from there"
+
+
+@contextlib.contextmanager
+def _interrupt_stops_children():
+    """Ctrl-C stops the training or distilabel child at once (it runs in a session of its own, so the
+    terminal's SIGINT never reaches it), then interrupts the run (which releases the GPU slot)."""
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        from synthtune.child import stop_all
+
+        stop_all(grace=5)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _prefect_server(engine: str):
+    """The embedded server when the Prefect engine has no server to talk to (PREFECT_API_URL unset)."""
+    if engine != "prefect" or os.environ.get("PREFECT_API_URL"):
+        return contextlib.nullcontext()
+    from synthtune.server import embedded_server
+
+    return embedded_server()
+
+
+def _load_flows():
+    """flows/pipeline.py from the checkout (the flows live beside the configs, not in the package)."""
     path = project_root() / "flows" / "pipeline.py"
     spec = importlib.util.spec_from_file_location("flows.pipeline", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules["flows.pipeline"] = module
     spec.loader.exec_module(module)
-    return module.pipeline
+    return module
 
 
 def _fmt(value) -> str:
@@ -421,6 +521,20 @@ def tiny_model(
 
     path = tiny.build(name, out) if out else tiny.ensure(name)
     console.print(f"tiny:{name} at {path}")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from synthtune import __version__
+
+        console.print(f"synthtune {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                   help="Print the version and exit.")] = False) -> None:
+    """Nightly post-training as cached, retryable stages."""
 
 
 def main() -> None:

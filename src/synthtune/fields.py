@@ -70,6 +70,7 @@ SeedSource = Annotated[str, AfterValidator(_resolve_source), ContentHashed("sour
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # inf and nan are refused everywhere (epochs: .inf passed validation and crashed the child)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from types import ModuleType
 
+from synthtune import progress
 from synthtune.artifacts import REBUILD, ArtifactRef, ArtifactStore
 from synthtune.config import PipelineConfig
 from synthtune.registry import Registry, RegistryError
@@ -79,6 +80,22 @@ def step_inputs(step: Step, done: dict[str, ArtifactRef | None], champion: Artif
     return out
 
 
+def _run_step(step: Step, cfg: PipelineConfig, store: ArtifactStore, inputs: dict[str, ArtifactRef]) -> ArtifactRef:
+    """One step, its start and end told to synthtune.progress (Cached when its output was already there)."""
+    import time
+
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    progress.emit("step_start", step=step.name)
+    try:
+        ref = step.stage.run(cfg, store, inputs)
+    except BaseException:
+        progress.emit("step_end", step=step.name, state="Failed")
+        raise
+    built = (store.manifest(ref.stage, ref.key) or {}).get("created_at", "") >= started
+    progress.emit("step_end", step=step.name, state="Completed" if built else "Cached", summary=ref.summary)
+    return ref
+
+
 def plan(cfg: PipelineConfig) -> dict[str, str]:
     """Every step's cache key, computed from the config and the registry (nothing runs). A skipped
     step (no champion to compare with) has no key."""
@@ -129,7 +146,7 @@ def _run_all(cfg: PipelineConfig, on_step, until) -> dict[str, ArtifactRef]:
         champion = champion_train(cfg, store, refs["train"].key) if CHAMPION in step.inputs.values() else None
         inputs = step_inputs(step, refs, champion)
         if inputs is not None:
-            refs[step.name] = step.stage.run(step_config(cfg, step, store), store, inputs)
+            refs[step.name] = _run_step(step, step_config(cfg, step, store), store, inputs)
             if on_step:
                 on_step(step.name, refs[step.name])
         if until and step.stage.STAGE == until and all(s.stage.STAGE != until for s in DAG[DAG.index(step) + 1:]):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -30,16 +29,6 @@ from synthtune.stages.train import (
 )
 
 STAGE = "train"
-
-
-def _die_with_parent() -> None:
-    """Linux: the kernel kills this process when its parent dies, however it dies."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 def trainer_args(cfg, output_dir: str, batch: int, accum: int, runtime: Runtime, checkpointing: bool = False):
@@ -75,6 +64,33 @@ def _first_step_callback():
                 self.step = state.global_step
 
     return FirstStep()
+
+
+def _progress_callback(path: Path, tokens_per_epoch: int):
+    """A callback writing one JSON line per optimizer step (step, total, loss, tokens/s) to `path`,
+    which the parent tails for the terminal's progress bar."""
+    from transformers import TrainerCallback
+
+    class Progress(TrainerCallback):
+        def __init__(self):
+            self.start, self.epoch0, self.loss = None, None, None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start, self.epoch0 = time.perf_counter(), state.epoch or 0.0
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                self.loss = logs["loss"]
+
+        def on_step_end(self, args, state, control, **kwargs):
+            seconds = time.perf_counter() - (self.start or time.perf_counter())
+            done = (state.epoch or 0.0) - (self.epoch0 or 0.0)
+            record = {"step": state.global_step, "total": state.max_steps, "loss": self.loss,
+                      "tokens_per_s": round(tokens_per_epoch * done / seconds, 1) if seconds > 0 else None}
+            with open(path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    return Progress()
 
 
 def _pretokenized_dpo(base):
@@ -164,7 +180,6 @@ def _finish(run: Finished) -> None:
 
 def main(spec_path: str) -> int:
     """Train once (resuming from the newest valid checkpoint) and write `final/`. Exit 3 on OOM."""
-    _die_with_parent()
     import torch
     from datasets import Dataset
     from peft import get_peft_model
@@ -194,8 +209,13 @@ def main(spec_path: str) -> int:
         args = trainer_args(cfg, str(work / "checkpoints"), batch, accum, runtime, spec.get("activation_checkpointing", False))
         trainer_cls = _pretokenized_dpo(DPOTrainer) if tc.mode == "dpo" else SFTTrainer
         first_step = _first_step_callback()
+        columns_ = ["prompt_ids", "chosen_ids", "rejected_ids"] if tc.mode == "dpo" else ["input_ids"]
+        progress = _progress_callback(work / "progress.jsonl", sum(sum(len(x) for x in dataset[c]) for c in columns_))
         trainer = trainer_cls(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                              callbacks=[first_step])
+                              callbacks=[first_step, progress])
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)  # raw {'loss': ...} dicts: the progress file has them
         resume = latest_valid_checkpoint(work / "checkpoints")
         resumed = json.loads((resume / "trainer_state.json").read_text())["global_step"] if resume else 0
         if runtime.device == "cuda":

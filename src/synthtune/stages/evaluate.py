@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -167,12 +168,50 @@ def in_domain_task(heldout: Path, into: Path) -> None:
     (into / "in_domain.yaml").write_text(IN_DOMAIN_YAML.format(data=into / "in_domain.jsonl"))
 
 
+class _Requests:
+    """Stands in for lm-eval's tqdm in its HF model: counts the scored requests as `evaluate` progress
+    events (the terminal's bar) and prints nothing (its own bars are noise on a log or a pipe)."""
+
+    def __init__(self, iterable=None, total=None, **_):
+        self.iterable, self.total, self.n, self._last = iterable, total, 0, 0.0
+        if self.total is None and iterable is not None and hasattr(iterable, "__len__"):
+            self.total = len(iterable)
+
+    def __iter__(self):
+        for item in self.iterable:
+            yield item
+            self.update(1)
+
+    def update(self, n: int = 1) -> None:
+        import time
+
+        from synthtune import progress
+
+        self.n += n
+        if time.monotonic() - self._last > 0.2 or self.n == self.total:
+            self._last = time.monotonic()
+            progress.emit("evaluate", done=self.n, total=self.total)
+
+    def close(self) -> None:
+        pass
+
+    def set_description(self, *_, **__) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
 def _evaluate(cfg: PipelineConfig, staging: Staging, adapter: Path | None, heldout: Path | None,
               adapter_key: str | None = None) -> None:
+    import lm_eval.models.huggingface
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    with tempfile.TemporaryDirectory(prefix="synthtune-tasks-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=f"synthtune-tasks-{os.getpid()}-") as tmp:
         task_dir = portable_task_dir(cfg.evaluate.task_dir, Path(tmp) / "tasks") or Path(tmp) / "tasks"
         if heldout is not None:
             in_domain_task(heldout, task_dir / "synthtune_in_domain")
@@ -183,7 +222,11 @@ def _evaluate(cfg: PipelineConfig, staging: Staging, adapter: Path | None, heldo
         args = lm_eval_args(cfg, adapter, task_dir)
         if heldout is not None:
             args["tasks"].append(IN_DOMAIN)
-        results = simple_evaluate(task_manager=manager, **args)
+        bars, lm_eval.models.huggingface.tqdm = lm_eval.models.huggingface.tqdm, _Requests
+        try:
+            results = simple_evaluate(task_manager=manager, **args)
+        finally:
+            lm_eval.models.huggingface.tqdm = bars
     samples = results.pop("samples", {})
     for task, rows in samples.items():
         with open(staging.path / f"samples_{task}.jsonl", "w") as f:

@@ -25,6 +25,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -293,9 +294,38 @@ CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt", "adapt
                     "adapter_model.safetensors")
 
 
+def safetensors_problem(path: Path) -> str | None:
+    """Why a safetensors file is unusable (truncated, bad header), or None: its header's tensors must
+    end exactly where the file does."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if n <= 0 or n > 100 << 20:
+                return f"{path.name}: no safetensors header"
+            header = json.loads(f.read(n))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        size = path.stat().st_size
+        return None if size == 8 + n + end else f"{path.name} is {size} bytes, its header needs {8 + n + end}"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{path.name} does not parse ({e})"
+
+
+def torch_file_problem(path: Path) -> str | None:
+    """Why a `torch.save` file (a zip) is unusable: a truncated one has no readable central directory."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            z.infolist()
+        return None
+    except (OSError, zipfile.BadZipFile) as e:
+        return f"{path.name} is not a readable torch file ({e})"
+
+
 def latest_valid_checkpoint(folder: Path) -> Path | None:
-    """The newest `checkpoint-N` whose trainer state parses (at step N) and whose optimizer,
-    scheduler, RNG and adapter files are all there; half-written ones are skipped with a log line."""
+    """The newest `checkpoint-N` whose trainer state parses (at step N), whose optimizer, scheduler,
+    RNG and adapter files are all there and whole (the adapter's safetensors header matches its
+    size, the torch files are readable zips); broken ones are skipped with a log line."""
     if not folder.is_dir():
         return None
     found = sorted((p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
@@ -305,6 +335,9 @@ def latest_valid_checkpoint(folder: Path) -> Path | None:
         if not list(ckpt.glob("rng_state*.pth")):
             missing.append("rng_state.pth")
         problem = f"missing {', '.join(missing)}" if missing else None
+        if not problem:
+            problem = safetensors_problem(ckpt / "adapter_model.safetensors") or next(
+                (p for f in ("optimizer.pt", "scheduler.pt") if (p := torch_file_problem(ckpt / f))), None)
         if not problem:
             try:
                 step = json.loads((ckpt / "trainer_state.json").read_text())["global_step"]
@@ -316,6 +349,16 @@ def latest_valid_checkpoint(folder: Path) -> Path | None:
             return ckpt
         log.warning("skipping %s: %s", ckpt, problem)
     return None
+
+
+def training_failed(rc: int, work: Path, tc: TrainConfig) -> str:
+    """What a failed training child means for the retry: a resume point, or a start from scratch."""
+    how = f"stopped by {signal.Signals(-rc).name}" if rc < 0 else f"exit code {rc}"
+    ckpt = latest_valid_checkpoint(work / "checkpoints")
+    if ckpt is not None:
+        return f"training failed ({how}); {ckpt.name} in {ckpt.parent} is kept and a retry resumes from it"
+    return (f"training failed ({how}) before any checkpoint was written (one every train.save_steps={tc.save_steps} "
+            "steps): a retry starts from the beginning; the training child's error is in its output (the run's log)")
 
 
 def next_batch_plan(batch: int, accum: int) -> tuple[int, int] | None:
@@ -354,15 +397,48 @@ def work_dir(store: ArtifactStore, k: str) -> Path:
     return cache_root() / "work" / STAGE / k
 
 
-def run_child(cmd: list[str]) -> int:
-    """Run the training child in its own process group; whatever happens here, the group dies."""
-    proc = subprocess.Popen(cmd, start_new_session=True)
+def run_child(cmd: list[str], progress_file: Path | None = None) -> int:
+    """Run the training child in its own process group; whatever happens here, the group dies. It is
+    tracked, so an interrupted command (Ctrl-C) stops it at once (synthtune.child.stop_all). Its
+    output goes to the run's log file when there is one; its progress lines are forwarded as events."""
+    from synthtune.child import die_with_parent, track, untrack
+
+    log_file = os.environ.get("SYNTHTUNE_LOG_FILE")
+    out = open(log_file, "a") if log_file else None  # noqa: SIM115  (closed below)
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=out, stderr=out, preexec_fn=die_with_parent)
+    track(proc)
     try:
-        return proc.wait()
+        if progress_file is None:
+            return proc.wait()
+        return _forward_progress(proc, progress_file)
     finally:
+        if out is not None:
+            out.close()
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        untrack(proc)
+
+
+def _forward_progress(proc: subprocess.Popen, path: Path) -> int:
+    """Wait for the child, forwarding each progress line it writes as a `train` event."""
+    from synthtune import progress
+
+    offset = 0
+    while True:
+        rc = proc.poll()
+        if path.exists() and progress.active():
+            with open(path) as f:
+                f.seek(offset)
+                for line in f:
+                    if line.endswith("\n"):
+                        offset += len(line.encode())
+                        with contextlib.suppress(ValueError):
+                            progress.emit("train", **json.loads(line))
+        if rc is not None:
+            return rc
+        time.sleep(0.5)
 
 
 def loss_curve(history: list[dict], path: Path, title: str) -> None:
@@ -416,7 +492,8 @@ def _train(cfg: PipelineConfig, store: ArtifactStore, staging: Staging, data_dir
         spec.write_text(json.dumps({"cfg": cfg.model_dump(mode="json"), "work": str(work), "data": str(data),
                                     "batch_size": batch, "gradient_accumulation_steps": accum,
                                     "activation_checkpointing": checkpointing, "runtime": asdict(runtime)}))
-        rc = run_child(launch_command(spec, tc.num_processes, runtime.four_bit))
+        (work / "progress.jsonl").unlink(missing_ok=True)
+        rc = run_child(launch_command(spec, tc.num_processes, runtime.four_bit), work / "progress.jsonl")
         if rc == 0:
             break
         if rc == OOM_EXIT and attempt < MAX_OOM_RETRIES and (plan := next_batch_plan(batch, accum)):
@@ -424,7 +501,7 @@ def _train(cfg: PipelineConfig, store: ArtifactStore, staging: Staging, data_dir
                         batch, *plan)
             batch, accum = plan
             continue
-        raise RuntimeError(f"training failed (exit code {rc}); checkpoints kept in {work} for the retry")
+        raise RuntimeError(training_failed(rc, work, tc))
     final = work / "final"
     metrics = json.loads((final / "metrics.json").read_text())
     history = json.loads((final / "loss_history.json").read_text())

@@ -1,0 +1,153 @@
+"""Faults a laptop user meets, drilled on `synthtune run` with its embedded Prefect server (the
+default): Ctrl-C during training, `kill -9` of the command, and the run after both.
+
+One artifact root and one PREFECT_HOME across the drills, as on a laptop: the first run is
+interrupted, the second resumes and is killed, the third must get the GPU slot at once (its dead
+holder reported), resume from the newest checkpoint and finish.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.conftest import DEMO, ROOT
+
+pytestmark = pytest.mark.flows
+
+# ~600 optimizer steps with a checkpoint every 20: long enough to interrupt, short enough to finish
+TRAIN = ["train.epochs=150", "train.save_steps=20"]
+
+
+@pytest.fixture(scope="module")
+def laptop(demo_run, tmp_path_factory):
+    """The finished demo's data stages on a root of their own, and a PREFECT_HOME of its own."""
+    cfg, _ = demo_run
+    base = tmp_path_factory.mktemp("laptop")
+    root = base / "artifacts"
+    shutil.copytree(cfg.artifact_root, root, ignore=shutil.ignore_patterns(".prefect-results", ".locks", "logs"))
+    env = {**os.environ, "PREFECT_HOME": str(base / "prefect-home"), "PYTHONUNBUFFERED": "1"}
+    env.pop("PREFECT_API_URL", None)
+    return {"root": root, "env": env, "pids": {}}
+
+
+def start(laptop) -> subprocess.Popen:
+    """`synthtune run` as a terminal starts it: a process group of its own (Ctrl-C goes to the group)."""
+    cmd = [str(Path(sys.executable).parent / "synthtune"), "run", str(DEMO), f"artifact_root={laptop['root']}", *TRAIN]
+    return subprocess.Popen(cmd, cwd=ROOT, env=laptop["env"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+
+
+def checkpoints(root: Path) -> list[Path]:
+    return sorted(root.glob("train/.work/*/checkpoints/checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+
+
+def wait_for_checkpoint_after(root: Path, step: int, proc: subprocess.Popen, timeout: float = 240) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        done = [int(p.name.split("-")[1]) for p in checkpoints(root) if (p / "trainer_state.json").is_file()]
+        if done and max(done) > step:
+            return max(done)
+        time.sleep(0.5)
+    raise AssertionError(f"no checkpoint after step {step} within {timeout} s")
+
+
+def descendants(proc: subprocess.Popen) -> list[psutil.Process]:
+    return psutil.Process(proc.pid).children(recursive=True)
+
+
+def kinds(procs: list[psutil.Process]) -> set[str]:
+    out = set()
+    for p in procs:
+        try:
+            line = " ".join(p.cmdline())
+        except psutil.Error:
+            continue
+        out |= {k for k, mark in (("server", "server start"), ("trainer", "_train_child")) if mark in line}
+    return out
+
+
+def leases(laptop) -> list[dict]:
+    """The leases on a concurrency limit the embedded server keeps on disk (the GPU slot while held;
+    Prefect's own per-task-run leases name no limit)."""
+    found = [json.loads(p.read_text()) for p in (Path(laptop["env"]["PREFECT_HOME"]) / "concurrency_leases").glob("*.json")
+             if p.name != "expirations.json"]
+    return [lease for lease in found if lease["resource_ids"]]
+
+
+def staging(pid: int) -> list[Path]:
+    return list(Path(tempfile.gettempdir()).glob(f"synthtune-*-{pid}-*"))
+
+
+def test_ctrl_c_during_training_stops_it_in_seconds_and_says_where_the_checkpoints_are(laptop):
+    proc = start(laptop)
+    step = wait_for_checkpoint_after(laptop["root"], 0, proc)
+    children = descendants(proc)
+    assert kinds(children) == {"server", "trainer"}
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
+    sent = time.monotonic()
+    out, err = proc.communicate(timeout=60)
+    took = time.monotonic() - sent
+    assert proc.returncode == 130, (out, err)
+    assert took < 20, f"Ctrl-C took {took:.0f} s"
+    assert not [p for p in children if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], "left running"
+    last = err.strip().splitlines()[-1]
+    assert "interrupted during train" in last and "checkpoint-" in last and "resumes from it" in last, err
+    assert "Traceback" not in err and "ConnectError" not in err, err[-3000:]
+    assert not leases(laptop), "the GPU slot's lease was not released"
+    laptop["pids"]["interrupted"], laptop["step"] = proc.pid, step
+
+
+def test_kill_9_leaves_no_server_trainer_or_staging_and_the_next_run_takes_the_slot_at_once(laptop):
+    if "interrupted" not in laptop["pids"]:
+        pytest.skip("needs the Ctrl-C drill's checkpoints")
+    proc = start(laptop)
+    wait_for_checkpoint_after(laptop["root"], laptop["step"], proc)
+    children = descendants(proc)
+    assert kinds(children) == {"server", "trainer"}
+    assert staging(proc.pid), "expected the run's staging folders while it trains"
+    proc.kill()  # kill -9: no handler runs
+    proc.communicate()
+    deadline = time.monotonic() + 20
+    while (alive := [p for p in children if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]) \
+            and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not alive, f"orphaned: {kinds(alive)}"
+    assert leases(laptop), "a killed holder cannot release its lease: the next run must reclaim it"
+    killed = proc.pid
+
+    proc = start(laptop)
+    started = time.monotonic()
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, (out[-3000:], err[-3000:])
+    assert not staging(killed), "the killed run's staging folders were not swept"
+    log = max(laptop["root"].glob("logs/*.log"), key=lambda p: p.stat().st_mtime).read_text()
+    assert "stale holder (flow run" in log and f"process {killed} on" in log, log[-3000:]
+    waited = _seconds_between(log, "waiting for GPU slot", "holding GPU slot")
+    assert waited < 5, f"waited {waited:.0f} s for a slot whose holder was dead"
+    manifest = max(laptop["root"].glob("train/*/manifest.json"), key=lambda p: p.stat().st_mtime)
+    summary = json.loads(manifest.read_text())["summary"]
+    assert summary["resumed_from_step"] > laptop["step"], summary  # from the killed run's newest checkpoint
+    assert not leases(laptop)
+    assert time.monotonic() - started < 400
+
+
+def _seconds_between(log: str, first: str, second: str) -> float:
+    """Seconds between the first log lines containing `first` and `second` (`HH:MM:SS.fff | ...`)."""
+    def at(text: str) -> float:
+        line = next(line for line in log.splitlines() if text in line)
+        h, m, s = line.split(" ")[0].split(":")
+        return int(h) * 3600 + int(m) * 60 + float(s)
+
+    return at(second) - at(first)
