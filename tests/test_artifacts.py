@@ -63,6 +63,8 @@ def _mutations(model: BaseModel, tmp: Path, prefix: str = ""):
             yield path, [*value, "extra_task"], affects
         elif value is None and int in get_args(info.annotation):
             yield path, 5, affects
+        elif value is None and float in get_args(info.annotation):
+            yield path, 0.5, affects
         elif value is None or isinstance(value, str):
             yield path, (value or "") + "changed", affects
         else:
@@ -84,7 +86,12 @@ def test_every_output_relevant_field_changes_its_stage_key(demo_cfg, tmp_path):
         section = path.split(".")[0]
         if section in STEP_OF_SECTION:
             step = STEP_OF_SECTION[section]
-            if affects:
+            if path == "generate.rejected_model":  # read only in preference mode, keyed only there
+                assert keys == base
+                pref = _set(demo_cfg, "generate.mode", "preference")
+                assert plan(_set(pref, path, "tiny:student"))["generate"] != plan(_set(pref, path, "tiny:teacher"))[
+                    "generate"]
+            elif affects:
                 assert keys[step] != base[step], f"changing {path} must change the {step} key"
                 seen += 1
             else:
@@ -176,3 +183,60 @@ def test_store_on_another_fsspec_filesystem():
 
 def test_dag_steps_are_named_after_their_stage():
     assert [s.name.split("[")[0] for s in DAG] == [s.stage.STAGE for s in DAG]
+
+
+def _produce_slowly(root: str, n: int, start: float, log: str) -> None:
+    """One of several runs (other machines, other Prefect homes) producing the same stage key."""
+    import os
+    import time
+
+    from synthtune.artifacts import ArtifactStore, produce
+
+    def build(staging):
+        with open(log, "a") as f:
+            f.write(f"{n}\n")
+        for i in range(3):  # a build that takes a while, writing as it goes
+            (staging.path / f"part-{i}.txt").write_text(f"written by {n}\n" * 1000)
+            time.sleep(0.3)
+
+    time.sleep(max(0.0, start - time.time()))
+    ref = produce(ArtifactStore(root), "train", "same-key", {}, {"n": 1}, build)
+    with open(f"{log}.{os.getpid()}", "w") as f:
+        f.write(ref.key)
+
+
+def _producer_race(root: str, tmp_path: Path, n: int = 4) -> None:
+    import multiprocessing as mp
+    import time
+
+    log = str(tmp_path / "builds.log")
+    start = time.time() + 1.5
+    procs = [mp.get_context("spawn").Process(target=_produce_slowly, args=(root, i, start, log)) for i in range(n)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    assert len(Path(log).read_text().split()) == 1, "more than one run built the same key"
+    assert len(list(tmp_path.glob("builds.log.*"))) == n  # every run got the output
+    store = ArtifactStore(root)
+    assert store.problems("train", "same-key") == []  # its files match its manifest
+    builder = Path(log).read_text().split()[0]
+    with store.local_copy(store.ref("train", "same-key")) as folder:
+        assert {p.read_text() for p in folder.glob("part-*.txt")} == {f"written by {builder}\n" * 1000}
+
+
+def test_concurrent_producers_of_one_key_build_it_once_on_local_disk(tmp_path):
+    _producer_race(str(tmp_path / "root"), tmp_path)
+
+
+@pytest.mark.integration
+def test_concurrent_producers_of_one_key_build_it_once_on_s3(tmp_path, monkeypatch):
+    import s3fs
+    from prefect_stack import moto_server
+
+    with moto_server(tmp_path) as env:
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        s3fs.S3FileSystem(client_kwargs={"endpoint_url": env["AWS_ENDPOINT_URL"]}).mkdir("produce-race")
+        _producer_race("s3://produce-race/root", tmp_path)

@@ -151,3 +151,21 @@ def _seconds_between(log: str, first: str, second: str) -> float:
         return int(h) * 3600 + int(m) * 60 + float(s)
 
     return at(second) - at(first)
+
+
+def test_a_failing_run_ends_with_its_one_real_message_and_keeps_the_traceback_in_the_log(laptop):
+    cmd = [str(Path(sys.executable).parent / "synthtune"), "run", str(DEMO), f"artifact_root={laptop['root']}",
+           "preflight.min_free_gb=1000000"]
+    done = subprocess.run(cmd, cwd=ROOT, env=laptop["env"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done
+    terminal = done.stdout + done.stderr
+    assert "Traceback" not in terminal and len(terminal.splitlines()) < 30, terminal
+    tail = done.stderr.strip().splitlines()
+    assert tail[0].startswith("preflight failed after") and "GiB free" in done.stderr, done.stderr
+    assert "preflight.min_free_gb asks for 1000000.00 GiB. Free space or point artifact_root elsewhere." in done.stderr
+    assert tail[-1].startswith("full log: ")
+    log = Path(tail[-1].removeprefix("full log: ")).read_text()
+    assert "Traceback" in log and "PreflightError" in log
+
+    verbose = subprocess.run([*cmd, "-v"], cwd=ROOT, env=laptop["env"], capture_output=True, text=True, timeout=300)
+    assert verbose.returncode == 1 and "Traceback" in verbose.stdout + verbose.stderr

@@ -178,3 +178,29 @@ def test_magpie_draws_instructions_and_answers_from_the_teacher_alone(demo_cfg, 
     assert rows["prompt"].str.len().min() > 0 and rows["response"].str.len().min() > 0
     assert rows["prompt"].nunique() > 1 and (rows["teacher"] == "tiny:teacher").all()
     assert ref.summary["rows"]["seeds"] == 6
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("policy", ["quarantine", "truncate"])
+def test_a_prompt_longer_than_the_teachers_context_is_never_sent_whole(demo_run, tmp_path, policy):
+    """A 1 MB prompt used to keep generate busy for minutes; now it is quarantined (with its file, line
+    and length) or cut to the teacher's limit, and counted either way."""
+    cfg, _ = demo_run
+    seeds = tmp_path / "seeds.jsonl"
+    question = demo_facts()[0]["question"]
+    seeds.write_text(json.dumps({"id": "ok", "prompt": question}) + "\n"
+                     + json.dumps({"id": "huge", "prompt": "blah " * 200_000 + question}) + "\n")
+    gen = cfg.generate.model_copy(update={"seeds": str(seeds), "long_prompts": policy})
+    ref = generate.run(cfg.model_copy(update={"generate": gen}), ArtifactStore(str(tmp_path / "root")))
+    rows = ref.summary["rows"]
+    data = pd.read_parquet(f"{ref.uri}/data.parquet")
+    limit = generate.teacher_context(gen) - gen.max_new_tokens
+    if policy == "quarantine":
+        assert (rows["too_long"], rows["truncated"], rows["output"]) == (1, 0, 1)
+        [q] = pd.read_parquet(f"{ref.uri}/quarantine.parquet").to_dict("records")
+        assert (q["id"], q["file"], q["line"]) == ("huge", "seeds.jsonl", "2")
+        assert q["reason"].startswith("prompt is ") and f"over the teacher's limit of {limit}" in q["reason"]
+    else:
+        assert (rows["too_long"], rows["truncated"], rows["output"]) == (0, 1, 2)
+        kept = data.set_index("id").loc["huge", "prompt"]
+        assert kept.endswith(question) and len(kept) < 8 * limit  # the end, where the question is

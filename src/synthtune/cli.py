@@ -61,21 +61,40 @@ def _load(config: Path | None, overrides: list[str] | None):
 
 @app.command()
 def validate(config: ConfigArg = None, overrides: Overrides = None) -> None:
-    """Check every field, range and referenced file (seeds, task YAMLs and their data). Exit 2 on error."""
-    from synthtune.eval_tasks import check_tasks
+    """Check every field, range and referenced file (seeds, task YAMLs and their data, the metric the
+    gate compares) without loading a model. Exit 2 on error; warnings do not fail it."""
+    from synthtune.artifacts import ArtifactStore
+    from synthtune.eval_tasks import offline_warnings
+    from synthtune.seeds import SeedError
+    from synthtune.stages.generate import load_seeds
+    from synthtune.stages.preflight import task_problems
 
     path = _config_path(config, overrides)[0]
     cfg = _load(config, overrides)
-    problems = check_tasks(cfg.evaluate.tasks, cfg.evaluate.task_dir)
+    problems, notes = task_problems(cfg), []
+    if cfg.generate.mode != "magpie" and cfg.generate.seeds:
+        try:
+            seeds = load_seeds(cfg.generate)  # streamed, file by file
+        except SeedError as e:
+            problems.append(f"generate.seeds: {e}")
+        else:
+            q = seeds.quarantined
+            first = f" (first: {q[0]['file']}:{q[0]['line']}: {q[0]['reason']})" if q else ""
+            notes.append(f"seeds: {len(seeds.rows)} rows from {len(seeds.files)} file(s), {len(q)} quarantined{first}, "
+                         f"{seeds.duplicates} exact duplicates dropped")
+            if not seeds.rows:
+                problems.append(f"generate.seeds: no usable seed rows in {cfg.generate.seeds}{first}")
+    for warning in offline_warnings(cfg.evaluate.tasks, cfg.evaluate.task_dir):
+        err.print(f"[yellow]warning:[/yellow] {escape(warning)}", highlight=False)
     if problems:
-        err.print(f"[red]{path}: {len(problems)} problem(s)[/red]")
+        err.print(f"[red]{path}: {len(problems)} problem(s)[/red]", highlight=False)
         for p in problems:
-            err.print(f"  {p}", highlight=False)
+            err.print(f"  {escape(p)}", highlight=False)
         raise typer.Exit(2)
-    from synthtune.artifacts import ArtifactStore
-
-    console.print(f"[green]{path}: ok[/green] (pipeline '{cfg.name}', artifacts at "
-                  f"{ArtifactStore(cfg.artifact_root).uri()})", highlight=False)
+    for note in notes:
+        console.print(escape(note), highlight=False)
+    console.print(f"[green]{path}: ok[/green] (pipeline '{escape(cfg.name)}', artifacts at "
+                  f"{escape(ArtifactStore(cfg.artifact_root).uri())})", highlight=False)
 
 
 @app.command()

@@ -17,7 +17,7 @@ import yaml
 from pydantic import ValidationError, model_validator
 
 from synthtune import STAGES
-from synthtune.fields import Section, field
+from synthtune.fields import ModelRef, Section, field
 from synthtune.stages.evaluate import IN_DOMAIN, EvaluateConfig
 from synthtune.stages.filter import FilterConfig
 from synthtune.stages.generate import GenerateConfig
@@ -31,7 +31,7 @@ class PipelineConfig(Section):
     """The whole post-training loop: one section per stage."""
 
     name: str = field("synthtune", "Name of this pipeline, shown in run names and reports.", affects_output=False)
-    student: str = field(
+    student: ModelRef = field(
         ..., "Student model: a Hugging Face id, a local folder, or `tiny:student` (the demo's locally built model)."
     )
     student_revision: str | None = field(
@@ -39,7 +39,8 @@ class PipelineConfig(Section):
         "Empty: the default branch, keyed by the commit the local Hugging Face cache knows.")
     artifact_root: str = field(
         ".synthtune/artifacts",
-        "Where every stage writes: a local folder or any fsspec URL (s3://, gs://).",
+        "Where every stage writes: a local folder or any fsspec URL (s3://, gs://). A relative folder resolves "
+        "against the working directory of the command (or worker) that runs, not the YAML's folder.",
         affects_output=False,
     )
     preflight: PreflightConfig = field(default_factory=PreflightConfig, description="Checks before any work.")
@@ -52,6 +53,8 @@ class PipelineConfig(Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> PipelineConfig:
+        if not self.artifact_root.strip():
+            raise ValueError("artifact_root is empty: name a folder or an fsspec URL (s3://bucket/path)")
         if "{{" in self.artifact_root:  # a deployment parameter whose env var was unset at deploy time
             raise ValueError(f"artifact_root '{self.artifact_root}' is an unfilled template: set "
                              "SYNTHTUNE_ARTIFACT_ROOT before `prefect deploy`, or edit the deployment's parameters")
@@ -104,13 +107,33 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML with a key given twice in one mapping refused (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    f"while reading the mapping at line {node.start_mark.line + 1}", node.start_mark,
+                    f"'{key}' is given twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1}); "
+                    "the second would replace the first", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(path: Path) -> Any:
+    return yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
     """Load a pipeline YAML, apply overrides, validate. Raises ConfigError naming each bad field."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = read_yaml(path) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from e
     if not isinstance(data, dict):

@@ -7,6 +7,7 @@ their items, evaluate runs them), so no stage imports another for it.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -79,41 +80,180 @@ def data_files(path: Path, doc: dict) -> list[Path]:
 
 
 def read_task_rows(path: Path) -> list[dict]:
-    """The items of a local JSONL task data file. Raises ValueError naming the file and line."""
+    """The items of a local task data file: JSON lines (or one JSON array), CSV or Parquet. Raises
+    ValueError naming the file and line."""
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    if path.suffix in (".csv", ".tsv"):
+        import csv
+
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            return list(csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ","))
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[:e.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 (byte 0x{e.object[e.start]:02x})") from None
+    if text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{e.lineno}: not JSON ({e.msg})") from None
+        bad = next((i for i, r in enumerate(rows) if not isinstance(r, dict)), None)
+        if bad is not None:
+            raise ValueError(f"{path}: item {bad} of the JSON array is not an object")
+        return rows
     rows = []
-    with open(path, encoding="utf-8-sig") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: not a JSON object")
-            rows.append(row)
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: not JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{lineno}: not a JSON object")
+        rows.append(row)
     return rows
 
 
-def check_tasks(tasks: list[str], task_dir: Path | None) -> list[str]:
-    """Problems with the configured tasks, found without loading any model."""
-    local, problems = scan_task_dir(task_dir)
-    unknown = [t for t in tasks if t not in local]
-    for name, (path, doc) in local.items():
-        if name in tasks:
-            problems += [f"evaluate task '{name}' ({path}): data file not found: {f}"
-                         for f in data_files(path, doc) if not f.is_file()]
-    if unknown:
-        from lm_eval.tasks import TaskManager
+# lm-eval's metrics for a task without a metric_list (lm_eval.api.registry.DEFAULT_METRIC_REGISTRY;
+# a test keeps the two equal). A task without output_type generates.
+DEFAULT_METRICS = {
+    "loglikelihood": ["perplexity", "acc"],
+    "loglikelihood_rolling": ["word_perplexity", "byte_perplexity", "bits_per_byte"],
+    "multiple_choice": ["acc", "acc_norm"],
+    "generate_until": ["exact_match"],
+}
+TEMPLATE_KEYS = ("doc_to_text", "doc_to_target", "doc_to_choice", "doc_to_decontamination_query")
 
-        registry = set(TaskManager().all_tasks)
-        for name in unknown:
-            if name not in registry:
-                import difflib
 
-                close = difflib.get_close_matches(name, sorted(registry | set(local)), n=3)
-                problems.append(f"evaluate.tasks: unknown task '{name}'" + (f"; did you mean {close}?" if close else ""))
+def task_metrics(cfg: dict) -> set[str]:
+    """The metric names a task (or a group's aggregate) reports, as synthtune names them:
+    `acc`, or `exact_match[strict-match]` under a filter other than lm-eval's default `none`."""
+    if "aggregate_metric_list" in cfg or "group" in cfg and "output_type" not in cfg:
+        return {m["metric"] for m in cfg.get("aggregate_metric_list") or [] if isinstance(m, dict) and "metric" in m}
+    names = [m["metric"] for m in cfg.get("metric_list") or [] if isinstance(m, dict) and isinstance(m.get("metric"), str)]
+    names = names or DEFAULT_METRICS.get(cfg.get("output_type") or "generate_until", [])
+    filters = [f["name"] for f in cfg.get("filter_list") or [] if isinstance(f, dict) and f.get("name")] or ["none"]
+    return {m if f == "none" else f"{m}[{f}]" for m in names for f in filters}
+
+
+def template_fields(cfg: dict) -> tuple[dict[str, set[str]], list[str]]:
+    """({template key: fields its Jinja template reads}, syntax problems) for a task's doc_to_* templates."""
+    import jinja2
+    import jinja2.meta
+
+    env, fields, problems = jinja2.Environment(), {}, []
+    for k in TEMPLATE_KEYS:
+        value = cfg.get(k)
+        if isinstance(value, str) and ("{{" in value or "{%" in value):
+            try:
+                fields[k] = jinja2.meta.find_undeclared_variables(env.parse(value))
+            except jinja2.TemplateSyntaxError as e:
+                problems.append(f"{k}: not a valid Jinja template ({e.message})")
+    return fields, problems
+
+
+def check_data(name: str, path: Path, cfg: dict) -> list[str]:
+    """A local task's data files: each must exist and parse, and every row must have the fields
+    its templates read (unless `process_docs` builds them)."""
+    problems = []
+    fields, syntax = template_fields(cfg)
+    problems += [f"evaluate task '{name}' ({path}): {p}" for p in syntax]
+    for file in data_files(path, cfg):
+        if not file.is_file():
+            problems.append(f"evaluate task '{name}' ({path}): data file not found: {file}")
+            continue
+        try:
+            rows = read_task_rows(file)
+        except ValueError as e:
+            problems.append(f"evaluate task '{name}': {e}")
+            continue
+        if "process_docs" in cfg:
+            continue
+        for key, used in fields.items():
+            lacking = [(i, sorted(used - set(row))) for i, row in enumerate(rows, 1) if used - set(row)]
+            if lacking:
+                line, missing = lacking[0]
+                more = f" (and {len(lacking) - 1} more rows)" if len(lacking) > 1 else ""
+                problems.append(f"evaluate task '{name}' ({path}): {key} reads "
+                                + ", ".join("{{" + m + "}}" for m in missing)
+                                + f", which {file}:{line} lacks{more}")
     return problems
+
+
+def hub_dataset_cached(dataset: str) -> bool:
+    """Whether a Hub dataset is in the local caches (the Hub's or datasets' own)."""
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    hub = Path(HF_HUB_CACHE) / f"datasets--{dataset.replace('/', '--')}"
+    datasets_cache = Path(os.environ.get("HF_DATASETS_CACHE") or Path(HF_HUB_CACHE).parent / "datasets")
+    return hub.is_dir() or any(datasets_cache.glob(dataset.replace("/", "___") + "*"))
+
+
+def check_tasks(tasks: list[str], task_dir: Path | None, metric: str | None = None,
+                scored: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """Problems with the configured tasks, found without loading any model: broken or duplicate task
+    YAMLs, unknown tasks, data files missing, malformed or lacking a field a template reads, and a
+    `metric` that a task in `scored` does not report."""
+    local, problems = scan_task_dir(task_dir)
+    for name, (path, _) in local.items():
+        if name in tasks:
+            problems += check_data(name, path, _cfgs(task_dir)[name])
+    unknown = [t for t in tasks if t not in local]
+    registry = _registry() if unknown else {}
+    for name in unknown:
+        if name not in registry:
+            import difflib
+
+            close = difflib.get_close_matches(name, sorted(set(registry) | set(local)), n=3)
+            problems.append(f"evaluate.tasks: unknown task '{name}'" + (f"; did you mean {close}?" if close else ""))
+    if metric:
+        for name in scored:
+            cfg = _cfgs(task_dir).get(name) if name in local else registry.get(name)
+            reported = task_metrics(cfg) if cfg else set()
+            if cfg and reported and metric not in reported:
+                problems.append(f"promote.metric '{metric}': task '{name}' reports {sorted(reported)}, not "
+                                f"'{metric}'; the gate would find nothing to compare")
+    return problems
+
+
+def offline_warnings(tasks: list[str], task_dir: Path | None) -> list[str]:
+    """Registry tasks whose Hub dataset is not cached while HF_DATASETS_OFFLINE is set (evaluate
+    would fail after training)."""
+    if os.environ.get("HF_DATASETS_OFFLINE", "").lower() not in ("1", "true", "yes", "on"):
+        return []
+    remote = [t for t in tasks if t not in local_tasks(task_dir)]
+    if not remote:
+        return []
+    registry, out = _registry(), []
+    for name in remote:
+        dataset = (registry.get(name) or {}).get("dataset_path")
+        if isinstance(dataset, str) and dataset not in ("json", "csv", "parquet", "text") \
+                and not hub_dataset_cached(dataset):
+            out.append(f"evaluate task '{name}' reads the Hub dataset '{dataset}', which is not in the local cache, "
+                       "and HF_DATASETS_OFFLINE is set: evaluate will fail. Download it first, or unset it.")
+    return out
+
+
+def _cfgs(task_dir: Path | None) -> dict[str, dict]:
+    """Local tasks as lm-eval reads them (`include:` merged in)."""
+    if task_dir is None:
+        return {}
+    from lm_eval.tasks import TaskManager
+
+    return {name: dict(entry.cfg) for name, entry in
+            TaskManager(include_path=str(task_dir), include_defaults=False).task_index.items() if entry.cfg}
+
+
+def _registry() -> dict[str, dict]:
+    """lm-eval's own tasks and groups: name -> config (includes merged)."""
+    from lm_eval.tasks import TaskManager
+
+    return {name: dict(entry.cfg or {}) for name, entry in TaskManager().task_index.items()}
 
 
 def task_data_files(tasks: list[str], task_dir: Path | None) -> list[Path]:

@@ -27,7 +27,7 @@ def field_flags(info) -> dict:
 
 def _resolve_existing(kind: str):
     def check(path: Path, info: ValidationInfo) -> Path:
-        base = Path((info.context or {}).get("base_dir") or os.getcwd())
+        base = base_dir(info)
         path = Path(os.path.expanduser(str(path)))
         if not path.is_absolute():
             path = (base / path).resolve()
@@ -59,7 +59,37 @@ def content_kind(annotation: Any) -> str | None:
 def _resolve_source(value: str, info: ValidationInfo) -> str:
     from synthtune.seeds import resolve_source
 
-    return resolve_source(str(value), Path((info.context or {}).get("base_dir") or os.getcwd()))
+    return resolve_source(str(value), base_dir(info))
+
+
+def looks_like_path(value: str) -> bool:
+    """A model reference meant as a folder, not a Hub id (`org/name` or `name`)."""
+    return value.startswith(("/", "./", "../", "~", ".\\")) or value in (".", "..") or value.count("/") > 1 \
+        or "\\" in value
+
+
+def base_dir(info: ValidationInfo) -> Path:
+    """The folder relative input paths resolve against: the YAML's, else the working directory."""
+    return Path((info.context or {}).get("base_dir") or os.getcwd())
+
+
+def resolve_model(value: str, base: Path) -> str:
+    """A model reference: `tiny:...`, a Hub id, or a local folder (resolved against `base`, and it
+    must exist: transformers would call a missing one an invalid repo id)."""
+    if value.startswith("tiny:") or "://" in value:
+        return value
+    path = Path(os.path.expanduser(value))
+    path = path if path.is_absolute() else (base / path)
+    if looks_like_path(value):
+        if not path.is_dir():
+            raise ValueError(f"model folder not found: {path.resolve()} (relative paths resolve against {base}; "
+                             "a Hub id looks like org/name)")
+        return str(path.resolve())
+    return str(path.resolve()) if path.is_dir() else value  # an existing local folder wins over the Hub, as in transformers
+
+
+def _resolve_model(value: str, info: ValidationInfo) -> str:
+    return resolve_model(value, base_dir(info))
 
 
 InputFile = Annotated[Path, AfterValidator(_resolve_existing("file")), ContentHashed("file")]
@@ -67,6 +97,8 @@ InputDir = Annotated[Path, AfterValidator(_resolve_existing("dir")), ContentHash
 InputPath = Annotated[Path, AfterValidator(_resolve_existing("path")), ContentHashed("path")]  # file or folder
 # a file, a folder or a glob, local (resolved against the config's folder) or on any fsspec URL
 SeedSource = Annotated[str, AfterValidator(_resolve_source), ContentHashed("sources")]
+# a model: `tiny:...`, a Hub id, or a local folder that must exist
+ModelRef = Annotated[str, AfterValidator(_resolve_model)]
 
 
 class Section(BaseModel):

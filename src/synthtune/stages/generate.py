@@ -25,12 +25,13 @@ import os
 import shutil
 import signal
 import threading
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import SecretStr, model_validator
+from pydantic import SecretStr, ValidationError, ValidationInfo, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from synthtune.artifacts import ArtifactRef, ArtifactStore, Staging, key_payload, produce, stage_key
-from synthtune.fields import Section, SeedSource, field
+from synthtune.fields import ModelRef, Section, SeedSource, base_dir, field, resolve_model
 from synthtune.models import fingerprint, identity, resolve, revision_kw
 from synthtune.rowcache import RowCache, entry_key
 from synthtune.seeds import SeedSet, read_seeds
@@ -46,8 +47,7 @@ VERSION = "4"
 class GenerateConfig(Section):
     teacher: str = field(
         ..., "Teacher model: a Hugging Face id, a local folder or `tiny:teacher` (kind transformers), or the model "
-        "name an OpenAI-compatible server knows (kind openai)."
-    )
+        "name an OpenAI-compatible server knows (kind openai).", resolved=True)  # keyed by its identity
     mode: Literal["sft", "preference", "magpie"] = field(
         "sft", "`sft`: seed prompt -> teacher response. `preference`: several answers per prompt (the teacher's "
         "`num_generations`, plus `rejected_model`'s); with a `judge` the best rated is `chosen` and the worst "
@@ -55,12 +55,12 @@ class GenerateConfig(Section):
         "no seeds; a local instruct teacher writes the instructions too (Magpie), `magpie_rows` of them.")
     teacher_revision: str | None = field(
         None, "Hub revision (branch, tag or commit) of a local teacher, pinned for every load and in the cache keys.")
-    rejected_model: str | None = field(
+    rejected_model: ModelRef | None = field(
         None, "Preference mode: a local model whose answers join the candidates (e.g. tiny:student or the student id); "
-        "needed without a judge, where its answer is `rejected`.")
+        "needed without a judge, where its answer is `rejected`.", resolved=True)
     judge: str | None = field(
         None, "Model that rates answers with distilabel's UltraFeedback (1-5 with a rationale, columns `rating` and "
-        "`rationale`); same kind and endpoint as the teacher. Empty: no judge.")
+        "`rationale`); same kind and endpoint as the teacher. Empty: no judge.", resolved=True)
     judge_revision: str | None = field(None, "Hub revision of a local judge, pinned like teacher_revision.")
     judge_max_new_tokens: int = field(512, "Most tokens the judge may write (its ratings and rationales).", ge=16,
                                       le=32768)
@@ -105,6 +105,22 @@ class GenerateConfig(Section):
     long_prompts: Literal["quarantine", "truncate"] = field(
         "quarantine", "Seed prompts over max_prompt_tokens: `quarantine` them (with the reason) or `truncate` them "
         "(keep the end, where the question usually is). Either way they are counted.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _local_models(cls, data: Any, info: ValidationInfo) -> Any:
+        """A local teacher or judge given as a folder must exist (an endpoint's model names are its own)."""
+        if isinstance(data, dict) and data.get("teacher_kind", "transformers") == "transformers":
+            data = dict(data)
+            for name in ("teacher", "judge"):
+                if isinstance(data.get(name), str):
+                    try:
+                        data[name] = resolve_model(data[name], base_dir(info))
+                    except ValueError as e:  # reported at generate.<name>, like a field's own error
+                        raise ValidationError.from_exception_data(cls.__name__, [InitErrorDetails(
+                            type=PydanticCustomError("model_folder", "{message}", {"message": str(e)}),
+                            loc=(name,), input=data[name])]) from None
+        return data
 
     @model_validator(mode="after")
     def _mode_needs(self) -> GenerateConfig:

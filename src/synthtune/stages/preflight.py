@@ -92,6 +92,12 @@ def check_disk(store: ArtifactStore, min_free_gb: float) -> tuple[list[str], flo
     return [], free / GiB
 
 
+def task_problems(cfg: PipelineConfig) -> list[str]:
+    """The eval tasks, their data and the metric the gate compares, checked without a model."""
+    scored = [cfg.promote.target_task, *cfg.promote.guard_tasks]
+    return check_tasks(cfg.evaluate.tasks, cfg.evaluate.task_dir, cfg.promote.metric, scored)
+
+
 def checks(cfg: PipelineConfig, store: ArtifactStore) -> tuple[list[str], dict]:
     problems = check_model(cfg.student, "student", cfg.preflight.allow_remote_code, cfg.student_revision)
     gen = cfg.generate
@@ -103,7 +109,7 @@ def checks(cfg: PipelineConfig, store: ArtifactStore) -> tuple[list[str], dict]:
         problems += check_model(gen.rejected_model, "rejected_model", cfg.preflight.allow_remote_code)
     if not problems:
         problems += check_tokenizer(cfg.student, cfg.student_revision)
-    problems += check_tasks(cfg.evaluate.tasks, cfg.evaluate.task_dir)
+    problems += task_problems(cfg)
     disk, free_gb = check_disk(store, cfg.preflight.min_free_gb)
     return problems + disk, {"free_gb": free_gb}
 
