@@ -27,13 +27,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from typing import Annotated  # noqa: E402
 
 from prefect import flow  # noqa: E402
-from prefect.artifacts import create_markdown_artifact  # noqa: E402
+from prefect.artifacts import create_link_artifact, create_markdown_artifact  # noqa: E402
 from prefect.filesystems import RemoteFileSystem  # noqa: E402
 from prefect.runtime import flow_run  # noqa: E402
 from prefect.states import Completed  # noqa: E402
 from pydantic import Field  # noqa: E402
 
-from synthtune import progress  # noqa: E402
+from synthtune import progress, tracking  # noqa: E402
 from synthtune.artifacts import REBUILD, ArtifactRef, ArtifactStore  # noqa: E402
 from synthtune.config import PipelineConfig, to_yaml  # noqa: E402
 from synthtune.runner import (  # noqa: E402
@@ -43,6 +43,7 @@ from synthtune.runner import (  # noqa: E402
     champion_train,
     downstream,
     rebuild_keys,
+    skipped,
     step_config,
     step_inputs,
 )
@@ -128,6 +129,7 @@ def run_steps(config: PipelineConfig, steps: tuple[Step, ...], refs: dict[str, A
             champion = champion_train(config, store, refs["train"].key) if CHAMPION in step.inputs.values() else None
             inputs = step_inputs(step, refs, champion)
             if inputs is None:  # no champion to compare with (the first night, or the candidate is the champion)
+                skipped(step)
                 continue
             cfg = step_config(config, step, store)
             key = step.stage.key(cfg, {arg: ref.key for arg, ref in inputs.items()})
@@ -140,12 +142,31 @@ def run_steps(config: PipelineConfig, steps: tuple[Step, ...], refs: dict[str, A
             if not state.is_completed():
                 progress.emit("step_end", step=step.name, state="Failed")
             refs[step.name] = state.result()  # the task's exception when it failed
-            progress.emit("step_end", step=step.name, state=state.name, summary=refs[step.name].summary)
+            progress.emit("step_end", step=step.name, state=state.name, summary=refs[step.name].summary,
+                          uri=refs[step.name].uri)
             if report := REPORTS.get(step.stage.STAGE):
                 report(store, refs[step.name])
     finally:
         FAULT.reset(tokens[0])
         REBUILD.reset(tokens[1])
+
+
+@contextlib.contextmanager
+def tracked(config: PipelineConfig, owner: bool):
+    """This flow run's MLflow run (when tracking.mlflow_uri is set), linked from a Prefect artifact.
+    The split-mode GPU child joins its parent's MLflow run (both know the root flow run's id)."""
+    run_id = flow_run.get_id()
+    root = flow_run.get_root_flow_run_id() if run_id else None
+    tags = {"prefect.flow_run_id": str(run_id), "prefect.flow_run_name": str(flow_run.get_name())}
+    with tracking.session(config, pipeline_run=str(root or run_id), name=str(flow_run.get_name()), tags=tags,
+                          owner=owner) as tracker:
+        if tracker is not None and owner:
+            where = f"MLflow run `{tracker.run_id}` in experiment `{config.tracking.experiment}` at {config.tracking.mlflow_uri}"
+            if tracker.url:
+                create_link_artifact(tracker.url, link_text=where, key="mlflow-run", description="This run in MLflow")
+            else:
+                create_markdown_artifact(where, key="mlflow-run", description="This run in MLflow")
+        yield tracker
 
 
 def this_attempts_fault(fail_stage: str) -> str:
@@ -165,13 +186,14 @@ def pipeline(config: PipelineConfig, gpu_deployment: GpuDeployment = "", gpu_slo
                              description=f"Resolved config of pipeline '{config.name}'")
     fault, storage = this_attempts_fault(fail_stage), result_storage(config)
     refs: dict[str, ArtifactRef] = {}
-    run_steps(config, BEFORE_GPU, refs, fault, storage, refresh)
-    if gpu_deployment:
-        refs.update(_gpu_stages_elsewhere(config, gpu_deployment, gpu_slot, refs, fault, refresh))
-    else:
-        with hold_gpu(slot_name(gpu_slot)):
-            run_steps(config, GPU_STEPS, refs, fault, storage, refresh)
-    run_steps(config, AFTER_GPU, refs, fault, storage, refresh)
+    with tracked(config, owner=True):
+        run_steps(config, BEFORE_GPU, refs, fault, storage, refresh)
+        if gpu_deployment:
+            refs.update(_gpu_stages_elsewhere(config, gpu_deployment, gpu_slot, refs, fault, refresh))
+        else:
+            with hold_gpu(slot_name(gpu_slot)):
+                run_steps(config, GPU_STEPS, refs, fault, storage, refresh)
+        run_steps(config, AFTER_GPU, refs, fault, storage, refresh)
     verdict = refs["promote"].summary
     if not verdict["promoted"]:  # a finished run whose adapter failed the gate: say so in the run's state
         return Completed(name="NotPromoted", message="; ".join(verdict["reasons"]), data=refs)
@@ -186,7 +208,7 @@ def gpu_stages(config: PipelineConfig, upstream: dict[str, ArtifactRef], gpu_slo
     Its outputs are handed back through the artifact root (`handoff/<this run's id>.json`): their
     keys depend on what this GPU machine resolves (quantization, kernels), which the parent cannot know."""
     refs = dict(upstream)
-    with hold_gpu(slot_name(gpu_slot)):
+    with tracked(config, owner=False), hold_gpu(slot_name(gpu_slot)):
         run_steps(config, GPU_STEPS, refs, fail_stage, result_storage(config), refresh)
     out = {s.name: refs[s.name] for s in GPU_STEPS if s.name in refs}
     store = ArtifactStore(config.artifact_root)

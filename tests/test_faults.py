@@ -1,16 +1,17 @@
-"""Faults a laptop user meets, drilled on `synthtune run` with its embedded Prefect server (the
-default): Ctrl-C during training, `kill -9` of the command, and the run after both.
+"""`synthtune run` as a laptop user meets it, with its embedded Prefect server (the default): what
+the terminal shows, Ctrl-C during training, `kill -9` of the command, the run after both, and a
+failing run.
 
-One artifact root and one PREFECT_HOME across the drills, as on a laptop: the first run is
-interrupted, the second resumes and is killed, the third must get the GPU slot at once (its dead
-holder reported), resume from the newest checkpoint and finish.
+One artifact root and one PREFECT_HOME across the module, as on a laptop: the demo runs whole
+(quietly), then a longer training run is interrupted, the next resumes and is killed, and the one
+after must get the GPU slot at once (its dead holder reported), resume from the newest checkpoint
+and finish.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -29,21 +30,25 @@ pytestmark = pytest.mark.flows
 TRAIN = ["train.epochs=150", "train.save_steps=20"]
 
 
+# what third-party libraries print during a run: the run's log file gets it, the terminal never does
+NOISE = ("gemm_4bit_forward", "FutureWarning", "UnsupportedFieldAttributeWarning", "Untracked error", "{'loss'",
+         "it/s]", "examples/s]", "Traceback")
+
+
 @pytest.fixture(scope="module")
-def laptop(demo_run, tmp_path_factory):
-    """The finished demo's data stages on a root of their own, and a PREFECT_HOME of its own."""
-    cfg, _ = demo_run
+def laptop(tmp_path_factory):
+    """An artifact root and a PREFECT_HOME of their own."""
     base = tmp_path_factory.mktemp("laptop")
     root = base / "artifacts"
-    shutil.copytree(cfg.artifact_root, root, ignore=shutil.ignore_patterns(".prefect-results", ".locks", "logs"))
     env = {**os.environ, "PREFECT_HOME": str(base / "prefect-home"), "PYTHONUNBUFFERED": "1"}
     env.pop("PREFECT_API_URL", None)
     return {"root": root, "env": env, "pids": {}}
 
 
-def start(laptop) -> subprocess.Popen:
+def start(laptop, *overrides: str) -> subprocess.Popen:
     """`synthtune run` as a terminal starts it: a process group of its own (Ctrl-C goes to the group)."""
-    cmd = [str(Path(sys.executable).parent / "synthtune"), "run", str(DEMO), f"artifact_root={laptop['root']}", *TRAIN]
+    cmd = [str(Path(sys.executable).parent / "synthtune"), "run", str(DEMO), f"artifact_root={laptop['root']}",
+           *(overrides or TRAIN)]
     return subprocess.Popen(cmd, cwd=ROOT, env=laptop["env"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
 
@@ -88,6 +93,30 @@ def leases(laptop) -> list[dict]:
 
 def staging(pid: int) -> list[Path]:
     return list(Path(tempfile.gettempdir()).glob(f"synthtune-*-{pid}-*"))
+
+
+def test_the_terminal_shows_each_stage_and_the_summary_and_no_library_noise(laptop):
+    from synthtune.runner import DAG
+
+    proc = start(laptop, "name=demo")
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, (out[-3000:], err[-3000:])
+    terminal = out + err
+    assert not [n for n in NOISE if n in terminal], terminal
+    lines = out.splitlines()
+    for step in DAG:  # one line as it starts, one as it ends (non-TTY)
+        starts = [line for line in lines if line.split()[:2] == [step.name, "running"]]
+        ends = [line for line in lines if line.split()[:2] == [step.name, "Completed"]]
+        skips = [line for line in lines if line.split()[:2] == [step.name, "Skipped"]]
+        if step.name == "evaluate[champion]":  # the first night has no champion
+            assert not starts and not ends and len(skips) == 1 and "no other champion" in skips[0], out
+        else:
+            assert len(starts) == len(ends) == 1 and not skips, (step.name, out)
+    assert any("loss" in line and "steps" in line for line in lines if line.startswith("train "))
+    assert "synthtune 'demo' in" in out and "PROMOTED" in out
+    log = Path(lines[-1].removeprefix("log: "))
+    assert log.parent == laptop["root"] / "logs" and log.is_file()
+    assert [n for n in NOISE[:6] if n in log.read_text()], "the libraries' output should be in the log"
 
 
 def test_ctrl_c_during_training_stops_it_in_seconds_and_says_where_the_checkpoints_are(laptop):

@@ -376,6 +376,15 @@ def rollback(config: ConfigArg = None, overrides: Overrides = None,
         raise _fail(f"rollback: {e}") from None
     console.print(f"champion is now {record['train_key']} ({record['adapter']}), was {record.get('rolled_back_from')}",
                   highlight=False)
+    if cfg.tracking.mlflow_uri:  # the registered model's @champion follows
+        from synthtune import tracking
+
+        try:
+            version = tracking.mirror_champion(tracking.client_for(cfg.tracking.mlflow_uri), tracking.registered_name(cfg),
+                                               record["train_key"])
+            console.print(f"MLflow: {tracking.registered_name(cfg)}@champion -> version {version}", highlight=False)
+        except Exception as e:  # the artifact root's registry is the truth; MLflow only mirrors it
+            err.print(f"[yellow]warning:[/yellow] MLflow alias not moved: {escape(str(e))}", highlight=False)
     _emit("synthtune.model.rolled_back", cfg.name, {"train_key": record["train_key"],
                                                     "from_train_key": record.get("rolled_back_from")})
 

@@ -25,6 +25,7 @@ from synthtune.stages.preflight import PreflightConfig
 from synthtune.stages.promote import PromoteConfig
 from synthtune.stages.template import TemplateConfig
 from synthtune.stages.train import TrainConfig
+from synthtune.tracking import TrackingConfig
 
 
 class PipelineConfig(Section):
@@ -50,6 +51,8 @@ class PipelineConfig(Section):
     train: TrainConfig = field(default_factory=TrainConfig, description="LoRA / QLoRA fine-tuning.")
     evaluate: EvaluateConfig = field(..., description="lm-eval, base vs champion vs tuned, identical flags.")
     promote: PromoteConfig = field(..., description="When a candidate becomes the champion.")
+    tracking: TrackingConfig = field(default_factory=TrackingConfig,
+                                     description="Experiment tracking (MLflow, TRL report_to); in no cache key.")
 
     @model_validator(mode="after")
     def _cross_checks(self) -> PipelineConfig:

@@ -80,6 +80,15 @@ def step_inputs(step: Step, done: dict[str, ArtifactRef | None], champion: Artif
     return out
 
 
+NO_CHAMPION = "no other champion to compare with"
+
+
+def skipped(step: Step) -> None:
+    """Tell synthtune.progress that a step had nothing to do (no champion: the first night, or the
+    candidate is the champion)."""
+    progress.emit("step_end", step=step.name, state="Skipped", summary={"note": NO_CHAMPION})
+
+
 def _run_step(step: Step, cfg: PipelineConfig, store: ArtifactStore, inputs: dict[str, ArtifactRef]) -> ArtifactRef:
     """One step, its start and end told to synthtune.progress (Cached when its output was already there)."""
     import time
@@ -92,7 +101,8 @@ def _run_step(step: Step, cfg: PipelineConfig, store: ArtifactStore, inputs: dic
         progress.emit("step_end", step=step.name, state="Failed")
         raise
     built = (store.manifest(ref.stage, ref.key) or {}).get("created_at", "") >= started
-    progress.emit("step_end", step=step.name, state="Completed" if built else "Cached", summary=ref.summary)
+    progress.emit("step_end", step=step.name, state="Completed" if built else "Cached", summary=ref.summary,
+                  uri=ref.uri)
     return ref
 
 
@@ -132,9 +142,14 @@ def run_all(cfg: PipelineConfig, on_step: Callable[[str, ArtifactRef], None] | N
             until: str | None = None, refresh: Iterable[str] = ()) -> dict[str, ArtifactRef]:
     """Run the loop (up to and including stage `until`), returning each step's output reference;
     the stages in `refresh` and everything after them are rebuilt even if finished."""
+    import uuid
+
+    from synthtune import tracking
+
     token = REBUILD.set(rebuild_keys(cfg, refresh))
     try:
-        return _run_all(cfg, on_step, until)
+        with tracking.session(cfg, pipeline_run=str(uuid.uuid4()), name=f"{cfg.name}-local"):
+            return _run_all(cfg, on_step, until)
     finally:
         REBUILD.reset(token)
 
@@ -145,7 +160,9 @@ def _run_all(cfg: PipelineConfig, on_step, until) -> dict[str, ArtifactRef]:
     for step in DAG:
         champion = champion_train(cfg, store, refs["train"].key) if CHAMPION in step.inputs.values() else None
         inputs = step_inputs(step, refs, champion)
-        if inputs is not None:
+        if inputs is None:
+            skipped(step)
+        else:
             refs[step.name] = _run_step(step, step_config(cfg, step, store), store, inputs)
             if on_step:
                 on_step(step.name, refs[step.name])

@@ -97,6 +97,8 @@ def mute_console_handlers() -> None:
 
 def describe(step: str, summary: dict) -> str:
     """One line of what a finished step produced."""
+    if "note" in summary:
+        return summary["note"]
     rows = summary.get("rows", {})
     if step == "generate":
         return (f"rows {rows.get('output')} (new {rows.get('new')}); answers {rows.get('reused')} reused, "
@@ -180,7 +182,8 @@ class RunView:
         from rich.progress_bar import ProgressBar
         from rich.table import Table
 
-        colours = {"Completed": "green", "Cached": "cyan", "Failed": "red", "Running": "yellow", "pending": "dim"}
+        colours = {"Completed": "green", "Cached": "cyan", "Failed": "red", "Running": "yellow", "pending": "dim",
+                   "Skipped": "dim"}
         table = Table(box=None, show_header=True, header_style="bold")
         for col in ("step", "state", "elapsed", "", "result"):
             table.add_column(col)
@@ -191,7 +194,8 @@ class RunView:
                 done = p.get("step", p.get("done", 0)) or 0
                 bar = ProgressBar(total=p["total"], completed=done, width=24)
                 if p["kind"] == "train":
-                    detail = (f"step {done}/{p['total']}  loss {p.get('loss') if p.get('loss') is not None else '-'}"
+                    loss = p.get("loss")
+                    detail = (f"step {done}/{p['total']}  loss {f'{loss:.4f}' if isinstance(loss, float) else '-'}"
                               f"  {p.get('tokens_per_s') or '-'} tok/s")
                 else:
                     detail = f"requests {done}/{p['total']}"

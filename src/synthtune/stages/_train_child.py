@@ -35,13 +35,15 @@ def trainer_args(cfg, output_dir: str, batch: int, accum: int, runtime: Runtime,
     """TRL's SFTConfig / DPOConfig for this run (also what bench/train.py times as 'synthtune')."""
     from trl import DPOConfig, SFTConfig
 
+    from synthtune.tracking import report_to
+
     tc = cfg.train
     common = dict(
         output_dir=output_dir, num_train_epochs=tc.epochs, max_steps=tc.max_steps,
         per_device_train_batch_size=batch, gradient_accumulation_steps=accum, learning_rate=tc.learning_rate,
         lr_scheduler_type="cosine", warmup_steps=tc.warmup_ratio, logging_steps=tc.logging_steps,
         save_strategy="steps", save_steps=tc.save_steps, save_total_limit=tc.save_total_limit,
-        report_to="none", seed=tc.seed, data_seed=tc.seed,
+        report_to=report_to(cfg), run_name=cfg.name, seed=tc.seed, data_seed=tc.seed,
         bf16=runtime.compute_dtype == "bfloat16", fp16=False,  # TRL defaults to bf16, which fails on CPU
         use_cpu=runtime.device == "cpu", max_length=cfg.template.max_length, dataloader_num_workers=0,
         disable_tqdm=True, use_liger_kernel=runtime.liger,

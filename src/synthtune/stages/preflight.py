@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING
 
+from synthtune import tracking
 from synthtune.artifacts import ArtifactRef, ArtifactStore, Staging, key_payload, produce, stage_key
 from synthtune.eval_tasks import check_tasks
 from synthtune.fields import Section, field
@@ -110,6 +111,7 @@ def checks(cfg: PipelineConfig, store: ArtifactStore) -> tuple[list[str], dict]:
     if not problems:
         problems += check_tokenizer(cfg.student, cfg.student_revision)
     problems += task_problems(cfg)
+    problems += tracking.check(cfg)
     disk, free_gb = check_disk(store, cfg.preflight.min_free_gb)
     return problems + disk, {"free_gb": free_gb}
 

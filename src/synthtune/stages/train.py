@@ -401,11 +401,13 @@ def run_child(cmd: list[str], progress_file: Path | None = None) -> int:
     """Run the training child in its own process group; whatever happens here, the group dies. It is
     tracked, so an interrupted command (Ctrl-C) stops it at once (synthtune.child.stop_all). Its
     output goes to the run's log file when there is one; its progress lines are forwarded as events."""
+    from synthtune import tracking
     from synthtune.child import die_with_parent, track, untrack
 
     log_file = os.environ.get("SYNTHTUNE_LOG_FILE")
     out = open(log_file, "a") if log_file else None  # noqa: SIM115  (closed below)
-    proc = subprocess.Popen(cmd, start_new_session=True, stdout=out, stderr=out, preexec_fn=die_with_parent)
+    env = {**os.environ, **tracking.child_env()}  # TRL's metrics go into this pipeline run's MLflow run
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=out, stderr=out, preexec_fn=die_with_parent, env=env)
     track(proc)
     try:
         if progress_file is None:
