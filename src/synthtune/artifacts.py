@@ -251,6 +251,40 @@ class ArtifactStore:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
+    def lineage(self, stage: str, key: str, through: tuple[str, ...]) -> dict[str, str]:
+        """{upstream stage: key} behind `stage/key`, following each manifest's upstream along `through`
+        (e.g. template, filter, generate behind an adapter)."""
+        keys: dict[str, str] = {}
+        for upstream in through:
+            key = ((self.manifest(stage, key) or {}).get("upstream") or {}).get(upstream)
+            if key is None:
+                break
+            keys[upstream], stage = key, upstream
+        return keys
+
+    def annotate(self, stage: str, key: str, rel: str, text: str) -> None:
+        """Rewrite one documentation file of a finished output (a model card gaining its evaluation)
+        and its manifest entry, under the output's lock, so the output stays intact by its manifest.
+        Only for files nothing downstream reads: the output's key does not change."""
+        with lock(self.fs, self._path(".locks", f"{stage}-{key}.lock"), f"{stage}/{key}"):
+            manifest = self.manifest(stage, key)
+            if manifest is None or rel not in manifest.get("files", {}):
+                raise FileNotFoundError(f"{self.uri(stage, key, rel)} is not a file of a finished output")
+            data = text.encode()
+            path = self._path(stage, key, rel)
+            if self.local:
+                tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                os.replace(tmp, path)
+            else:
+                self.fs.pipe_file(path, data)
+            digest = hashlib.sha256(data).hexdigest()
+            if self.local:
+                remember(path, digest)
+            manifest["files"][rel] = {"sha256": digest, "bytes": len(data)}
+            self._write_json(self._path(stage, key, MANIFEST), manifest)
+
     def problems(self, stage: str, key: str, full: bool = False) -> list[str]:
         """How the files of a finished output differ from its manifest: missing, another size, or
         another sha256 (checked through the digest cache on a local root, so an unchanged file costs a

@@ -4,7 +4,8 @@ Started by `synthtune.stages.train` (never imported by the parent) as
 `python -m synthtune.stages._train_child SPEC.json`, in its own process group, so it dies with its
 parent and a cancelled run never leaves a process holding the GPU. It trains once (resuming from the
 newest valid checkpoint), writes `final/` (adapter, metrics, loss history) and exits 0, or exits
-`OOM_EXIT` when CUDA runs out of memory so the parent can halve the micro-batch.
+`OOM_EXIT` when CUDA runs out of memory so the parent can halve the micro-batch, or `SERVING_EXIT`
+(the reason in `work/error.txt`) when the export would not serve what was trained (synthtune.serving).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from synthtune.models import resolve, revision_kw
 from synthtune.stages.train import (
     OOM_EXIT,
     PEAK_FLOPS,
+    SERVING_EXIT,
     Runtime,
     fix_cpu_4bit,
     latest_valid_checkpoint,
@@ -127,6 +129,51 @@ class Finished:
     batch: int
     accum: int
     work: Path
+    data: Path
+
+
+def _serving_checks(run: Finished, adapter: Path, merged_dir: Path | None) -> dict:
+    """The saved adapter and tokenizer as a server would take them, and with `merged_dir` the merged
+    export: saved, loaded again, and greedy tokens on held prompts identical to the adapter's."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from synthtune import serving
+
+    cfg, model = run.cfg, run.model
+    saved = AutoTokenizer.from_pretrained(adapter)
+    base_tok = AutoTokenizer.from_pretrained(resolve(cfg.student), **revision_kw(cfg.student_revision))
+    eos = model.generation_config.eos_token_id
+    stops = serving.check_stops(saved, eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    out = {"adapter": serving.inspect_adapter(adapter, len(base_tok), len(saved)), "stops": stops,
+           "merge_parity": None}
+    if merged_dir is None:
+        return out
+    stop_ids = sorted({*stops.get("stop_ids", []), *([stops["end_of_turn_id"]] if stops.get("end_of_turn_id") else [])})
+    if run.runtime.four_bit:  # merging into NF4 weights would lose precision: merge into the unquantized base
+        from peft import PeftModel
+
+        base = load_student(cfg.student, run.runtime, four_bit=False, revision=cfg.student_revision)
+        reference = PeftModel.from_pretrained(base, adapter)
+    else:
+        reference = model
+    reference.eval()
+    prompts = serving.held_prompts(run.data, cfg.train.mode, k=8)
+    adapter_out = serving.greedy(reference, prompts, stop_ids)
+    merged = reference.merge_and_unload()
+    dtype = next(merged.parameters()).dtype
+    if wrong := os.environ.get("SYNTHTUNE_FAULT_MERGE_DTYPE"):  # test hook: a merge through the wrong dtype
+        with torch.no_grad():
+            for p in merged.parameters():
+                p.copy_(p.to(getattr(torch, wrong)).to(dtype))
+    merged.generation_config.eos_token_id = stop_ids or merged.generation_config.eos_token_id  # the export stops
+    merged.save_pretrained(merged_dir, safe_serialization=True)
+    saved.save_pretrained(merged_dir)
+    del merged, reference
+    device = "cuda" if run.runtime.device == "cuda" else "cpu"
+    loaded = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=dtype, device_map={"": device}).eval()
+    out["merge_parity"] = serving.parity(saved, prompts, adapter_out, serving.greedy(loaded, prompts, stop_ids))
+    return out
 
 
 def _finish(run: Finished) -> None:
@@ -151,16 +198,7 @@ def _finish(run: Finished) -> None:
     adapter = final / "adapter"
     model.save_pretrained(adapter)
     run.tokenizer.save_pretrained(adapter)
-    if tc.merge:
-        if run.runtime.four_bit:  # merging into NF4 weights would lose precision: merge into the unquantized base
-            from peft import PeftModel
-
-            base = load_student(run.cfg.student, run.runtime, four_bit=False, revision=run.cfg.student_revision)
-            merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
-        else:
-            merged = model.merge_and_unload()
-        merged.save_pretrained(final / "merged", safe_serialization=True)
-        run.tokenizer.save_pretrained(final / "merged")
+    serving = _serving_checks(run, adapter, final / "merged" if tc.merge else None)
     metrics = {
         "mode": tc.mode, "train_loss": round(float(run.result.training_loss), 4),
         "first_loss": history[0]["loss"] if history else None, "last_loss": history[-1]["loss"] if history else None,
@@ -174,7 +212,7 @@ def _finish(run: Finished) -> None:
         "packing": run.runtime.packing, "liger": run.runtime.liger,
         "activation_checkpointing": bool(trainer.args.activation_checkpointing),
         "trainable_params": len(run.before), "trainable_params_changed": changed,
-        "cpu_4bit_layers_fixed": run.cpu_4bit_layers_fixed,
+        "cpu_4bit_layers_fixed": run.cpu_4bit_layers_fixed, "serving": serving,
     }
     (final / "loss_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
     (final / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -229,9 +267,16 @@ def main(spec_path: str) -> int:
         print(f"synthtune: CUDA out of memory at micro-batch {batch}: {e}", file=sys.stderr)
         return OOM_EXIT
     if trainer.accelerator.is_main_process:
-        _finish(Finished(cfg=cfg, runtime=runtime, trainer=trainer, model=model, tokenizer=tokenizer, dataset=dataset,
-                         before=before, result=result, seconds=seconds, resumed=resumed, first_step=first_step.step,
-                         cpu_4bit_layers_fixed=fixed, batch=batch, accum=accum, work=work))
+        from synthtune.serving import ServingError
+
+        try:
+            _finish(Finished(cfg=cfg, runtime=runtime, trainer=trainer, model=model, tokenizer=tokenizer,
+                             dataset=dataset, before=before, result=result, seconds=seconds, resumed=resumed,
+                             first_step=first_step.step, cpu_4bit_layers_fixed=fixed, batch=batch, accum=accum,
+                             work=work, data=Path(spec["data"])))
+        except ServingError as e:  # deterministic: the parent reports it as it is, no retry hint
+            (work / "error.txt").write_text(str(e))
+            return SERVING_EXIT
     return 0
 
 

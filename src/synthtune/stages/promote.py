@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from math import comb
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pydantic import model_validator
 
+from synthtune import cards
 from synthtune.artifacts import ArtifactRef, ArtifactStore, Staging, current_run_id, key_payload, produce, stage_key
 from synthtune.fields import Section, field
 from synthtune.registry import Registry, champion_record, now
@@ -36,6 +38,8 @@ if TYPE_CHECKING:
     from synthtune.config import PipelineConfig
 
 STAGE = "promote"
+log = logging.getLogger("synthtune.promote")
+DATA_STAGES = ("template", "filter", "generate")
 VERSION = "3"
 
 
@@ -194,14 +198,7 @@ def chart(rows: list[dict], path: Path, title: str) -> None:
 
 def data_keys(store: ArtifactStore, train: ArtifactRef) -> dict[str, str]:
     """The data stage keys behind an adapter (template, filter, generate), from the manifests."""
-    keys, stage, key_ = {}, "train", train.key
-    for upstream in ("template", "filter", "generate"):
-        manifest = store.manifest(stage, key_) or {}
-        key_ = (manifest.get("upstream") or {}).get(upstream)
-        if key_ is None:
-            break
-        keys[upstream], stage = key_, upstream
-    return keys
+    return store.lineage("train", train.key, DATA_STAGES)
 
 
 def run(cfg: PipelineConfig, store: ArtifactStore, upstream: dict[str, ArtifactRef]) -> ArtifactRef:
@@ -242,11 +239,23 @@ def run(cfg: PipelineConfig, store: ArtifactStore, upstream: dict[str, ArtifactR
                    "champion_eval": champion_eval.key if champion_eval else None, "champion_train_key": champion_key,
                    "mcnemar": {"tuned_only": paired[0], "reference_only": paired[1], "p_value": paired[2]}}
         (staging.path / "verdict.json").write_text(json.dumps(verdict, indent=2))
+        _complete_card(store, train, cfg.name, rows, promoted, reasons)
         staging.metrics.update(promoted=promoted, reasons=reasons, comparison=rows, champion_train_key=champion_key,
                                p_value=paired[2], train_key=train.key,
                                flips={task: {k_: len(v) for k_, v in f.items()} for task, f in flipped.items()})
 
     return produce(store, STAGE, k, ups, key_payload(cfg.promote), build)
+
+
+def _complete_card(store: ArtifactStore, train: ArtifactRef, name: str, rows: list[dict], promoted: bool,
+                   reasons: list[str]) -> None:
+    """The adapter's model card gains its evaluation table and verdict."""
+    rel = "adapter/README.md"
+    try:
+        card = store.fs.cat_file(store._path(train.stage, train.key, rel)).decode()
+        store.annotate(train.stage, train.key, rel, cards.with_evaluation(card, name, rows, promoted, reasons))
+    except (FileNotFoundError, ValueError, AttributeError) as e:  # a card another version wrote: leave it
+        log.warning("model card of %s not completed: %s", train.key, e)
 
 
 def config_sha256(cfg: PipelineConfig) -> str:

@@ -30,6 +30,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+import yaml
+
+from synthtune import cards
 from synthtune.artifacts import ArtifactRef, ArtifactStore, Staging, key_payload, produce, stage_key
 from synthtune.fields import Section, field
 from synthtune.models import fingerprint, resolve, revision_kw
@@ -39,8 +42,9 @@ if TYPE_CHECKING:
     from synthtune.config import PipelineConfig
 
 STAGE = "train"
-VERSION = "2"
+VERSION = "3"
 OOM_EXIT = 3
+SERVING_EXIT = 4  # the export would not serve what was trained: work/error.txt says why
 MAX_OOM_RETRIES = 3
 log = logging.getLogger("synthtune.train")
 
@@ -460,14 +464,6 @@ def loss_curve(history: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def model_card(cfg: PipelineConfig, data_key: str, metrics: dict) -> str:
-    body = {"base_model": cfg.student, "data_key": data_key, "train": cfg.train.model_dump(mode="json"),
-            "metrics": metrics}
-    return (f"---\nbase_model: {cfg.student}\nlibrary_name: peft\ntags: [synthtune, lora, trl]\n---\n"
-            f"# {cfg.name} adapter\n\nLoRA adapter for `{cfg.student}` trained by synthtune ({cfg.train.mode}) on "
-            f"template output `{data_key}`.\n\n```json\n{json.dumps(body, indent=2)}\n```\n")
-
-
 def _train(cfg: PipelineConfig, store: ArtifactStore, staging: Staging, data_dir: Path, k: str, data_key: str) -> None:
     import pyarrow.parquet as pq
 
@@ -495,9 +491,14 @@ def _train(cfg: PipelineConfig, store: ArtifactStore, staging: Staging, data_dir
                                     "batch_size": batch, "gradient_accumulation_steps": accum,
                                     "activation_checkpointing": checkpointing, "runtime": asdict(runtime)}))
         (work / "progress.jsonl").unlink(missing_ok=True)
+        (work / "error.txt").unlink(missing_ok=True)
         rc = run_child(launch_command(spec, tc.num_processes, runtime.four_bit), work / "progress.jsonl")
         if rc == 0:
             break
+        if rc == SERVING_EXIT:
+            from synthtune.serving import ServingError
+
+            raise ServingError((work / "error.txt").read_text())
         if rc == OOM_EXIT and attempt < MAX_OOM_RETRIES and (plan := next_batch_plan(batch, accum)):
             log.warning("out of memory at micro-batch %d: retrying with micro-batch %d x accumulation %d",
                         batch, *plan)
@@ -510,7 +511,11 @@ def _train(cfg: PipelineConfig, store: ArtifactStore, staging: Staging, data_dir
     shutil.copytree(final / "adapter", staging.path / "adapter")
     if (final / "merged").is_dir():
         shutil.copytree(final / "merged", staging.path / "merged")
-    (staging.path / "adapter" / "README.md").write_text(model_card(cfg, data_key, metrics))
+    lineage = {"template": data_key, **store.lineage("template", data_key, ("filter", "generate"))}
+    config_yaml = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    (staging.path / "adapter" / "README.md").write_text(cards.train_card(cfg, k, lineage, metrics, config_yaml))
+    for problem in [p for part in ("adapter", "stops") for p in metrics["serving"][part]["problems"]]:
+        log.warning("serving: %s", problem)
     (staging.path / "loss_history.json").write_text(json.dumps(history, indent=2))
     (staging.path / "metrics.json").write_text(json.dumps(metrics, indent=2))
     loss_curve(history, staging.path / "loss.png", f"{cfg.name}: {tc.mode} loss")
