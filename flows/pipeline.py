@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import sys
 from pathlib import Path
 from typing import Literal
@@ -29,7 +30,7 @@ from typing import Annotated  # noqa: E402
 from prefect import flow  # noqa: E402
 from prefect.artifacts import create_link_artifact, create_markdown_artifact  # noqa: E402
 from prefect.filesystems import RemoteFileSystem  # noqa: E402
-from prefect.runtime import flow_run  # noqa: E402
+from prefect.runtime import deployment, flow_run  # noqa: E402
 from prefect.states import Completed  # noqa: E402
 from pydantic import Field  # noqa: E402
 
@@ -184,6 +185,9 @@ def pipeline(config: PipelineConfig, gpu_deployment: GpuDeployment = "", gpu_slo
     promotion-verdict artifact) when the candidate failed the gate and the champion stays in service."""
     create_markdown_artifact(f"```yaml\n{to_yaml(config)}```", key="resolved-config",
                              description=f"Resolved config of pipeline '{config.name}'")
+    if deployment.get_name():  # what the model card names as the command that produced the adapter
+        os.environ["SYNTHTUNE_COMMAND"] = (f"prefect deployment run '{flow_run.get_flow_name()}/{deployment.get_name()}'"
+                                           f" (flow run {flow_run.get_name()})")
     fault, storage = this_attempts_fault(fail_stage), result_storage(config)
     refs: dict[str, ArtifactRef] = {}
     with tracked(config, owner=True):

@@ -11,6 +11,7 @@ import contextlib
 import importlib.util
 import logging
 import os
+import shlex
 import sys
 import threading
 import time
@@ -119,6 +120,7 @@ def run(
     if engine not in ("prefect", "local"):
         raise _fail(f"--engine must be prefect or local, not {engine}")
     log = log_path(cfg.artifact_root, cfg.name)
+    os.environ["SYNTHTUNE_COMMAND"] = shlex.join(["synthtune", *sys.argv[1:]])  # for the model card
     start = time.perf_counter()
     failure: BaseException | None = None
     warnings_handler = TerminalWarnings(console)
