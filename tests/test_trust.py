@@ -32,8 +32,12 @@ def copied(demo_run, tmp_path):
 
 
 def _created(cfg, stage: str, key: str) -> str:
-    return json.loads((Path(cfg.artifact_root) / stage / key / "manifest.json").read_text())["created_at"] + \
-        str((Path(cfg.artifact_root) / stage / key / "manifest.json").stat().st_mtime_ns)
+    """When an output was written: its manifest's time and its files' (a model card completed later
+    by promote is documentation, not a rebuild)."""
+    folder = Path(cfg.artifact_root) / stage / key
+    manifest = json.loads((folder / "manifest.json").read_text())
+    return manifest["created_at"] + str(sorted((folder / rel).stat().st_mtime_ns for rel in manifest["files"]
+                                               if not rel.endswith("README.md")))
 
 
 def _verify(cfg):
