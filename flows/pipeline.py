@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Literal
 
@@ -109,6 +112,60 @@ def drain() -> None:
             worker.drain_all(timeout=30)
 
 
+class _PipeGuard:
+    """A stdout/stderr whose reader (the worker) died: writes are dropped, not raised as
+    BrokenPipeError into whatever stage happened to print, and the watchdog is woken."""
+
+    def __init__(self, stream, broken: threading.Event) -> None:
+        self._stream, self._broken = stream, broken
+
+    def write(self, text: str) -> int:
+        if not self._broken.is_set():
+            try:
+                return self._stream.write(text)
+            except (BrokenPipeError, ValueError):
+                self._broken.set()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self._broken.is_set():
+            try:
+                self._stream.flush()
+            except (BrokenPipeError, ValueError):
+                self._broken.set()
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+def follow_the_worker() -> None:
+    """A flow run a worker started ends when that worker dies, instead of training on unsupervised
+    or failing on a BrokenPipeError from the first line it prints: it sends itself SIGTERM, so
+    Prefect records it `Crashed` and runs its on_crashed hooks (which give the GPU slot back); the
+    training child dies with it. A run whose whole machine is gone stops sending heartbeats, and
+    the zombie automation (deployments/automations.py) marks it `Crashed`."""
+    if not deployment.get_id():  # the CLI's own process: nothing to follow
+        return
+    worker, broken = os.getppid(), threading.Event()
+    guards = {id(s): _PipeGuard(s, broken) for s in (sys.stdout, sys.stderr)}
+    loggers = [logging.getLogger(), *(v for v in logging.Logger.manager.loggerDict.values() if isinstance(v, logging.Logger))]
+    for handler in {h for lg in loggers for h in lg.handlers}:
+        if isinstance(handler, logging.StreamHandler) and id(handler.stream) in guards:
+            guard = guards[id(handler.stream)]
+            handler.setStream(guard)
+            if hasattr(handler, "console"):  # Prefect's console handler prints through rich
+                handler.console.file = guard
+    sys.stdout, sys.stderr = guards[id(sys.stdout)], guards[id(sys.stderr)]
+
+    def watch() -> None:
+        while os.getppid() == worker and not broken.wait(1):
+            pass
+        logging.getLogger("synthtune").error("the worker (pid %d) is gone: ending this flow run", worker)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="synthtune-follow-worker", daemon=True).start()
+
+
 def give_back_gpu(flow, run, state) -> None:
     """on_crashed / on_cancellation: a run that dies holding the GPU slot gives it back now, not
     when its lease runs out (its process may be gone, so this runs wherever Prefect runs hooks)."""
@@ -134,8 +191,9 @@ def run_steps(config: PipelineConfig, steps: tuple[Step, ...], refs: dict[str, A
                 continue
             cfg = step_config(config, step, store)
             key = step.stage.key(cfg, {arg: ref.key for arg, ref in inputs.items()})
-            stale = step.name in refreshed or store.ref(step.stage.STAGE, key) is None or \
-                bool(store.problems(step.stage.STAGE, key))
+            # the drill's stage runs even when cached: a finished stage must still fail on purpose
+            stale = step.name in refreshed or fault == step.stage.STAGE or store.ref(step.stage.STAGE, key) is None \
+                or bool(store.problems(step.stage.STAGE, key))
             task = TASKS[step.stage.STAGE].with_options(task_run_name=step.name, result_storage=storage,
                                                         refresh_cache=stale)
             progress.emit("step_start", step=step.name)
@@ -183,6 +241,7 @@ def pipeline(config: PipelineConfig, gpu_deployment: GpuDeployment = "", gpu_slo
 
     Ends `Completed`, or `Completed` named `NotPromoted` (reasons in its message and the
     promotion-verdict artifact) when the candidate failed the gate and the champion stays in service."""
+    follow_the_worker()
     create_markdown_artifact(f"```yaml\n{to_yaml(config)}```", key="resolved-config",
                              description=f"Resolved config of pipeline '{config.name}'")
     if deployment.get_name():  # what the model card names as the command that produced the adapter
@@ -211,6 +270,7 @@ def gpu_stages(config: PipelineConfig, upstream: dict[str, ArtifactRef], gpu_slo
     """train and evaluate (base, tuned, champion) on a GPU worker, for a `pipeline` run in split mode.
     Its outputs are handed back through the artifact root (`handoff/<this run's id>.json`): their
     keys depend on what this GPU machine resolves (quantization, kernels), which the parent cannot know."""
+    follow_the_worker()
     refs = dict(upstream)
     with tracked(config, owner=False), hold_gpu(slot_name(gpu_slot)):
         run_steps(config, GPU_STEPS, refs, fail_stage, result_storage(config), refresh)
