@@ -12,6 +12,7 @@ puts every finished batch into the cache as it goes.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -72,8 +73,8 @@ def _llm(gen: GenerateConfig, model: str, magpie: bool = False, max_new_tokens: 
                            torch_dtype="auto", generation_kwargs=generation_kwargs(gen), **extra)
 
 
-def _pass(what: str, inputs: list[dict], cache: RowCache, cache_dir: str, make_task, fields: list[str],
-          required: list[str], batch_size: int, replicas: int = 1) -> dict[str, dict]:
+def _pass(gen: GenerateConfig, what: str, inputs: list[dict], cache: RowCache, cache_dir: str, make_task,
+          fields: list[str], required: list[str], replicas: int = 1) -> dict[str, dict]:
     """One distilabel task over `inputs` (each `id` a row-cache key, unique), batch by batch; every
     finished batch goes into the cache. A batch whose step raised fails the pass once the rest
     finished (its inputs are not in the cache, so a retry asks for exactly those). Returns
@@ -86,11 +87,17 @@ def _pass(what: str, inputs: list[dict], cache: RowCache, cache_dir: str, make_t
     if not inputs:
         return {}
     log.info("%s: asking for %d answers the cache does not hold", what, len(inputs))
+    batch_size = gen.batch_size
+    on_ray = gen.engine == "ray"
     with Pipeline(name=f"synthtune-{what}", cache_dir=cache_dir) as pipeline:
         load = LoadDataFromDicts(data=inputs, batch_size=batch_size)
-        task = make_task(resources=StepResources(replicas=replicas))
+        # on Ray each replica is an actor, placed on a node with the GPUs it asks for
+        gpus = (gen.ray_gpus_per_replica or None) if on_ray else None
+        task = make_task(resources=StepResources(replicas=replicas, gpus=gpus))
         save = SaveBatches(folder=cache.url, fields=fields, required=required, input_batch_size=batch_size)
         load >> task >> save
+    if on_ray:  # the same DAG on the Ray cluster ray_session connected to
+        pipeline = pipeline.ray()
     with distilabel_guard():
         distiset = pipeline.run(use_cache=False)
     rows = distiset["default"]["train"].to_list()
@@ -129,11 +136,11 @@ def _answers(gen: GenerateConfig, model: str, requests: list[dict], what: str, c
 
         torch.manual_seed(gen.seed)
         llm = _llm(gen, model, revision=gen.teacher_revision if model == gen.teacher else None)
-        return _pass(what, misses, cache, cache_dir,
+        return _pass(gen, what, misses, cache, cache_dir,
                      lambda **kw: TextGeneration(llm=llm, system_prompt=gen.system_prompt, num_generations=1,
                                                  input_batch_size=gen.batch_size, add_raw_output=False,
                                                  add_raw_input=False, **kw),
-                     ["generation", "model_name"], ["generation"], gen.batch_size, gen.concurrency)
+                     ["generation", "model_name"], ["generation"], gen.concurrency)
 
     cache = RowCache(f"{cache_url}/answers")
     return _cached_or_made(what, requests, cache, make, tally, "")
@@ -151,10 +158,10 @@ def _ratings(gen: GenerateConfig, judge_id: str, items: list[dict], cache_url: s
         if not misses:
             return {}
         llm = _llm(gen, gen.judge, max_new_tokens=gen.judge_max_new_tokens, revision=gen.judge_revision)
-        return _pass("judge", misses, cache, cache_dir,
+        return _pass(gen, "judge", misses, cache, cache_dir,
                      lambda **kw: UltraFeedback(llm=llm, aspect=gen.judge_aspect, input_batch_size=gen.batch_size,
                                                 add_raw_output=False, add_raw_input=False, **kw),
-                     ["ratings", "rationales", "model_name"], ["ratings"], gen.batch_size, gen.concurrency)
+                     ["ratings", "rationales", "model_name"], ["ratings"], gen.concurrency)
 
     cache = RowCache(f"{cache_url}/ratings")
     found = _cached_or_made("judge", keyed, cache, make, tally, "ratings_")
@@ -170,6 +177,46 @@ def run_distilabel(gen: GenerateConfig, seeds: list[dict], identities: dict[str,
     """(rows in seed order with provenance, quarantined rows with reasons, counts)."""
     if api_key is not None:  # this child's environment only: it ends with the child
         os.environ[gen.api_key_env] = api_key.get_secret_value()
+    with ray_session(gen):
+        return _run(gen, seeds, identities, cache_url, cache_dir)
+
+
+# what Ray workers need from this process's environment (offline mode, no telemetry, tokenizers)
+RAY_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_DISABLE_TELEMETRY", "DO_NOT_TRACK",
+           "TOKENIZERS_PARALLELISM", "HF_HOME", "HF_HUB_CACHE", "SYNTHTUNE_CACHE", "OPENAI_API_KEY")
+
+
+@contextlib.contextmanager
+def ray_session(gen: GenerateConfig):
+    """generate.engine=ray: connect to `generate.ray_address` (ray://head:10001, or `auto` on a cluster
+    node), or start a local Ray cluster for this child, and shut it down after (this child exits
+    without running atexit hooks, which would otherwise be what stops a local cluster)."""
+    if gen.engine != "ray":
+        yield
+        return
+    import ray
+
+    env = {k: os.environ[k] for k in (*RAY_ENV, gen.api_key_env) if k in os.environ}
+    kwargs: dict = {"runtime_env": {"env_vars": env}, "log_to_driver": False, "ignore_reinit_error": True}
+    if not gen.ray_address:  # a local cluster sized to this machine, without the dashboard
+        kwargs.update(num_cpus=os.cpu_count(), include_dashboard=False, object_store_memory=256 << 20)
+    ray.init(address=gen.ray_address or None, **kwargs)
+    log.info("generate on Ray: %s, resources %s", gen.ray_address or "a local cluster", ray.cluster_resources())
+    try:
+        yield
+    finally:
+        import psutil
+
+        started = psutil.Process().children(recursive=True)  # raylet, GCS, the actors' workers
+        ray.shutdown()
+        _, alive = psutil.wait_procs(started, timeout=10)
+        for p in alive:  # workers orphaned by the raylet's exit: nothing of the cluster outlives the run
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+
+
+def _run(gen: GenerateConfig, seeds: list[dict], identities: dict[str, str], cache_url: str,
+         cache_dir: str) -> tuple[list[dict], list[dict], dict[str, int]]:
     tally = Tally()
     if gen.mode == "magpie":
         rows, dropped = _magpie(gen, identities["teacher"], cache_url, cache_dir, tally)
@@ -289,9 +336,9 @@ def _magpie(gen: GenerateConfig, teacher_id: str, cache_url: str, cache_dir: str
 
         torch.manual_seed(gen.seed)
         llm = _llm(gen, gen.teacher, magpie=True, revision=gen.teacher_revision)
-        return _pass("magpie", misses, cache, cache_dir,
+        return _pass(gen, "magpie", misses, cache, cache_dir,
                      lambda **kw: Magpie(llm=llm, n_turns=1, input_batch_size=gen.batch_size, **system, **kw),
-                     ["instruction", "response", "model_name"], ["instruction", "response"], gen.batch_size)
+                     ["instruction", "response", "model_name"], ["instruction", "response"])
 
     cache = RowCache(f"{cache_url}/magpie")
     keys = [magpie_key(gen, teacher_id, n) for n in range(gen.magpie_rows)]

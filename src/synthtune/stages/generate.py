@@ -95,6 +95,14 @@ class GenerateConfig(Section):
     num_generations: int = field(1, "Answers generated per seed.", ge=1, le=64)
     batch_size: int = field(8, "Seeds sent to the teacher per batch (an HTTP teacher gets a batch's requests "
                             "at once).", ge=1, le=4096)
+    engine: Literal["local", "ray"] = field(
+        "local", "Where distilabel runs: `local` (processes on this machine) or `ray` (the same pipeline as a "
+        "RayPipeline: each teacher replica a Ray actor; pip install 'synthtune[ray]').", affects_output=False)
+    ray_address: str = field(
+        "", "engine=ray: the cluster to use (`ray://head:10001`, or `auto` on a cluster node). Empty: start a local "
+        "Ray cluster for the run.", affects_output=False)
+    ray_gpus_per_replica: int = field(0, "engine=ray: GPUs each teacher replica asks Ray for (0: none).", ge=0,
+                                      affects_output=False)
     concurrency: int = field(1, "Batches in flight at once (distilabel replicas of the step): more load on an HTTP "
                              "teacher; a local teacher loads one copy of the model per replica.", ge=1, le=64,
                              affects_output=False)

@@ -9,6 +9,7 @@ Run as: synthtune preflight configs/demo.yaml
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from typing import TYPE_CHECKING
 
@@ -112,6 +113,8 @@ def checks(cfg: PipelineConfig, store: ArtifactStore) -> tuple[list[str], dict]:
         problems += check_tokenizer(cfg.student, cfg.student_revision)
     problems += task_problems(cfg)
     problems += tracking.check(cfg)
+    if gen.engine == "ray" and importlib.util.find_spec("ray") is None:
+        problems.append("generate.engine=ray: ray is not installed here (pip install 'synthtune[ray]')")
     disk, free_gb = check_disk(store, cfg.preflight.min_free_gb)
     return problems + disk, {"free_gb": free_gb}
 

@@ -1,0 +1,50 @@
+"""generate.engine=ray: the same distilabel pipeline as a RayPipeline (teacher replicas as Ray
+actors) on a local Ray cluster started for the run; the rows and the row cache behave as locally."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import psutil
+import pytest
+
+from synthtune.artifacts import ArtifactStore
+from synthtune.stages import generate
+
+pytestmark = pytest.mark.integration
+
+
+def _ray_processes() -> list[str]:
+    names = ("raylet", "gcs_server", "ray::", "plasma_store", "default_worker.py")
+    found = []
+    for p in psutil.process_iter(["name", "cmdline"]):
+        text = f"{p.info['name']} {' '.join(p.info['cmdline'] or [])}"
+        if any(n in text for n in names):
+            found.append(text[:100])
+    return found
+
+
+def test_ray_gives_the_local_engines_rows_and_shares_its_row_cache(demo_run, tmp_path):
+    cfg, refs = demo_run
+    assert not _ray_processes()
+    on_ray = cfg.generate.model_copy(update={"engine": "ray", "concurrency": 2})  # two teacher actors
+    store = ArtifactStore(str(tmp_path / "root"))
+    ref = generate.run(cfg.model_copy(update={"generate": on_ray, "artifact_root": store.root_url}), store)
+    assert ref.key == refs["generate"].key  # where it ran is not what it made
+    local = pd.read_parquet(f"{refs['generate'].uri}/data.parquet")
+    ray = pd.read_parquet(f"{ref.uri}/data.parquet")
+    assert ray.to_dict("records") == local.to_dict("records")
+    assert (ref.summary["rows"]["generated"], ref.summary["rows"]["reused"]) == (35, 0)
+    assert not _ray_processes(), "the local Ray cluster outlived the run"
+
+    # the next night on Ray: one new seed file; only its row goes to the teacher
+    seeds = tmp_path / "seeds"
+    seeds.mkdir()
+    for f in sorted(__import__("pathlib").Path(cfg.generate.seeds).glob("*.jsonl")):
+        (seeds / f.name).write_text(f.read_text())
+    (seeds / "2026-12-03.jsonl").write_text(json.dumps({"id": "new-1", "prompt": "What is the capital of Norrland?"})
+                                            + "\n")
+    nightly = on_ray.model_copy(update={"seeds": str(seeds)})
+    ref2 = generate.run(cfg.model_copy(update={"generate": nightly, "artifact_root": store.root_url}), store)
+    assert (ref2.summary["rows"]["reused"], ref2.summary["rows"]["generated"], ref2.summary["rows"]["new"]) == (35, 1, 1)
