@@ -15,7 +15,7 @@ export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-unit lint bench clean
+.PHONY: install demo test test-unit soak lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -31,7 +31,10 @@ demo: install
 	$(VENV)/bin/synthtune run
 
 test: install
-	$(VENV)/bin/pytest -m "not gpu" -q
+	$(VENV)/bin/pytest -m "not gpu and not soak" -q
+
+soak: install
+	$(VENV)/bin/pytest -m soak -s -q
 
 test-unit: install
 	$(VENV)/bin/pytest -q
