@@ -49,6 +49,44 @@ def test_deployments_are_valid_pipelines_with_the_expected_schedule_and_pools(tm
             assert Path(cfg.generate.seeds).is_dir()  # the nightly reads a seed folder
 
 
+def test_the_deployed_pipeline_is_the_demo_config():
+    """prefect.yaml carries the demo pipeline inline (prefect deploy cannot read our YAML): it must not
+    drift from configs/demo.yaml. Only the name and the artifact root (filled in at deploy time) differ."""
+    from synthtune.config import load_config
+
+    raw = dict(SPEC["definitions"]["parameters"]["pipeline"], artifact_root="/shared/artifacts")
+    deployed = PipelineConfig.model_validate(raw, context={"base_dir": ROOT}).model_dump(mode="json")
+    demo = load_config(ROOT / "configs" / "demo.yaml").model_dump(mode="json")
+    for cfg in (deployed, demo):
+        cfg.pop("name"), cfg.pop("artifact_root")
+    assert deployed == demo
+
+
+def test_synthtune_deploy_makes_config_paths_relative_to_the_checkout(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(ROOT))
+    from flows.deploy import DeployError, plan
+    from synthtune.config import load_config
+
+    cfg = load_config(ROOT / "configs" / "demo.yaml", [f"artifact_root={tmp_path}"])
+    [nightly] = plan(cfg, "nightly", "0 2 * * *", "Europe/Berlin", "gpu", False, "cpu")
+    config = nightly.parameters["config"]
+    assert config["generate"]["seeds"] == "configs/data/seeds" and config["evaluate"]["task_dir"] == "configs/eval_tasks"
+    assert PipelineConfig.model_validate(config, context={"base_dir": ROOT}) == cfg  # what a worker in its checkout reads
+    parent, child = plan(cfg, "nightly", None, "UTC", "gpu", True, "cpu")
+    assert (parent.pool, parent.parameters["gpu_deployment"], child.name, child.pool) == (
+        "cpu", "synthtune-gpu/nightly-gpu", "nightly-gpu", "gpu")
+    for bad, match in (({"cron": "0 25 * * *"}, "--cron '0 25 \\* \\* \\*': not a cron expression"),
+                       ({"timezone": "Mars/Olympus"}, "--timezone 'Mars/Olympus': not an IANA timezone"),
+                       ({"name": "a/b"}, "--name 'a/b'")):
+        args = {"name": "nightly", "cron": "0 2 * * *", "timezone": "UTC", **bad}
+        with pytest.raises(DeployError, match=match):
+            plan(cfg, args["name"], args["cron"], args["timezone"], "gpu", False, "cpu")
+    with pytest.raises(DeployError, match="artifact_root '.synthtune/artifacts' is relative"):
+        plan(load_config(ROOT / "configs" / "demo.yaml"), "n", None, "UTC", "gpu", False, "cpu")
+
+
 def test_an_unfilled_artifact_root_names_the_variable():
     raw = dict(SPEC["definitions"]["parameters"]["pipeline"])
     with pytest.raises(ValueError, match="SYNTHTUNE_ARTIFACT_ROOT"):

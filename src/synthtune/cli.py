@@ -213,12 +213,14 @@ def _prefect_server(engine: str):
     return embedded_server()
 
 
-def _load_flows():
-    """flows/pipeline.py from the checkout (the flows live beside the configs, not in the package)."""
-    path = project_root() / "flows" / "pipeline.py"
-    spec = importlib.util.spec_from_file_location("flows.pipeline", path)
+def _load_flows(name: str = "pipeline"):
+    """flows/<name>.py from the checkout (the flows live beside the configs, not in the package)."""
+    if f"flows.{name}" in sys.modules:
+        return sys.modules[f"flows.{name}"]
+    path = project_root() / "flows" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"flows.{name}", path)
     module = importlib.util.module_from_spec(spec)
-    sys.modules["flows.pipeline"] = module
+    sys.modules[f"flows.{name}"] = module
     spec.loader.exec_module(module)
     return module
 
@@ -256,6 +258,35 @@ def print_summary(cfg, refs: dict, seconds: float) -> None:
     root = refs["promote"].uri.rsplit("/promote/", 1)[0] if "promote" in refs else cfg.artifact_root
     console.print(f"artifacts: {root}  (the model in service: {root}/registry/champion.json, `synthtune show`)",
                   highlight=False)
+
+
+@app.command()
+def deploy(
+    config: ConfigArg = None,
+    overrides: Overrides = None,
+    name: Annotated[str, typer.Option(help="Deployment name (split mode adds NAME-gpu).")] = "",
+    cron: Annotated[str | None, typer.Option(help='Schedule, e.g. "0 2 * * *". None: runs start by hand or by API.')] = None,
+    timezone: Annotated[str, typer.Option(help="IANA timezone of the cron schedule.")] = "UTC",
+    pool: Annotated[str, typer.Option(help="Work pool of the GPU stages (and of every stage unless --split).")] = "gpu",
+    split: Annotated[bool, typer.Option(help="Data stages on --cpu-pool, train and evaluate on --pool.")] = False,
+    cpu_pool: Annotated[str, typer.Option(help="Work pool of the data stages with --split.")] = "cpu",
+    gpu_slot: Annotated[str, typer.Option(help="GPU slot name (default: gpu:<worker host>).")] = "",
+) -> None:
+    """Create or update the Prefect deployment(s) of a pipeline on the server at PREFECT_API_URL; the
+    config becomes the deployment's parameters. Deploying again with the same arguments changes nothing."""
+    if not os.environ.get("PREFECT_API_URL"):
+        raise _fail("PREFECT_API_URL is not set: deploy to a running server (prefect server start; "
+                    "export PREFECT_API_URL=http://HOST:4200/api)")
+    cfg = _load(config, overrides)
+    module = _load_flows("deploy")
+    try:
+        plans = module.plan(cfg, name or cfg.name, cron, timezone, pool, split, cpu_pool, gpu_slot)
+        ids = module.apply(plans)
+    except module.DeployError as e:
+        raise _fail(str(e)) from None
+    for p, deployment_id in zip(plans, ids, strict=True):
+        when = f"cron '{p.cron}' ({p.timezone})" if p.cron else "no schedule"
+        console.print(f"{p.flow}/{p.name}: pool {p.pool}, {when}, id {deployment_id}", highlight=False)
 
 
 @app.command()

@@ -1,0 +1,130 @@
+"""`synthtune deploy`: a pipeline YAML as Prefect deployment(s) on the server at PREFECT_API_URL.
+
+It goes through Prefect's own API (`create_deployment`, which creates or updates by flow and name,
+so deploying twice changes nothing), with what `prefect deploy --prefect-file deployments/prefect.yaml`
+would record: the flow's entrypoint, its parameter schema (the UI's form), a pull step into the
+worker's checkout (`$SYNTHTUNE_HOME`), and the config as the `config` parameter, its paths made
+relative to the checkout so every worker finds them in its own.
+
+Everything is checked before anything is created: the config, the pools, the cron expression and the
+timezone; a shared artifact root (an absolute folder or a URL), which the workers must all see.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+ENTRYPOINT = "flows/pipeline.py:pipeline"
+GPU_ENTRYPOINT = "flows/pipeline.py:gpu_stages"
+PULL = [{"prefect.deployments.steps.set_working_directory": {"directory": "{{ $SYNTHTUNE_HOME }}"}}]
+
+
+class DeployError(ValueError):
+    """Bad input for a deployment; nothing was created."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    name: str
+    flow: str
+    entrypoint: str
+    pool: str
+    parameters: dict
+    cron: str | None
+    timezone: str
+    tags: list[str]
+    description: str
+
+
+def portable(value, root: Path = ROOT):
+    """The config's absolute paths inside the checkout, made relative to it (workers run in theirs)."""
+    if isinstance(value, dict):
+        return {k: portable(v, root) for k, v in value.items()}
+    if isinstance(value, list):
+        return [portable(v, root) for v in value]
+    if isinstance(value, str) and value.startswith(f"{root}/"):
+        rel = value[len(str(root)) + 1:]
+        return rel + ("/" if value.endswith("/") and not rel.endswith("/") else "")
+    return value
+
+
+def plan(cfg, name: str, cron: str | None, timezone: str, pool: str, split: bool, cpu_pool: str,
+         gpu_slot: str = "") -> list[Plan]:
+    """The deployments to create, checked without the server: names, cron, timezone, artifact root."""
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    from prefect.client.schemas.schedules import CronSchedule
+
+    from synthtune.artifacts import ArtifactStore
+
+    if not name or "/" in name or "%" in name:
+        raise DeployError(f"--name '{name}': a deployment name, without '/' or '%'")
+    try:
+        ZoneInfo(timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise DeployError(f"--timezone '{timezone}': not an IANA timezone (e.g. Europe/Berlin, UTC)") from None
+    if cron:
+        try:
+            CronSchedule(cron=cron, timezone=timezone)
+        except ValueError as e:
+            why = e.errors()[0]["msg"].removeprefix("Value error, ") if hasattr(e, "errors") else str(e)
+            raise DeployError(f"--cron '{cron}': not a cron expression ({why})") from None
+    store = ArtifactStore(cfg.artifact_root)
+    if store.local and not Path(cfg.artifact_root).expanduser().is_absolute():
+        raise DeployError(f"artifact_root '{cfg.artifact_root}' is relative: every worker (and each retry) must find "
+                          "the same artifacts; use an absolute folder they all see, or a URL (artifact_root=s3://...)")
+    config = portable(cfg.model_dump(mode="json"))
+    scheduled = " every night" if cron else ""
+    tags = ["synthtune", cfg.name] + (["nightly"] if cron else ["adhoc"])
+    if not split:
+        return [Plan(name, "synthtune", ENTRYPOINT, pool, {"config": config, "gpu_slot": gpu_slot}, cron, timezone,
+                     tags, f"Pipeline '{cfg.name}'{scheduled}: every stage on pool {pool}.")]
+    gpu_name = f"{name}-gpu"
+    return [
+        Plan(name, "synthtune", ENTRYPOINT, cpu_pool,
+             {"config": config, "gpu_deployment": f"synthtune-gpu/{gpu_name}", "gpu_slot": gpu_slot}, cron, timezone,
+             [*tags, "split"], f"Pipeline '{cfg.name}'{scheduled}: data stages on pool {cpu_pool}, train and "
+                               f"evaluate on pool {pool} (synthtune-gpu/{gpu_name})."),
+        Plan(gpu_name, "synthtune-gpu", GPU_ENTRYPOINT, pool, {}, None, timezone, ["synthtune", cfg.name, "split"],
+             f"train and evaluate for '{name}' (started by its runs, not by hand)."),
+    ]
+
+
+def apply(plans: list[Plan]) -> list[str]:
+    """Create or update each deployment (an update replaces its schedules with the ones asked for);
+    returns their ids. Unknown pools are refused before anything is created."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import DeploymentScheduleCreate
+    from prefect.client.schemas.objects import ConcurrencyLimitStrategy, ConcurrencyOptions
+    from prefect.client.schemas.schedules import CronSchedule
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.pipeline import gpu_stages, pipeline
+
+    flows = {"synthtune": pipeline, "synthtune-gpu": gpu_stages}
+    with get_client(sync_client=True) as client:
+        known = {p.name for p in client.read_work_pools()}
+        for p in plans:
+            if p.pool not in known:
+                raise DeployError(f"work pool '{p.pool}' does not exist on {client.api_url} (pools: "
+                                  f"{', '.join(sorted(known)) or 'none'}); create it first, e.g. prefect work-pool "
+                                  f"create {p.pool} --type process")
+        ids = []
+        for p in plans:
+            schedules = [DeploymentScheduleCreate(schedule=CronSchedule(cron=p.cron, timezone=p.timezone), active=True)
+                         ] if p.cron else []
+            ids.append(str(client.create_deployment(
+                flow_id=client.create_flow_from_name(p.flow), name=p.name, entrypoint=p.entrypoint,
+                work_pool_name=p.pool, work_queue_name="default", parameters=p.parameters, tags=p.tags,
+                description=p.description, pull_steps=PULL, schedules=schedules, enforce_parameter_schema=True,
+                parameter_openapi_schema=parameter_schema(flows[p.flow]).model_dump_for_openapi(),
+                # a scheduled run never overlaps the previous one: a late one waits its turn
+                concurrency_limit=1 if p.cron else None,
+                concurrency_options=ConcurrencyOptions(collision_strategy=ConcurrencyLimitStrategy.ENQUEUE)
+                if p.cron else None)))
+    return ids
