@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 from prefect_stack import ROOT, client, run_state, start_run, states, task_runs, wait_run
-from test_ops import _training_children, deployed_config, latest_attempt, with_changes
+from test_ops import _automations, _training_children, deployed_config, latest_attempt, with_changes
 from typer.testing import CliRunner
 
 from synthtune.cli import app
@@ -95,8 +95,41 @@ def test_a_killed_worker_crashes_its_run_frees_the_slot_and_a_retry_resumes_from
     assert {latest[s] for s in DATA_STEPS} == {"Cached"} and latest["train"] == "Completed"
     summary = _train_summary(stack, key)
     assert summary["resumed_from_step"] >= step > 0, summary  # from the newest valid checkpoint, not from 0
+    assert not settled(), settled(0)
     print(f"\nworker kill: Crashed after {crashed_after:.1f} s, GPU slot free after {freed_after:.1f} s, "
           f"resumed from step {summary['resumed_from_step']}")
+
+
+def test_a_machine_that_vanishes_mid_train_is_marked_crashed_by_the_shipped_automation(stack):
+    """Worker and flow-run process gone at once, nothing reporting: only the missing heartbeats tell
+    (the job template sends one every 30 s; the automation's window here is 45 s, 120 s as shipped)."""
+    automations = _automations()
+    automations.apply(unresponsive_after_s=45)
+    try:
+        config, key = long_training(stack, seed=304)
+        run_id = start_run("synthtune/adhoc", {"config": config})
+        wait_for_checkpoint(stack, key, run_id)
+        children = _training_children(key)
+        flow_process = [p for p in psutil.Process(stack.named["worker-gpu"].pid).children() if "prefect.engine" in
+                        " ".join(p.cmdline())]
+        assert children and flow_process
+        for p in flow_process:  # frozen first, so it cannot see its worker go and end itself
+            p.suspend()
+        stack.kill("worker-gpu")
+        for p in flow_process:
+            p.kill()
+        vanished = time.monotonic()
+        run = wait_run(run_id, timeout=150)
+        crashed_after = time.monotonic() - vanished
+        assert run.state.type.value == "CRASHED" and "No heartbeat" in run.state.message, run.state
+        assert gone(children), "training outlived its flow-run process"
+        freed_after = slot_free_within(90) + crashed_after  # the lease is the backstop here
+        print(f"\nmachine gone: Crashed by the automation after {crashed_after:.1f} s, slot free after {freed_after:.1f} s")
+    finally:
+        automations.apply()  # as shipped: 120 s
+        if stack.named["worker-gpu"].poll() is not None:
+            stack.start_worker("gpu")
+    assert not settled(), settled(0)
 
 
 def _train_summary(stack, key: str) -> dict:
@@ -123,6 +156,7 @@ def test_cancelling_a_split_run_cancels_its_gpu_child_and_frees_the_gpu(stack):
     freed = slot_free_within(60)
     assert gone(children), "the GPU child's training outlived the cancel"
     assert step > 0 and time.monotonic() - cancelled < 120 and freed < 60
+    assert not settled(), settled(0)  # neither flow-run process outlived its run
 
 
 def test_a_server_restart_mid_train_leaves_the_run_to_finish_and_be_recorded(stack):
@@ -136,6 +170,7 @@ def test_a_server_restart_mid_train_leaves_the_run_to_finish_and_be_recorded(sta
     assert run.state.type.value == "COMPLETED", (run.state, stack.log("worker-gpu")[-3000:])
     assert states(run_id)["train"] == "Completed" and _train_summary(stack, key)["resumed_from_step"] == 0
     assert slot_free_within(60) < 60
+    assert not settled(), settled(0)
 
 
 def test_synthtune_deploy_reads_back_as_the_config_and_is_idempotent(stack):
@@ -199,6 +234,14 @@ def no_orphans() -> list[str]:
     return out
 
 
+def settled(timeout: float = 30) -> list[str]:
+    """The orphans still alive after `timeout` s (processes take a moment to exit after their run ends)."""
+    deadline = time.monotonic() + timeout
+    while (left := no_orphans()) and time.monotonic() < deadline:
+        time.sleep(1)
+    return left
+
+
 def soak(stack, n: int) -> dict:
     """`n` runs queued at once on one GPU slot (nightly and adhoc deployments made by `synthtune deploy`,
     alternating; pairs share their data stages): all complete, their GPU windows never overlap, no
@@ -244,8 +287,7 @@ def soak(stack, n: int) -> dict:
     gaps = [(b[0] - a[1]).total_seconds() for a, b in zip(windows, windows[1:], strict=False)]
     assert all(g >= 0 for g in gaps), f"GPU windows overlap: {windows}"
     assert all(h == 200 for h in health) and health, [h for h in health if h != 200][:5]
-    time.sleep(5)
-    assert not no_orphans(), no_orphans()
+    assert not settled(), settled(0)
     busy = sum((b - a).total_seconds() for a, b in windows)
     report = {"runs": n, "wall_s": round(wall, 1), "gpu_busy_s": round(busy, 1), "slot_idle_between_runs_s": round(
         sum(gaps), 1), "max_gap_s": round(max(gaps, default=0), 1), "health_checks": len(health)}

@@ -172,6 +172,9 @@ def test_retry_in_the_ui_reruns_only_the_failed_stage_and_what_follows(page, sta
     page.get_by_role("button", name="Open menu").first.click()
     page.get_by_role("menuitem", name="Retry").click()
     page.get_by_role("alertdialog").get_by_role("button", name="Retry").click()
+    wait_run(run_id, timeout=60, states={"SCHEDULED", "PENDING", "RUNNING", "COMPLETED", "CRASHED", "CANCELLED"})
+    # the run page streams the run's logs; left open on 2 cores it starved training (218 s instead of 4)
+    page.goto("about:blank")
 
     run = wait_run(run_id, timeout=900, states={"COMPLETED", "CRASHED", "CANCELLED"})
     assert run.state.type.value == "COMPLETED", (run.state, stack.log("worker-gpu")[-3000:])
@@ -179,7 +182,7 @@ def test_retry_in_the_ui_reruns_only_the_failed_stage_and_what_follows(page, sta
     assert {latest[n] for n in DATA_STEPS} == {"Cached"}, latest
     assert latest["train"] == "Completed" and latest["evaluate[tuned]"] == "Completed"
     assert latest["evaluate[base]"] == "Cached"
-    page.reload(wait_until="networkidle")
+    page.goto(f"{stack.ui_url}/v2/runs/flow-run/{run_id}", wait_until="networkidle")
     page.get_by_text("Completed", exact=True).first.wait_for()
 
 
