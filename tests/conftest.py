@@ -55,6 +55,20 @@ def pytest_runtest_makereport(item, call):
     setattr(item, f"rep_{report.when}", report)
 
 
+@pytest.fixture
+def s3_root(tmp_path, monkeypatch):
+    """`s3://synthtune-test/root` on a moto S3 server of this test's own; its endpoint and keys are in
+    this test's environment (s3fs reads them)."""
+    import s3fs
+    from prefect_stack import moto_server
+
+    with moto_server(tmp_path) as env:
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        s3fs.S3FileSystem(client_kwargs={"endpoint_url": env["AWS_ENDPOINT_URL"]}).mkdir("synthtune-test")
+        yield "s3://synthtune-test/root"
+
+
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory):
     """A real Prefect server, pools, process workers and the deployments of deployments/prefect.yaml,

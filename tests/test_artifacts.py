@@ -231,12 +231,5 @@ def test_concurrent_producers_of_one_key_build_it_once_on_local_disk(tmp_path):
 
 
 @pytest.mark.integration
-def test_concurrent_producers_of_one_key_build_it_once_on_s3(tmp_path, monkeypatch):
-    import s3fs
-    from prefect_stack import moto_server
-
-    with moto_server(tmp_path) as env:
-        for k, v in env.items():
-            monkeypatch.setenv(k, v)
-        s3fs.S3FileSystem(client_kwargs={"endpoint_url": env["AWS_ENDPOINT_URL"]}).mkdir("produce-race")
-        _producer_race("s3://produce-race/root", tmp_path)
+def test_concurrent_producers_of_one_key_build_it_once_on_s3(s3_root, tmp_path):
+    _producer_race(s3_root, tmp_path)

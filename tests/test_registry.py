@@ -46,19 +46,12 @@ def test_concurrent_decisions_on_local_disk(tmp_path):
 
 
 @pytest.mark.integration
-def test_concurrent_decisions_on_s3(tmp_path, monkeypatch):
+def test_concurrent_decisions_on_s3(s3_root):
     """The same race on an S3-compatible server (moto): the lock is an object created with If-None-Match."""
     import os
 
-    import s3fs
-    from prefect_stack import moto_server
-
-    with moto_server(tmp_path) as env:
-        for k, v in env.items():
-            monkeypatch.setenv(k, v)
-        s3fs.S3FileSystem(client_kwargs={"endpoint_url": env["AWS_ENDPOINT_URL"]}).mkdir("registry-race")
-        assert os.environ["AWS_ENDPOINT_URL"]
-        _check_race(_race("s3://registry-race/root"))
+    assert os.environ["AWS_ENDPOINT_URL"]
+    _check_race(_race(s3_root))
 
 
 def _promoted(store, key: str, acc: float) -> dict:
