@@ -29,7 +29,7 @@ import fsspec
 from pydantic import BaseModel
 
 from synthtune.atomic import lock
-from synthtune.digests import file_sha256, remember
+from synthtune.digests import file_sha256, remember, stream_sha256
 from synthtune.fields import content_kind, field_flags
 
 log = logging.getLogger("synthtune.artifacts")
@@ -50,12 +50,9 @@ class ArtifactRef(BaseModel):
 
 # ---------------------------------------------------------------- cache keys
 
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
+def sha256_file(path: str | Path) -> str:
     with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+        return stream_sha256(f)
 
 
 def sha256_dir(path: str | Path) -> str:
@@ -251,6 +248,14 @@ class ArtifactStore:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
+    def key_lock_path(self, stage: str, key: str) -> str:
+        return self._path(".locks", f"{stage}-{key}.lock")
+
+    def key_lock(self, stage: str, key: str, on_wait=None):
+        """The lock of output `stage/key` on this root: one producer (or annotator) at a time, across
+        processes and machines sharing the root."""
+        return lock(self.fs, self.key_lock_path(stage, key), f"{stage}/{key}", on_wait=on_wait)
+
     def lineage(self, stage: str, key: str, through: tuple[str, ...]) -> dict[str, str]:
         """{upstream stage: key} behind `stage/key`, following each manifest's upstream along `through`
         (e.g. template, filter, generate behind an adapter)."""
@@ -266,7 +271,7 @@ class ArtifactStore:
         """Rewrite one documentation file of a finished output (a model card gaining its evaluation)
         and its manifest entry, under the output's lock, so the output stays intact by its manifest.
         Only for files nothing downstream reads: the output's key does not change."""
-        with lock(self.fs, self._path(".locks", f"{stage}-{key}.lock"), f"{stage}/{key}"):
+        with self.key_lock(stage, key):
             manifest = self.manifest(stage, key)
             if manifest is None or rel not in manifest.get("files", {}):
                 raise FileNotFoundError(f"{self.uri(stage, key, rel)} is not a file of a finished output")
@@ -313,11 +318,8 @@ class ArtifactStore:
     def _sha256(self, path: str, cached: bool = True) -> str:
         if self.local and cached:
             return file_sha256(path)
-        h = hashlib.sha256()
         with self.fs.open(path, "rb") as f:
-            while block := f.read(8 << 20):
-                h.update(block)
-        return h.hexdigest()
+            return stream_sha256(f)
 
     def remove(self, *parts: str) -> None:
         """Delete `{root}/{parts...}` (a file or a folder) if it is there."""
@@ -396,9 +398,8 @@ def produce(store: ArtifactStore, stage: str, key: str, upstream: dict[str, str]
     if ref is not None and not rebuild and not store.problems(stage, key):
         return ref
     # one producer per output, across runs and machines sharing the root: the others wait, then reuse
-    with lock(store.fs, store._path(".locks", f"{stage}-{key}.lock"), f"{stage}/{key}",
-              on_wait=lambda holder: log.info("%s/%s is being produced by another run (%s): waiting for it",
-                                              stage, key, holder)):
+    with store.key_lock(stage, key, on_wait=lambda holder: log.info(
+            "%s/%s is being produced by another run (%s): waiting for it", stage, key, holder)):
         ref = store.ref(stage, key)
         if ref is not None:
             bad = ["rebuild asked for (--refresh)"] if rebuild else store.problems(stage, key)

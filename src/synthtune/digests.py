@@ -22,7 +22,8 @@ def cache_root() -> Path:
     return Path(os.environ.get("SYNTHTUNE_CACHE", Path.home() / ".cache" / "synthtune"))
 
 
-def _sha256(f) -> str:
+def stream_sha256(f) -> str:
+    """sha256 of an open binary file, read in chunks."""
     h = hashlib.sha256()
     while block := f.read(CHUNK):
         h.update(block)
@@ -60,7 +61,7 @@ def file_sha256(path: str | os.PathLike) -> str:
 
     def compute() -> str:
         with open(path, "rb") as f:
-            return _sha256(f)
+            return stream_sha256(f)
 
     return _remembered(path, st.st_size, str(st.st_mtime_ns), compute)
 
@@ -83,7 +84,7 @@ def fs_sha256(fs, path: str) -> str:
 
     def compute() -> str:
         with fs.open(path, "rb") as f:
-            return _sha256(f)
+            return stream_sha256(f)
 
     if not stamp:  # nothing tells an edit apart: hash every time
         return compute()

@@ -122,7 +122,7 @@ def _held(store: ArtifactStore, stage: str, key: str) -> bool:
     """Whether a producer holds the lock of `stage/key` (local roots: a non-blocking flock probe)."""
     import fcntl
 
-    path = store._path(".locks", f"{stage}-{key}.lock")
+    path = store.key_lock_path(stage, key)
     if not os.path.exists(path):
         return False
     with open(path) as f:
