@@ -51,6 +51,7 @@ from synthtune.runner import (  # noqa: E402
     step_config,
     step_inputs,
 )
+from synthtune.terminal import redirect_stream_handlers  # noqa: E402
 from tasks._common import FAULT  # noqa: E402
 from tasks.evaluate import evaluate  # noqa: E402
 from tasks.filter import filter  # noqa: E402
@@ -147,15 +148,11 @@ def follow_the_worker() -> None:
     if not deployment.get_id():  # the CLI's own process: nothing to follow
         return
     worker, broken = os.getppid(), threading.Event()
-    guards = {id(s): _PipeGuard(s, broken) for s in (sys.stdout, sys.stderr)}
-    loggers = [logging.getLogger(), *(v for v in logging.Logger.manager.loggerDict.values() if isinstance(v, logging.Logger))]
-    for handler in {h for lg in loggers for h in lg.handlers}:
-        if isinstance(handler, logging.StreamHandler) and id(handler.stream) in guards:
-            guard = guards[id(handler.stream)]
-            handler.setStream(guard)
-            if hasattr(handler, "console"):  # Prefect's console handler prints through rich
-                handler.console.file = guard
-    sys.stdout, sys.stderr = guards[id(sys.stdout)], guards[id(sys.stderr)]
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        guard = _PipeGuard(stream, broken)
+        redirect_stream_handlers(stream, guard)
+        setattr(sys, name, guard)
 
     def watch() -> None:
         while os.getppid() == worker and not broken.wait(1):

@@ -90,6 +90,14 @@ def _release(lease_id: str) -> bool:
         return False
 
 
+def _forget_holder(name: str, lease_id: str) -> None:
+    """Clear the slot's holder record if it still names `lease_id` (a newer holder's stays)."""
+    variable = holder_variable(name)
+    with contextlib.suppress(Exception):
+        if (Variable.get(variable, default=None) or {}).get("lease_id") == lease_id:
+            Variable.unset(variable)
+
+
 def reclaim_if_stale(name: str, log) -> bool:
     """Release the slot's lease if its recorded holder is gone; True if it did."""
     variable = holder_variable(name)
@@ -102,9 +110,7 @@ def reclaim_if_stale(name: str, log) -> bool:
                  holder.get("pid"), holder.get("host"), holder.get("since"))
         return False
     released = _release(holder["lease_id"])
-    with contextlib.suppress(Exception):
-        if (Variable.get(variable, default=None) or {}).get("lease_id") == holder["lease_id"]:
-            Variable.unset(variable)
+    _forget_holder(name, holder["lease_id"])
     log.warning("GPU slot %s: stale holder (flow run %s, pid %s on %s, since %s): %s; %s", name,
                 holder.get("flow_run_id"), holder.get("pid"), holder.get("host"), holder.get("since"), reason,
                 "released its lease" if released else "its lease was already gone")
@@ -141,9 +147,7 @@ def hold(name: str, lease_s: float = LEASE_S, poll_s: float = POLL_S) -> Iterato
             yield
     finally:
         _release(record["lease_id"])
-        with contextlib.suppress(Exception):
-            if (Variable.get(holder_variable(name), default=None) or {}).get("lease_id") == record["lease_id"]:
-                Variable.unset(holder_variable(name))
+        _forget_holder(name, record["lease_id"])
 
 
 def release_for_flow_run(name: str, flow_run_id: str) -> bool:

@@ -86,13 +86,21 @@ def run_log(path: Path, verbose: bool) -> Iterator[Any]:
                 os.environ[k] = v
 
 
+def redirect_stream_handlers(old, new) -> None:
+    """Every logging StreamHandler writing to `old` (on any logger) writes to `new` from here on,
+    including a handler that prints through a rich console (Prefect's)."""
+    loggers = [logging.getLogger(), *(v for v in logging.Logger.manager.loggerDict.values() if isinstance(v, logging.Logger))]
+    for handler in {h for lg in loggers for h in lg.handlers}:
+        if isinstance(handler, logging.StreamHandler) and handler.stream is old:
+            handler.setStream(new)
+            if hasattr(handler, "console"):
+                handler.console.file = new
+
+
 def mute_console_handlers() -> None:
     """Prefect's console handlers write its engine logs to the terminal; from here on they write to the
     log file (stderr), and only our view writes to stdout."""
-    for logger in [logging.getLogger(), *(logging.getLogger(n) for n in list(logging.root.manager.loggerDict))]:
-        for handler in list(getattr(logger, "handlers", [])):
-            if isinstance(handler, logging.StreamHandler) and getattr(handler, "stream", None) is sys.stdout:
-                handler.setStream(sys.stderr)
+    redirect_stream_handlers(sys.stdout, sys.stderr)
 
 
 def describe(step: str, summary: dict) -> str:
