@@ -52,11 +52,18 @@ def stop_all(grace: float = 5.0) -> int:
     for p in tree:
         with contextlib.suppress(psutil.Error):
             p.send_signal(signal.SIGTERM)
-    _, alive = psutil.wait_procs(tree, timeout=grace)
+    kill_survivors(tree, grace)
+    return len(procs)
+
+
+def kill_survivors(procs: list, grace: float) -> None:
+    """SIGKILL whichever of `procs` (psutil processes already asked to stop) still run after `grace` s."""
+    import psutil
+
+    _, alive = psutil.wait_procs(procs, timeout=grace)
     for p in alive:
         with contextlib.suppress(psutil.Error):
             p.kill()
-    return len(procs)
 
 
 def die_with_parent(sig: int | None = None) -> None:

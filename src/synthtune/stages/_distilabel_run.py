@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from pydantic import SecretStr
 
+from synthtune.child import kill_survivors
 from synthtune.models import resolve
 from synthtune.rowcache import RowCache
 from synthtune.stages.generate import (
@@ -209,10 +210,7 @@ def ray_session(gen: GenerateConfig):
 
         started = psutil.Process().children(recursive=True)  # raylet, GCS, the actors' workers
         ray.shutdown()
-        _, alive = psutil.wait_procs(started, timeout=10)
-        for p in alive:  # workers orphaned by the raylet's exit: nothing of the cluster outlives the run
-            with contextlib.suppress(psutil.Error):
-                p.kill()
+        kill_survivors(started, grace=10)  # workers orphaned by the raylet's exit: nothing outlives the run
 
 
 def _run(gen: GenerateConfig, seeds: list[dict], identities: dict[str, str], cache_url: str,
