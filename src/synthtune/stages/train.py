@@ -30,8 +30,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-import yaml
-
 from synthtune import cards
 from synthtune.artifacts import ArtifactRef, ArtifactStore, Staging, key_payload, produce, stage_key
 from synthtune.fields import Section, field
@@ -512,8 +510,9 @@ def _train(cfg: PipelineConfig, store: ArtifactStore, staging: Staging, data_dir
     if (final / "merged").is_dir():
         shutil.copytree(final / "merged", staging.path / "merged")
     lineage = {"template": data_key, **store.lineage("template", data_key, ("filter", "generate"))}
-    config_yaml = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
-    (staging.path / "adapter" / "README.md").write_text(cards.train_card(cfg, k, lineage, metrics, config_yaml))
+    from synthtune.config import to_yaml
+
+    (staging.path / "adapter" / "README.md").write_text(cards.train_card(cfg, k, lineage, metrics, to_yaml(cfg)))
     for problem in [p for part in ("adapter", "stops") for p in metrics["serving"][part]["problems"]]:
         log.warning("serving: %s", problem)
     (staging.path / "loss_history.json").write_text(json.dumps(history, indent=2))
