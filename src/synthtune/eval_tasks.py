@@ -6,6 +6,7 @@ their items, evaluate runs them), so no stage imports another for it.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -200,9 +201,10 @@ def check_tasks(tasks: list[str], task_dir: Path | None, metric: str | None = No
     YAMLs, unknown tasks, data files missing, malformed or lacking a field a template reads, and a
     `metric` that a task in `scored` does not report."""
     local, problems = scan_task_dir(task_dir)
+    cfgs = _cfgs(task_dir) if local else {}
     for name, (path, _) in local.items():
         if name in tasks:
-            problems += check_data(name, path, _cfgs(task_dir)[name])
+            problems += check_data(name, path, cfgs[name])
     unknown = [t for t in tasks if t not in local]
     registry = _registry() if unknown else {}
     for name in unknown:
@@ -213,7 +215,7 @@ def check_tasks(tasks: list[str], task_dir: Path | None, metric: str | None = No
             problems.append(f"evaluate.tasks: unknown task '{name}'" + (f"; did you mean {close}?" if close else ""))
     if metric:
         for name in scored:
-            cfg = _cfgs(task_dir).get(name) if name in local else registry.get(name)
+            cfg = cfgs.get(name) if name in local else registry.get(name)
             reported = task_metrics(cfg) if cfg else set()
             if cfg and reported and metric not in reported:
                 problems.append(f"promote.metric '{metric}': task '{name}' reports {sorted(reported)}, not "
@@ -249,8 +251,10 @@ def _cfgs(task_dir: Path | None) -> dict[str, dict]:
             TaskManager(include_path=str(task_dir), include_defaults=False).task_index.items() if entry.cfg}
 
 
+@functools.cache
 def _registry() -> dict[str, dict]:
-    """lm-eval's own tasks and groups: name -> config (includes merged)."""
+    """lm-eval's own tasks and groups: name -> config (includes merged). Indexed once per process
+    (it takes seconds); callers only read it."""
     from lm_eval.tasks import TaskManager
 
     return {name: dict(entry.cfg or {}) for name, entry in TaskManager().task_index.items()}
