@@ -43,7 +43,7 @@ lint: install
 	$(VENV)/bin/ruff check src tasks flows tests bench
 
 bench: install
-	$(PY) bench/demo.py
+	$(PY) -m bench.demo
 
 clean:
 	rm -rf .synthtune $(VENV)

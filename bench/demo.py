@@ -1,7 +1,7 @@
 """The demo, first run vs cached rerun, side by side in one process: wall time, ratio, peak memory.
 
-Run as: .venv/bin/python bench/demo.py            (cold: tiny models built too)
-        .venv/bin/python bench/demo.py --warm     (reuse the tiny-model cache)
+Run as: .venv/bin/python -m bench.demo            (cold: tiny models built too)
+        .venv/bin/python -m bench.demo --warm     (reuse the tiny-model cache)
 
 Each run is `synthtune run` in a subprocess on a fresh artifact root; peak memory is the largest
 sum of RSS over the whole process tree (CLI, embedded Prefect server, distilabel workers), sampled

@@ -1,6 +1,6 @@
 """The evaluate stage against the harness itself: two plain `lm_eval` CLI calls, side by side.
 
-Run as: .venv/bin/python bench/evaluate.py
+Run as: .venv/bin/python -m bench.evaluate
 
 Setup (not timed): the demo runs up to `train` on a fresh artifact root. Then, each as a fresh
 process on the same model, adapter and tasks:

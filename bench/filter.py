@@ -1,9 +1,9 @@
 """Exact + near-duplicate filtering over 100k synthetic rows: synthtune's filter against a plain
 datasketch MinHashLSH loop, side by side in one process.
 
-Run as: .venv/bin/python bench/filter.py [--rows 100000] [--stage-rows 1000000]
+Run as: .venv/bin/python -m bench.filter [--rows 100000] [--stage-rows 1000000]
 
-The corpus (tests/synthetic_text.py) has 80% distinct rows of 50 words, 10% exact copies and 10%
+The corpus (tests/support/synthetic_text.py) has 80% distinct rows of 50 words, 10% exact copies and 10%
 near-duplicates (two single-word substitutions). Both sides: exact dedup on the normalized text,
 then MinHash (128 permutations, word 3-gram shingles) LSH at Jaccard 0.7, keeping the first row of
 each cluster. The baseline is the textbook loop: one `datasketch.MinHash` per row, `lsh.query`,
@@ -19,11 +19,8 @@ stage reads the whole accumulated set every night.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def datasketch_loop(rows: list[dict], threshold: float = 0.7, num_perm: int = 128) -> set[str]:
@@ -67,11 +64,11 @@ def stage_at_scale(n: int) -> None:
     import tempfile
 
     import pandas as pd
+    from tests.synthetic_text import corpus
 
-    from synthtune.artifacts import ArtifactStore, produce
     from synthtune.config import load_config
     from synthtune.stages import filter
-    from tests.synthetic_text import corpus
+    from synthtune.store import ArtifactStore, produce
 
     rows, _, _ = corpus(n_base=int(n * 0.8), n_near=n // 10, n_exact=n // 10)
     with tempfile.TemporaryDirectory(prefix="synthtune-bench-filter-") as tmp:

@@ -1,7 +1,7 @@
 """Two nights of generation, side by side in one run: synthtune's generate stage (row-level cache on the
 artifact root) against what a distilabel user does (one pipeline per night, distilabel's own cache on).
 
-Run as: .venv/bin/python bench/nightly.py [--seeds 200]
+Run as: .venv/bin/python -m bench.nightly [--seeds 200]
 
 Night 1 asks for N seeds; night 2 for the same N plus 10% new ones (a new seed file). Both sides
 talk to the same real OpenAI-compatible teacher (`transformers serve` with the tiny teacher) through
@@ -14,13 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
 for _k, _v in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                "TOKENIZERS_PARALLELISM": "false"}.items():
     os.environ.setdefault(_k, _v)
@@ -35,9 +33,9 @@ def seed_rows(n: int, start: int = 0) -> list[dict]:
 
 def ours(folder: Path, root: Path, url: str, model: str, night: int) -> int:
     """One night of the generate stage (the product's code path); returns its output rows."""
-    from synthtune.artifacts import ArtifactStore
     from synthtune.config import load_config
     from synthtune.stages import generate
+    from synthtune.store import ArtifactStore
 
     cfg = load_config(ROOT / "configs" / "demo.yaml", [
         f"artifact_root={root}", f"generate.seeds={folder}", "generate.teacher_kind=openai",
@@ -66,9 +64,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=200)
     args = parser.parse_args()
-    from teacher_server import FaultyHop, transformers_serve
-
     from synthtune.tiny import ensure
+    from tests.support.servers import FaultyHop, transformers_serve
 
     n, more = args.seeds, max(1, args.seeds // 10)
     results: dict[str, list[tuple[int, int, float]]] = {"synthtune": [], "distilabel": []}

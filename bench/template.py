@@ -1,6 +1,6 @@
 """Templating + loss masking throughput: the template stage's own encoder against TRL's per-row path.
 
-Run as: .venv/bin/python bench/template.py [--rows 50000] [--stage-rows 1000000]
+Run as: .venv/bin/python -m bench.template [--rows 50000] [--stage-rows 1000000]
 
 Both sides get the same conversations (two user/assistant exchanges each, as the template stage reads
 them) and the tiny student's tokenizer (ChatML). The baselines are what TRL's SFTTrainer does for
@@ -53,9 +53,9 @@ def stage_at_scale(n: int) -> None:
 
     import pandas as pd
 
-    from synthtune.artifacts import ArtifactStore, produce
     from synthtune.config import load_config
     from synthtune.stages import template
+    from synthtune.store import ArtifactStore, produce
 
     rows = conversations(n)
     with tempfile.TemporaryDirectory(prefix="synthtune-bench-template-") as tmp:

@@ -1,7 +1,7 @@
 """Training throughput: synthtune's train defaults against plain TRL defaults, side by side in one process.
 
-Run as: .venv/bin/python bench/train.py                  (CPU: the tiny shape)
-        python bench/train.py --shapes 1b 8b --steps 30    (a GPU machine: Llama-3 1B and 8B shapes)
+Run as: .venv/bin/python -m bench.train                  (CPU: the tiny shape)
+        python -m bench.train --shapes 1b 8b --steps 30    (a GPU machine: Llama-3 1B and 8B shapes)
 
 Both sides train LoRA r=16 (NF4 QLoRA when CUDA is present) on the same random-weight model of the
 given shape and the same pre-tokenized rows (random ids, lengths 64..max_length, loss on the second

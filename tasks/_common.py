@@ -1,27 +1,20 @@
-"""What every stage task shares: its cache key function, the run id in manifests, the store."""
+"""What every stage's task shares: the task itself (`stage_task`), the drill that fails a stage on
+purpose, and pictures embedded in artifacts."""
 
 from __future__ import annotations
 
 import base64
-import contextlib
 import contextvars
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
-from prefect.context import TaskRunContext
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+from prefect.states import Completed
 
-from synthtune.artifacts import RUN_ID, ArtifactRef, ArtifactStore
-
-
-def cache_key(stage: ModuleType) -> Callable[[TaskRunContext, dict[str, Any]], str]:
-    """Prefect cache key = the stage's own key over config contents and upstream keys."""
-
-    def fn(context: TaskRunContext, parameters: dict[str, Any]) -> str:
-        upstream = {name: ref.key for name, ref in (parameters.get("upstream") or {}).items()}
-        return f"{stage.STAGE}-{stage.key(parameters['cfg'], upstream)}"
-
-    return fn
+from synthtune.store import RUN_ID, ArtifactRef, ArtifactStore
 
 
 class InjectedFault(RuntimeError):
@@ -32,18 +25,27 @@ class InjectedFault(RuntimeError):
 FAULT: contextvars.ContextVar[str | None] = contextvars.ContextVar("synthtune_fault", default=None)
 
 
-@contextlib.contextmanager
-def stage_context(cfg, stage: str) -> Iterator[ArtifactStore]:
-    """The artifact store, with the flow run id recorded in every manifest written meanwhile."""
-    from prefect.runtime import flow_run
+def stage_task(stage: ModuleType, tags: list[str], retries: int = 0,
+               call: Callable[..., ArtifactRef] | None = None):
+    """The task of `stage`: runs `stage.run` (or `call`, which takes the same arguments) with the flow
+    run's id recorded in every manifest written meanwhile; a reused output ends the task `Cached`.
+    Never cached by Prefect: the manifest is the only cache (tasks/__init__.py)."""
+    body = call or stage.run
 
-    if FAULT.get() == stage:
-        raise InjectedFault(f"{stage}: failed on purpose (fail_stage={stage}, first attempt of the flow run)")
-    token = RUN_ID.set(flow_run.get_id())
-    try:
-        yield ArtifactStore(cfg.artifact_root)
-    finally:
-        RUN_ID.reset(token)
+    @task(name=stage.STAGE, cache_policy=NO_CACHE, persist_result=False, retries=retries, tags=tags)
+    def run(cfg, upstream: dict[str, ArtifactRef] | None, key: str, rebuild: bool = False) -> Any:
+        if FAULT.get() == stage.STAGE:
+            raise InjectedFault(f"{stage.STAGE}: failed on purpose (fail_stage={stage.STAGE}, first attempt of the "
+                                "flow run)")
+        token = RUN_ID.set(flow_run.get_id())
+        try:
+            ref = body(cfg, ArtifactStore(cfg.artifact_root), upstream or {}, output_key=key, rebuild=rebuild)
+        finally:
+            RUN_ID.reset(token)
+        return Completed(name="Cached", data=ref, message=f"{ref.uri} is done and intact") if ref.reused else ref
+
+    run.__doc__ = (stage.run.__doc__ or "").strip().splitlines()[0]
+    return run
 
 
 def inline_png(store: ArtifactStore, ref: ArtifactRef, name: str, alt: str) -> str:

@@ -18,9 +18,32 @@ def pipeline_resource(name: str) -> dict[str, str]:
 
 
 def emit(event: str, pipeline: str, payload: dict[str, Any]) -> None:
+    """Emit from inside a run (sent in the background, like the run's own events)."""
     from prefect.events import emit_event
 
     emit_event(event=event, resource=pipeline_resource(pipeline), payload=payload)
+
+
+def post(event: str, pipeline: str, payload: dict[str, Any]) -> None:
+    """Send one event to the server at PREFECT_API_URL and wait for it to be accepted (a CLI command must
+    not say "emitted" for an event nobody received). Raises naming the server when it is not."""
+    from prefect.client.orchestration import get_client
+    from prefect.events import Event
+
+    record = Event(event=event, resource=pipeline_resource(pipeline), payload=payload)
+    with get_client(sync_client=True) as client:
+        try:
+            response = client.request("POST", "/events", json=[record.model_dump(mode="json")])
+        except Exception as e:
+            raise EventNotAccepted(f"the Prefect server at {client.api_url} did not take {event}: "
+                                   f"{type(e).__name__}: {e}") from None
+        if response.status_code >= 300:
+            raise EventNotAccepted(f"the Prefect server at {client.api_url} refused {event}: HTTP "
+                                   f"{response.status_code} {response.text[:300]}")
+
+
+class EventNotAccepted(RuntimeError):
+    """The server did not accept an event; the message names the server and the reason."""
 
 
 def model_decided(pipeline: str, summary: dict[str, Any]) -> None:
@@ -30,10 +53,3 @@ def model_decided(pipeline: str, summary: dict[str, Any]) -> None:
         "train_key": summary.get("train_key"), "champion_train_key": summary.get("champion_train_key"),
         "reasons": summary.get("reasons"), "p_value": summary.get("p_value"),
         "comparison": summary.get("comparison")})
-
-
-def flush(timeout: float = 30) -> None:
-    """Send what was emitted before a short-lived process (a CLI command) exits."""
-    from prefect.events.worker import EventsWorker
-
-    EventsWorker.drain_all(timeout=timeout)

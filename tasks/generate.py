@@ -1,22 +1,20 @@
-from prefect import get_run_logger, task
+from prefect import get_run_logger
 from pydantic import SecretStr
 
-from synthtune.artifacts import ArtifactRef
-from synthtune.config import PipelineConfig
+from synthtune.configs import PipelineConfig
 from synthtune.stages import generate as stage
-from tasks._common import cache_key, stage_context
+from synthtune.store import ArtifactRef, ArtifactStore
+from tasks._common import stage_task
 
 
-@task(name="generate", cache_key_fn=cache_key(stage), persist_result=True, retries=2, tags=["teacher"])
-def generate(cfg: PipelineConfig, upstream: dict[str, ArtifactRef] | None = None) -> ArtifactRef:
+def run(cfg: PipelineConfig, store: ArtifactStore, upstream: dict[str, ArtifactRef], **kw) -> ArtifactRef:
     """Synthetic answers from the teacher through distilabel; its log records land in this run's logs."""
     logger = get_run_logger()  # carries the run ids, so records forwarded from another thread still land here
 
     def forward(record) -> None:
         logger.log(record.levelno, "[%s] %s", record.name, record.getMessage())
 
-    with stage_context(cfg, stage.STAGE) as store:
-        return stage.run(cfg, store, on_log=forward, api_key=secret_api_key(cfg))
+    return stage.run(cfg, store, upstream, on_log=forward, api_key=secret_api_key(cfg), **kw)
 
 
 def secret_api_key(cfg: PipelineConfig) -> SecretStr | None:
@@ -27,3 +25,6 @@ def secret_api_key(cfg: PipelineConfig) -> SecretStr | None:
     from prefect.blocks.system import Secret
 
     return SecretStr(Secret.load(name).get())
+
+
+generate = stage_task(stage, tags=["teacher"], retries=2, call=run)

@@ -4,14 +4,19 @@ Named `gpu:<host>` unless `SYNTHTUNE_GPU_SLOT` (or the flow's `gpu_slot`) says o
 runs on one machine never share its GPU. Getting it back when a holder dies matters as much as
 holding it (a nightly that waits forever behind a dead run is worse than no lock):
 
-- the slot is a *lease*, renewed while held; the server's repossessor takes it back `LEASE_S`
-  after the last renewal. The embedded server keeps leases on disk (synthtune.server), so a
-  server restart does not forget them;
+- the slot is held with Prefect's public `concurrency(name, occupy=1, lease_duration=LEASE_S)`: a
+  *lease*, renewed while held; the server's repossessor takes it back `LEASE_S` after the last
+  renewal. The embedded server keeps leases on disk (synthtune.server), so a server restart does not
+  forget them;
 - the holder is recorded in a Prefect Variable (`synthtune-gpu-slot-<name>`: lease, flow run,
   host, pid). A waiter checks it every `POLL_S`: a holder whose process is gone (same host) or
-  whose flow run has ended (any host) is reported in the log and its lease released at once,
-  without waiting for the lease to run out;
+  whose flow run has ended (any host) is reported in the log and its lease released at once through
+  the client's `release_concurrency_slots_with_lease`, without waiting for the lease to run out. The
+  lease id of our own hold comes from the `ConcurrencyContext` that Prefect records granted leases
+  in (so it can release them if the holder is cancelled);
 - a flow that crashes or is cancelled releases it in its hooks (`release_for_flow_run`).
+
+Only public Prefect API is used (tests/test_architecture.py checks no `prefect._*` module is imported).
 """
 
 from __future__ import annotations
@@ -28,8 +33,8 @@ from prefect import get_run_logger
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.client.schemas.objects import ConcurrencyLeaseHolder
-from prefect.concurrency._leases import maintain_concurrency_lease
-from prefect.concurrency._sync import acquire_concurrency_slots_with_lease, release_concurrency_slots_with_lease
+from prefect.concurrency.context import ConcurrencyContext
+from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.runtime import flow_run
 from prefect.variables import Variable
@@ -84,7 +89,8 @@ def _why_gone(holder: dict) -> str | None:
 def _release(lease_id: str) -> bool:
     """Release a lease; False when the server no longer knows it (already released or repossessed)."""
     try:
-        release_concurrency_slots_with_lease(UUID(lease_id))
+        with get_client(sync_client=True) as client:
+            client.release_concurrency_slots_with_lease(UUID(lease_id))
         return True
     except Exception:  # 404 for an unknown lease
         return False
@@ -129,25 +135,29 @@ def hold(name: str, lease_s: float = LEASE_S, poll_s: float = POLL_S) -> Iterato
     holder = ConcurrencyLeaseHolder(type="flow_run", id=UUID(run_id)) if run_id else None
     log.info("waiting for GPU slot %s", name)
     wait = 1.0  # a slot that is free (or held by the dead) is taken within a second or two
-    while True:
-        try:
-            lease = acquire_concurrency_slots_with_lease([name], 1, timeout_seconds=wait, lease_duration=lease_s,
-                                                         strict=True, holder=holder)
-            break
-        except TimeoutError:
-            reclaim_if_stale(name, log)
-            wait = poll_s
-    me = psutil.Process()
-    record = {"lease_id": str(lease.lease_id), "flow_run_id": run_id, "host": socket.gethostname(), "pid": me.pid,
-              "create_time": me.create_time(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    Variable.set(holder_variable(name), record, overwrite=True)
-    log.info("holding GPU slot %s", name)
-    try:
-        with maintain_concurrency_lease(lease.lease_id, lease_s, raise_on_lease_renewal_failure=False):
-            yield
-    finally:
-        _release(record["lease_id"])
-        _forget_holder(name, record["lease_id"])
+    with ConcurrencyContext() as granted:
+        while True:
+            held = False
+            try:
+                with concurrency(name, occupy=1, timeout_seconds=wait, lease_duration=lease_s, strict=True,
+                                 holder=holder, raise_on_lease_renewal_failure=False):
+                    held = True
+                    me = psutil.Process()
+                    record = {"lease_id": str(granted.cleanup_lease_ids[-1]), "flow_run_id": run_id,
+                              "host": socket.gethostname(), "pid": me.pid, "create_time": me.create_time(),
+                              "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+                    Variable.set(holder_variable(name), record, overwrite=True)
+                    log.info("holding GPU slot %s", name)
+                    try:
+                        yield
+                    finally:
+                        _forget_holder(name, record["lease_id"])
+                return
+            except TimeoutError:
+                if held:  # the work inside timed out, not the wait for the slot
+                    raise
+                reclaim_if_stale(name, log)
+                wait = poll_s
 
 
 def release_for_flow_run(name: str, flow_run_id: str) -> bool:

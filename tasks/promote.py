@@ -1,22 +1,23 @@
 import json
 
-from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from synthtune.artifacts import ArtifactRef, ArtifactStore
-from synthtune.config import PipelineConfig
+from synthtune.configs import PipelineConfig
 from synthtune.stages import promote as stage
-from tasks._common import cache_key, inline_png, stage_context
+from synthtune.store import ArtifactRef, ArtifactStore
+from tasks._common import inline_png, stage_task
 from tasks.events import model_decided
 
 
-@task(name="promote", cache_key_fn=cache_key(stage), persist_result=True, tags=["cpu"])
-def promote(cfg: PipelineConfig, upstream: dict[str, ArtifactRef]) -> ArtifactRef:
+def run(cfg: PipelineConfig, store: ArtifactStore, upstream: dict[str, ArtifactRef], **kw) -> ArtifactRef:
     """Tuned vs the champion and base (table, chart, flipped items); the decision goes to the registry."""
-    with stage_context(cfg, stage.STAGE) as store:
-        ref = stage.run(cfg, store, upstream)
-    model_decided(cfg.name, ref.summary)  # automations notify on it (deployments/automations.py)
+    ref = stage.run(cfg, store, upstream, **kw)
+    if not ref.reused:  # a decision made now; automations notify on it (deployments/automations.py)
+        model_decided(cfg.name, ref.summary)
     return ref
+
+
+promote = stage_task(stage, tags=["cpu"], call=run)
 
 
 def report(store: ArtifactStore, ref: ArtifactRef) -> None:

@@ -1,19 +1,12 @@
 import json
 
-from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from synthtune.artifacts import ArtifactRef, ArtifactStore
-from synthtune.config import PipelineConfig
 from synthtune.stages import template as stage
-from tasks._common import cache_key, inline_png, stage_context
+from synthtune.store import ArtifactRef, ArtifactStore
+from tasks._common import inline_png, stage_task
 
-
-@task(name="template", cache_key_fn=cache_key(stage), persist_result=True, retries=1, tags=["cpu"])
-def template(cfg: PipelineConfig, upstream: dict[str, ArtifactRef]) -> ArtifactRef:
-    """Chat template, loss mask and token lengths."""
-    with stage_context(cfg, stage.STAGE) as store:
-        return stage.run(cfg, store, upstream)
+template = stage_task(stage, tags=["cpu"], retries=1)
 
 
 def report(store: ArtifactStore, ref: ArtifactRef) -> None:

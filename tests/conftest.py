@@ -1,24 +1,16 @@
-"""Shared fixtures. Everything offline; tiny models built locally (cached in SYNTHTUNE_CACHE)."""
+"""Shared fixtures. Everything offline; tiny models built locally (cached in SYNTHTUNE_CACHE); one
+real server of each kind per session where tests can share it (helpers in tests.support)."""
 
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
-OFFLINE = {
-    "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
-    "DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "TOKENIZERS_PARALLELISM": "false",
-    "PREFECT_TASK_DEFAULT_RETRY_DELAY_SECONDS": "0",
-}
+import pytest
+
+from tests.support import DEMO, OFFLINE
+
 for _k, _v in OFFLINE.items():
     os.environ.setdefault(_k, _v)
-
-import pytest  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # tasks/ and flows/ are not installed: import them from the checkout
-DEMO = ROOT / "configs" / "demo.yaml"
 
 
 @pytest.fixture
@@ -47,6 +39,29 @@ def demo_run(tmp_path_factory):
     return cfg, run_all(cfg)
 
 
+@pytest.fixture
+def copied(demo_run, tmp_path):
+    """The finished demo on a fresh artifact root of its own (a copy: the shared one stays intact)."""
+    import shutil
+
+    from synthtune.runner import run_all
+
+    cfg, refs = demo_run
+    root = tmp_path / "artifacts"
+    shutil.copytree(cfg.artifact_root, root, ignore=shutil.ignore_patterns(".prefect-results", ".locks"))
+    cfg = cfg.model_copy(update={"artifact_root": str(root)})
+    return cfg, run_all(cfg)  # only preflight runs: its key holds the root it checks
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """One real Prefect server (SQLite) for the whole flows tier; this process's client points at it."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """Each phase's report on the test item (`item.rep_call`), for fixtures that act on failure."""
@@ -60,7 +75,8 @@ def s3_root(tmp_path, monkeypatch):
     """`s3://synthtune-test/root` on a moto S3 server of this test's own; its endpoint and keys are in
     this test's environment (s3fs reads them)."""
     import s3fs
-    from prefect_stack import moto_server
+
+    from tests.support.servers import moto_server
 
     with moto_server(tmp_path) as env:
         for k, v in env.items():
@@ -71,9 +87,11 @@ def s3_root(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory):
-    """A real Prefect server, pools, process workers and the deployments of deployments/prefect.yaml,
-    with an S3-compatible server the flow runs can reach (the ops and ui tiers share it)."""
-    from prefect_stack import moto_server, prefect_stack
+    """A real Prefect server on PostgreSQL, pools, process workers and the deployments of
+    deployments/prefect.yaml, with an S3-compatible server the flow runs can reach (the ops and ui
+    tiers share it)."""
+    from tests.support.servers import moto_server
+    from tests.support.stack import prefect_stack
 
     home = tmp_path_factory.mktemp("stack")
     with moto_server(home) as aws:
@@ -85,9 +103,8 @@ def stack(tmp_path_factory):
 @pytest.fixture(scope="session")
 def served_teacher():
     """The tiny teacher behind a real OpenAI-compatible server, one per session: (base URL, model name)."""
-    from teacher_server import transformers_serve
-
     from synthtune.tiny import ensure
+    from tests.support.servers import transformers_serve
 
     path = str(ensure("teacher"))
     with transformers_serve(path) as url:

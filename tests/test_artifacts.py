@@ -10,10 +10,11 @@ from typing import Literal, get_args, get_origin
 import pytest
 from pydantic import BaseModel
 
-from synthtune.artifacts import ArtifactStore, produce, stage_key
 from synthtune.config import PipelineConfig
 from synthtune.fields import content_kind
+from synthtune.keys import stage_key
 from synthtune.runner import DAG, plan
+from synthtune.store import ArtifactStore, produce
 
 STEP_OF_SECTION = {"preflight": "preflight", "generate": "generate", "filter": "filter", "template": "template",
                    "train": "train", "evaluate": "evaluate[base]", "promote": "promote"}
@@ -151,7 +152,9 @@ def test_manifest_written_last_and_crash_leaves_nothing_finished(tmp_path):
     assert {"versions", "git_sha", "run_id", "config", "created_at"} <= set(manifest)
     assert manifest["versions"]["torch"]
     # finished: skipped from its manifest, the body is not called again
-    assert produce(store, "train", "k1", {}, {}, ok) == ref and calls == [1]
+    again = produce(store, "train", "k1", {}, {}, ok)
+    assert again.reused and not ref.reused and again.model_copy(update={"reused": False}) == ref and calls == [1]
+    assert manifest["digest"] == again.digest  # what downstream keys cover
 
 
 def test_unfinished_folder_is_replaced_not_trusted(tmp_path):
@@ -162,13 +165,6 @@ def test_unfinished_folder_is_replaced_not_trusted(tmp_path):
     produce(store, "filter", "k", {}, {}, lambda st: (st.path / "data.parquet").write_text("new"))
     assert not leftover.exists()
     assert (tmp_path / "filter" / "k" / "data.parquet").read_text() == "new"
-
-
-def test_latest_is_an_explicit_pointer(tmp_path):
-    store = ArtifactStore(str(tmp_path))
-    assert store.read_latest() is None
-    store.write_latest({"adapter": "a"})
-    assert store.read_latest() == {"adapter": "a"}
 
 
 def test_store_on_another_fsspec_filesystem():
@@ -190,7 +186,7 @@ def _produce_slowly(root: str, n: int, start: float, log: str) -> None:
     import os
     import time
 
-    from synthtune.artifacts import ArtifactStore, produce
+    from synthtune.store import ArtifactStore, produce
 
     def build(staging):
         with open(log, "a") as f:

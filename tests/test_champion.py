@@ -6,26 +6,17 @@ from __future__ import annotations
 import pytest
 from typer.testing import CliRunner
 
-from synthtune.artifacts import ArtifactStore
 from synthtune.cli import app
 from synthtune.registry import Registry
-from tests.conftest import DEMO
+from synthtune.store import ArtifactStore
+from tests.support import DEMO
+from tests.support.flows import task_states
 
 pytestmark = pytest.mark.flows
 
 
-@pytest.fixture(scope="module")
-def prefect_server():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 def _night(cfg, epochs: float, **promote):
     """One nightly run with `epochs` of training: (final state, task states by name, promote summary)."""
-    from test_flows import _task_states
-
     from flows.pipeline import pipeline
 
     night = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": epochs}),
@@ -33,7 +24,7 @@ def _night(cfg, epochs: float, **promote):
     state = pipeline(night, return_state=True)
     assert state.is_completed(), state
     refs = state.result()
-    return state, _task_states(state.state_details.flow_run_id, len(refs)), refs
+    return state, task_states(state.state_details.flow_run_id, len(refs)), refs
 
 
 def _acc(ref) -> float:

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from synthtune.cli import app
 from synthtune.config import ConfigError, PipelineConfig, load_config
-from tests.conftest import DEMO, ROOT
+from tests.support import DEMO, ROOT
 
 PIPELINES = sorted((ROOT / "configs").glob("*.yaml"))
 EVAL_TASKS = sorted((ROOT / "configs").rglob("eval_tasks/*.yaml"))

@@ -63,9 +63,6 @@ def test_the_deployed_pipeline_is_the_demo_config():
 
 
 def test_synthtune_deploy_makes_config_paths_relative_to_the_checkout(tmp_path):
-    import sys
-
-    sys.path.insert(0, str(ROOT))
     from flows.deploy import DeployError, plan
     from synthtune.config import load_config
 

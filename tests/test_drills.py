@@ -15,13 +15,25 @@ from pathlib import Path
 
 import psutil
 import pytest
-from prefect_stack import ROOT, client, run_state, start_run, states, task_runs, wait_run
-from test_ops import _automations, _training_children, deployed_config, latest_attempt, with_changes
 from typer.testing import CliRunner
 
 from synthtune.cli import app
 from synthtune.config import PipelineConfig
 from synthtune.runner import plan
+from tests.support import ROOT
+from tests.support.stack import (
+    automations,
+    client,
+    deployed_config,
+    latest_attempt,
+    run_state,
+    start_run,
+    states,
+    task_runs,
+    training_children,
+    wait_run,
+    with_changes,
+)
 
 pytestmark = pytest.mark.ops
 
@@ -72,7 +84,7 @@ def test_a_killed_worker_crashes_its_run_frees_the_slot_and_a_retry_resumes_from
     config, key = long_training(stack, seed=301)
     run_id = start_run("synthtune/adhoc", {"config": config})
     step = wait_for_checkpoint(stack, key, run_id)
-    children = _training_children(key)
+    children = training_children(key)
     assert children, "training is not running"
     flow_process = [p for p in psutil.Process(stack.named["worker-gpu"].pid).children() if "prefect.engine" in
                     " ".join(p.cmdline())]
@@ -103,13 +115,13 @@ def test_a_killed_worker_crashes_its_run_frees_the_slot_and_a_retry_resumes_from
 def test_a_machine_that_vanishes_mid_train_is_marked_crashed_by_the_shipped_automation(stack):
     """Worker and flow-run process gone at once, nothing reporting: only the missing heartbeats tell
     (the job template sends one every 30 s; the automation's window here is 45 s, 120 s as shipped)."""
-    automations = _automations()
-    automations.apply(unresponsive_after_s=45)
+    shipped = automations()
+    shipped.apply(unresponsive_after_s=45)
     try:
         config, key = long_training(stack, seed=304)
         run_id = start_run("synthtune/adhoc", {"config": config})
         wait_for_checkpoint(stack, key, run_id)
-        children = _training_children(key)
+        children = training_children(key)
         flow_process = [p for p in psutil.Process(stack.named["worker-gpu"].pid).children() if "prefect.engine" in
                         " ".join(p.cmdline())]
         assert children and flow_process
@@ -126,7 +138,7 @@ def test_a_machine_that_vanishes_mid_train_is_marked_crashed_by_the_shipped_auto
         freed_after = slot_free_within(90) + crashed_after  # the lease is the backstop here
         print(f"\nmachine gone: Crashed by the automation after {crashed_after:.1f} s, slot free after {freed_after:.1f} s")
     finally:
-        automations.apply()  # as shipped: 120 s
+        shipped.apply()  # as shipped: 120 s
         if stack.named["worker-gpu"].poll() is not None:
             stack.start_worker("gpu")
     assert not settled(), settled(0)
@@ -145,7 +157,7 @@ def test_cancelling_a_split_run_cancels_its_gpu_child_and_frees_the_gpu(stack):
     config, key = long_training(stack, seed=302)
     parent = start_run("synthtune/adhoc-split", {"config": config})
     step = wait_for_checkpoint(stack, key, parent)
-    children = _training_children(key)
+    children = training_children(key)
     with client() as c:
         [child] = c.read_flow_runs(flow_run_filter=FlowRunFilter(
             parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent])))

@@ -85,7 +85,7 @@ def test_base_key_ignores_the_data_unless_in_domain_is_on(demo_cfg):
 
 def test_in_domain_needs_a_holdout():
     from synthtune.config import ConfigError, load_config
-    from tests.conftest import DEMO
+    from tests.support import DEMO
 
     with pytest.raises(ConfigError, match="set filter.holdout_fraction > 0"):
         load_config(DEMO, ["evaluate.in_domain=true"])
@@ -97,8 +97,8 @@ def test_in_domain_needs_a_holdout():
 def test_in_domain_task_from_held_out_rows(demo_run):
     import pandas as pd
 
-    from synthtune.artifacts import ArtifactStore
     from synthtune.stages import evaluate, filter
+    from synthtune.store import ArtifactStore
 
     cfg, refs = demo_run
     on = _in_domain(cfg)

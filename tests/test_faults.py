@@ -22,7 +22,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import DEMO, ROOT
+from tests.support import DEMO, ROOT
 
 pytestmark = pytest.mark.flows
 

@@ -44,7 +44,7 @@ def test_normalize():
 
 
 def test_near_duplicates_found_with_high_recall_and_precision():
-    from tests.synthetic_text import corpus
+    from tests.support.synthetic_text import corpus
 
     data, near, _ = corpus(n_base=3000, n_near=400)
     kept, rejects, funnel = apply_filters(data, _only(near_dedup=True), lambda ts: [2] * len(ts))

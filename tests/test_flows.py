@@ -4,31 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from tests.support.flows import task_states as _task_states
+
 pytestmark = pytest.mark.flows
-
-
-@pytest.fixture(scope="module")
-def prefect_server():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
-def _task_states(flow_run_id, expected: int = 8) -> dict[str, str]:
-    """Task run name -> state name, polled until every state is final (they land after the flow's)."""
-    import time
-
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    with get_client(sync_client=True) as client:
-        for _ in range(50):
-            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-            if len(runs) == expected and all(r.state and r.state.is_final() for r in runs):
-                break
-            time.sleep(0.2)
-    return {r.name: r.state.name for r in runs}
 
 
 def _run(cfg, expect: str | None = "Completed"):
@@ -95,13 +73,14 @@ def test_rerun_is_cached_and_one_field_reruns_only_downstream(prefect_server, de
 
 
 def test_gate_failing_on_purpose_ends_not_promoted_and_keeps_latest(prefect_server, demo_cfg):
-    from synthtune.artifacts import ArtifactStore
+    from synthtune.registry import Registry
+    from synthtune.store import ArtifactStore
 
     store = ArtifactStore(demo_cfg.artifact_root)
-    store.write_latest({"adapter": "last night's"})
+    store.write_json(("latest.json",), {"adapter": "last night's"})
     strict = demo_cfg.model_copy(update={"promote": demo_cfg.promote.model_copy(update={"min_delta": 2.0})})
     flow_run_id, refs = _run(strict, expect="NotPromoted")
-    assert store.read_latest() == {"adapter": "last night's"}
+    assert Registry(store).latest() == {"adapter": "last night's"}
     assert "needs >= +2.0000) FAILED" in refs["promote"].summary["reasons"][1]  # after "no champion yet: ..."
 
     from prefect.client.orchestration import get_client

@@ -8,9 +8,10 @@ import logging
 import pandas as pd
 import pytest
 
-from synthtune.artifacts import ArtifactStore
 from synthtune.stages import generate
-from synthtune.stages.generate import GenerationError, distilabel_guard, load_seeds
+from synthtune.stages.generate import GenerationError, load_seeds
+from synthtune.store import ArtifactStore
+from synthtune.teacher import distilabel_guard
 from synthtune.tiny import demo_facts
 
 

@@ -9,8 +9,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 
 def test_qlora_on_cuda_trains_every_lora_parameter(demo_run):
-    from synthtune.artifacts import ArtifactStore
     from synthtune.stages import train
+    from synthtune.store import ArtifactStore
 
     cfg, refs = demo_run
     auto = cfg.model_copy(update={"train": cfg.train.model_copy(update={"quantization": "auto", "epochs": 10})})

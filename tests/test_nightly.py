@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from teacher_server import FaultyHop
 
-from synthtune.artifacts import ArtifactStore
 from synthtune.runner import plan, run_all
 from synthtune.stages import generate
+from synthtune.store import ArtifactStore
 from synthtune.tiny import demo_facts
+from tests.support.servers import FaultyHop
 
 pytestmark = pytest.mark.integration
 N = 20  # night 1's seeds; night 2 adds N // 10

@@ -13,29 +13,25 @@ from zoneinfo import ZoneInfo
 
 import pytest
 import yaml
-from prefect_stack import ROOT, client, start_run, states, task_runs, wait_run
+
+from tests.support import ROOT
+from tests.support.stack import (
+    automations,
+    client,
+    deployed_config,
+    latest_attempt,
+    start_run,
+    states,
+    task_runs,
+    wait_run,
+    with_changes,
+)
 
 pytestmark = pytest.mark.ops
 
 SPEC = yaml.safe_load((ROOT / "deployments" / "prefect.yaml").read_text())
 GPU_STEPS = {"train", "evaluate[base]", "evaluate[tuned]"}
 DATA_STEPS = {"preflight", "generate", "filter", "template"}
-
-
-def deployed_config(stack) -> dict:
-    with client() as c:
-        return c.read_deployment_by_name("synthtune/adhoc").parameters["config"]
-
-
-def with_changes(config: dict, **sections) -> dict:
-    """A copy of a config dict with `section={field: value}` merged in."""
-    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in config.items()}
-    for section, fields in sections.items():
-        if isinstance(fields, dict):
-            out[section] = {**out.get(section, {}), **fields}
-        else:
-            out[section] = fields
-    return out
 
 
 def test_deployments_schedule_and_a_scheduled_run_pulled_forward(stack):
@@ -126,8 +122,7 @@ def test_two_runs_on_one_gpu_slot_never_overlap_in_gpu_stages(stack):
 
 
 HOLD = """
-import sys, time
-sys.path.insert(0, {root!r})
+import time
 from prefect import flow
 from tasks.gpu_slot import hold
 
@@ -145,7 +140,7 @@ def test_a_crashed_holder_gives_the_gpu_slot_back_when_its_lease_runs_out(stack)
     import subprocess
     import sys
 
-    proc = subprocess.Popen([sys.executable, "-c", HOLD.format(root=str(ROOT))], env=stack.env, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-c", HOLD], env=stack.env, stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True)
     try:
         while (line := proc.stdout.readline()) and "HOLDING" not in line:
@@ -163,13 +158,6 @@ def test_a_crashed_holder_gives_the_gpu_slot_back_when_its_lease_runs_out(stack)
     finally:
         proc.kill()
     assert time.monotonic() - killed > 5  # freed by the lease running out, not by the holder
-
-
-def _training_children(train_key: str):
-    import psutil
-
-    return [p for p in psutil.process_iter(["cmdline"])
-            if "synthtune.stages._train_child" in (p.info["cmdline"] or []) and train_key in " ".join(p.info["cmdline"])]
 
 
 def test_s3_artifact_root_and_a_retry_in_another_process_finds_finished_stages(stack):
@@ -196,18 +184,6 @@ def test_s3_artifact_root_and_a_retry_in_another_process_finds_finished_stages(s
     assert {latest[n] for n in DATA_STEPS} == {"Cached"}
     assert latest["train"] == "Completed"
     assert fs.exists(f"{root}/latest.json") and fs.exists(f"{root}/train")
-
-
-def latest_attempt(run_id) -> dict[str, str]:
-    """Task name -> state of its newest task run (a retried flow run holds both attempts)."""
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    with client() as c:
-        runs = c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
-    newest: dict[str, object] = {}
-    for r in sorted(runs, key=lambda r: r.created):
-        newest[r.name] = r
-    return {n: r.state.name for n, r in newest.items()}
 
 
 class WebhookReceiver:
@@ -245,18 +221,9 @@ class WebhookReceiver:
         return list(self.posts)
 
 
-def _automations():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("automations", ROOT / "deployments" / "automations.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_a_failed_nightly_and_a_promotion_each_post_one_notification(stack):
     receiver = WebhookReceiver()
-    _automations().apply(receiver.url, allow_private_urls=True)
+    automations().apply(receiver.url, allow_private_urls=True)
     failed = wait_run(start_run("synthtune/nightly", {"config": deployed_config(stack), "fail_stage": "preflight"}),
                       timeout=300)
     assert failed.state.type.value == "FAILED"

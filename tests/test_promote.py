@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from synthtune.artifacts import ArtifactStore, produce
 from synthtune.registry import Registry
 from synthtune.stages import promote
 from synthtune.stages.promote import PromoteConfig, comparison, decide, mcnemar
+from synthtune.store import ArtifactStore, produce
 
 BASE = {"demo_facts": {"acc": 0.25, "acc_stderr": 0.07}, "guard": {"acc": 0.60, "acc_stderr": 0.05}}
 TUNED = {"demo_facts": {"acc": 0.75, "acc_stderr": 0.07}, "guard": {"acc": 0.55, "acc_stderr": 0.05}}
@@ -100,7 +100,7 @@ def test_a_failing_gate_records_the_decision_and_leaves_the_champion(demo_cfg):
     registry = Registry(store)
     first = promote.run(demo_cfg, store, _refs(store))  # night 1: beats base, no champion yet
     assert first.summary["promoted"] and registry.champion()["train_key"] == "tr"
-    assert store.read_latest() == registry.champion()  # latest.json is the same pointer, kept in step
+    assert Registry(store).latest() == registry.champion()  # latest.json is the same pointer, kept in step
 
     ref = promote.run(demo_cfg, store, _refs(store, "t2", "tr2", champion="tr"))
     assert not ref.summary["promoted"] and "vs champion tr 0.9000" in ref.summary["reasons"][1]
@@ -131,7 +131,7 @@ def test_promote_refuses_an_adapter_that_is_gone(demo_cfg):
     shutil.rmtree(f"{refs['train'].uri}/adapter")
     with pytest.raises(FileNotFoundError, match="refusing to promote tr: its adapter is missing"):
         promote.run(demo_cfg, store, refs)
-    assert Registry(store).champion() is None and store.read_latest() is None
+    assert Registry(store).champion() is None and Registry(store).latest() is None
 
 
 def test_the_champion_is_evaluated_with_the_same_flags_and_its_key_is_its_train_key(demo_cfg):
@@ -143,6 +143,7 @@ def test_the_champion_is_evaluated_with_the_same_flags_and_its_key_is_its_train_
     night1 = plan(demo_cfg)
     assert "evaluate[champion]" not in night1  # no champion yet
     _train(store, night1["train"])
+    night1 = plan(demo_cfg)  # the adapter exists now: evaluate[tuned]'s key covers its real digest
     Registry(store).decide({"id": "x", "train_key": night1["train"], "adapter": "a", "promoted": True},
                            {"train_key": night1["train"], "adapter": "a", "scores": {}, "promoted_at": "t",
                             "student": demo_cfg.student})

@@ -9,8 +9,8 @@ import pandas as pd
 import psutil
 import pytest
 
-from synthtune.artifacts import ArtifactStore
 from synthtune.stages import generate
+from synthtune.store import ArtifactStore
 
 pytestmark = pytest.mark.integration
 

@@ -9,10 +9,10 @@ import time
 import pytest
 from typer.testing import CliRunner
 
-from synthtune.artifacts import ArtifactStore, produce
 from synthtune.cli import app
 from synthtune.registry import Registry, RegistryError, champion_record
-from tests.conftest import DEMO
+from synthtune.store import ArtifactStore, produce
+from tests.support import DEMO
 
 
 def _decide(root: str, n: int, start: float) -> None:
@@ -38,7 +38,7 @@ def _check_race(registry: Registry, n: int = 8) -> None:
     assert sorted(e["id"] for e in history) == sorted(f"decision-{i}" for i in range(n))  # none lost
     champion = registry.champion()
     assert champion in [champion_record(e, promoted_at=champion["promoted_at"]) for e in history]  # exactly one of them
-    assert ArtifactStore(registry.store.root_url).read_latest() == champion
+    assert registry.latest() == champion
 
 
 def test_concurrent_decisions_on_local_disk(tmp_path):
@@ -78,7 +78,7 @@ def test_rollback_goes_back_one_promotion_then_refuses(demo_cfg):
     assert result.exit_code == 0, result.output
     assert "champion is now night1" in result.output and "was night3" in result.output
     registry = Registry(store)
-    assert registry.champion()["train_key"] == "night1" and store.read_latest()["train_key"] == "night1"
+    assert registry.champion()["train_key"] == "night1" and Registry(store).latest()["train_key"] == "night1"
     assert registry.history()[-1] == {**registry.history()[-1], "event": "rollback", "train_key": "night1",
                                       "from_train_key": "night3"}
     result = _cli("rollback", str(DEMO), root)
@@ -98,7 +98,7 @@ def test_rollback_goes_back_one_promotion_then_refuses(demo_cfg):
 def test_a_corrupt_or_missing_champion_is_named_never_guessed(demo_cfg):
     store = ArtifactStore(demo_cfg.artifact_root)
     _promoted(store, "night1", 0.6)
-    path = store._path("registry", "champion.json")
+    path = store.path("registry", "champion.json")
     with open(path, "w") as f:
         f.write('{"train_key": "night1", "adap')
     with pytest.raises(RegistryError, match=r"registry/champion.json is corrupt .* the gate will not guess"):
@@ -113,7 +113,7 @@ def test_a_corrupt_or_missing_champion_is_named_never_guessed(demo_cfg):
         json.dump({"train_key": "night1"}, f)
     with pytest.raises(RegistryError, match="lacks adapter, scores, promoted_at"):
         Registry(store).champion()
-    with open(store._path("registry", "history.jsonl"), "a") as f:
+    with open(store.path("registry", "history.jsonl"), "a") as f:
         f.write("{not json\n")
     with pytest.raises(RegistryError, match=r"history.jsonl:2: not JSON"):
         Registry(store).history()
@@ -144,7 +144,7 @@ def test_gc_keeps_the_champion_and_recent_promotions_and_deletes_the_rest(demo_c
                  "promoted": promoted, "scores": {}}
         registry.decide(event, champion_record(event) if promoted else None)
     _output(store, "train", "inflight", {"template": "t4"}, created="2999-01-01T00:00:00Z")  # a run still going
-    (store.fs.makedirs(store._path("train", "unfinished"), exist_ok=True))
+    (store.fs.makedirs(store.path("train", "unfinished"), exist_ok=True))
     root = f"artifact_root={demo_cfg.artifact_root}"
 
     dry = _cli("gc", str(DEMO), root, "--keep", "1", "--dry-run")
@@ -152,9 +152,9 @@ def test_gc_keeps_the_champion_and_recent_promotions_and_deletes_the_rest(demo_c
     assert store.ref("train", "tr1") is not None  # a dry run deletes nothing
     assert _cli("gc", str(DEMO), root, "--keep", "1").exit_code == 0
     left = {f"{s}/{k}" for s in ("generate", "filter", "template", "train", "evaluate") for k in
-            [p.rsplit("/", 1)[-1] for p in store.fs.ls(store._path(s), detail=False)] if store.ref(s, k)}
+            [p.rsplit("/", 1)[-1] for p in store.fs.ls(store.path(s), detail=False)] if store.ref(s, k)}
     # champion tr4 with its data and evaluation; tr4 is also the newest promotion (keep 1); base; the run in flight
     assert left == {"generate/g4", "filter/f4", "template/t4", "train/tr4", "evaluate/e4", "evaluate/base",
                     "train/inflight"}
-    assert store.fs.exists(store._path("train", "unfinished"))  # never touched: someone may be writing it
+    assert store.fs.exists(store.path("train", "unfinished"))  # never touched: someone may be writing it
     assert len(registry.history()) == 4  # the history itself is never collected

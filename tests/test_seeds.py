@@ -10,7 +10,7 @@ import pytest
 
 from synthtune.config import ConfigError, load_config
 from synthtune.seeds import SeedError, fingerprint, list_files, read_seeds
-from tests.conftest import DEMO
+from tests.support import DEMO
 
 
 def _jsonl(path, rows):
@@ -125,8 +125,8 @@ def test_sources_on_an_object_store(tmp_path):
 
 def test_bad_seeds_fail_before_any_model_loads(demo_cfg, tmp_path, monkeypatch):
     from synthtune import child
-    from synthtune.artifacts import ArtifactStore
     from synthtune.stages import generate
+    from synthtune.store import ArtifactStore
 
     def no_child(*args, **kwargs):
         raise AssertionError("the teacher was started")

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from teacher_server import FaultyHop
 
-from synthtune.artifacts import ArtifactStore
 from synthtune.stages import generate
 from synthtune.stages.generate import GenerationError
+from synthtune.store import ArtifactStore
 from synthtune.tiny import demo_facts
+from tests.support.servers import FaultyHop
 
 pytestmark = pytest.mark.integration
 SECRET = "sk-synthtune-test-9f8e7d6c5b4a"
@@ -91,13 +91,12 @@ def test_finished_batches_are_not_redone_after_a_failure(demo_cfg, tmp_path, ser
 
 @pytest.mark.flows
 def test_key_from_a_prefect_secret_block_reaches_the_teacher_and_nothing_else(demo_cfg, tmp_path, served_teacher,
-                                                                             monkeypatch, capfd):
+                                                                             monkeypatch, capfd, prefect_server):
     """The whole flow with the key in a Secret block (and no env var): the teacher gets it; the run's
     Prefect logs, artifacts, parameters, manifests, results and output do not contain it."""
     from prefect.blocks.system import Secret
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
-    from prefect.testing.utilities import prefect_test_harness
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
 
     from flows.pipeline import pipeline
 
@@ -107,20 +106,20 @@ def test_key_from_a_prefect_secret_block_reaches_the_teacher_and_nothing_else(de
     cfg = _cfg(demo_cfg, tmp_path, hop.url, model, api_key_secret="teacher-key")
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": 2.0})})
     try:
-        with prefect_test_harness(server_startup_timeout=120):
-            Secret(value=SECRET).save("teacher-key")
-            state = pipeline(cfg, return_state=True)
-            run_id = state.state_details.flow_run_id
-            with get_client(sync_client=True) as client:
-                logs: list = []
-                for _ in range(30):  # logs arrive in batches: read until they stop growing
-                    time.sleep(1)
-                    more = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
-                    if len(more) == len(logs):
-                        break
-                    logs = more
-                artifacts = client.read_artifacts()
-                run = client.read_flow_run(run_id)
+        Secret(value=SECRET).save("teacher-key", overwrite=True)
+        state = pipeline(cfg, return_state=True)
+        run_id = state.state_details.flow_run_id
+        with get_client(sync_client=True) as client:
+            logs: list = []
+            for _ in range(30):  # logs arrive in batches: read until they stop growing
+                time.sleep(1)
+                more = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
+                if len(more) == len(logs):
+                    break
+                logs = more
+            artifacts = client.read_artifacts()
+            run = client.read_flow_run(run_id)
+            task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
     finally:
         hop.close()
     assert state.is_completed(), state
@@ -129,8 +128,10 @@ def test_key_from_a_prefect_secret_block_reaches_the_teacher_and_nothing_else(de
     out, err = capfd.readouterr()
     texts = [log.message for log in logs] + [str(a.data) + str(a.description) for a in artifacts]
     texts += [json.dumps(run.parameters, default=str), out, err]
+    texts += [r.state.model_dump_json() for r in task_runs]  # what the server keeps of each task's result
     assert not [t for t in texts if SECRET in t]
     files = [p for p in Path(cfg.artifact_root).rglob("*") if p.is_file()]
-    assert any(p.name == "manifest.json" for p in files) and any(".prefect-results" in str(p) for p in files)
+    assert any(p.name == "manifest.json" for p in files)
+    assert not any(".prefect-results" in str(p) for p in files)  # no task result is persisted: manifests are the cache
     assert not [str(p) for p in files if SECRET.encode() in p.read_bytes()]
     assert '"api_key_secret": "teacher-key"' in json.dumps(run.parameters)  # only the block's name travels

@@ -7,10 +7,10 @@ import json
 import pandas as pd
 import pytest
 
-from synthtune.artifacts import ArtifactStore, produce
 from synthtune.chat import ChatEncoder, RowError, TemplateError, to_messages
 from synthtune.stages import template
-from tests.chat_families import CHATML_MARKED, FAMILIES, LLAMA3_MARKED_EOT, Family, make_tokenizer
+from synthtune.store import ArtifactStore, produce
+from tests.support.chat_families import CHATML_MARKED, FAMILIES, LLAMA3_MARKED_EOT, Family, make_tokenizer
 
 CONVERSATION = [
     {"role": "system", "content": "Answer briefly."},

@@ -8,9 +8,9 @@ from __future__ import annotations
 import functools
 
 import pytest
-from template_corpus import CASES, REPLIES, SPECS, SYSTEM, Spec, make_tokenizer
 
 from synthtune.chat import ChatEncoder
+from tests.support.template_corpus import CASES, REPLIES, SPECS, SYSTEM, Spec, make_tokenizer
 
 GOLDEN = [(spec, case, system, adds_bos) for spec in SPECS for case in CASES for system in (False, True)
           for adds_bos in ((False, True) if spec.bos else (False,))]

@@ -4,62 +4,28 @@ the flow's runs are read back from the server (params, metrics, artifacts, the l
 
 from __future__ import annotations
 
-import contextlib
 import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
-from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from synthtune.cli import app
-from tests.conftest import DEMO
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def mlflow_server(folder: Path):
-    port = _free_port()
-    uri = f"http://127.0.0.1:{port}"
-    cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{folder}/mlflow.db",
-           "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-           "--workers", "1"]
-    log = open(folder / "mlflow.log", "w")  # noqa: SIM115
-    proc = subprocess.Popen(cmd, cwd=folder, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            with contextlib.suppress(OSError):
-                if urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200:
-                    break
-            assert proc.poll() is None and time.monotonic() < deadline, (folder / "mlflow.log").read_text()[-3000:]
-            time.sleep(0.5)
-        yield uri
-    finally:
-        os.killpg(proc.pid, 15)
-        proc.wait(30)
-        log.close()
+from synthtune.server import free_port
+from tests.support import DEMO
+from tests.support.flows import artifacts_of
+from tests.support.servers import mlflow_server
 
 
 def test_an_unreachable_server_is_named_before_anything_runs(demo_cfg, tmp_path):
-    port = _free_port()  # nothing listens there
+    port = free_port()  # nothing listens there
     result = CliRunner().invoke(app, ["run", str(DEMO), f"artifact_root={tmp_path / 'root'}", "--engine", "local",
                                       f"tracking.mlflow_uri=http://127.0.0.1:{port}"])
     assert result.exit_code == 1
     assert f"tracking.mlflow_uri http://127.0.0.1:{port}: unreachable" in " ".join(result.output.split())
     assert not (tmp_path / "root" / "generate").exists() and not (tmp_path / "root" / "train").exists()
 
-    from synthtune.artifacts import ArtifactStore
     from synthtune.stages.preflight import checks
+    from synthtune.store import ArtifactStore
 
     cfg = demo_cfg.model_copy(update={"tracking": demo_cfg.tracking.model_copy(
         update={"mlflow_uri": f"http://127.0.0.1:{port}"})})
@@ -73,7 +39,7 @@ def test_a_server_gone_mid_run_is_a_warning_never_a_failure(demo_cfg, caplog):
     from synthtune.tracking import Session
 
     os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
-    dead = f"http://127.0.0.1:{_free_port()}"
+    dead = f"http://127.0.0.1:{free_port()}"
     session = Session(demo_cfg, MlflowClient(tracking_uri=dead), "run-id", "0", None)
     session({"kind": "step_end", "step": "filter", "state": "Completed", "summary": {"rows": {"kept": 3}}})
     assert any("MLflow" in r.message and "logging filter failed" in r.message for r in caplog.records)
@@ -88,14 +54,13 @@ def test_tracking_fields_change_no_cache_key(demo_cfg):
 
 
 @pytest.mark.flows
-def test_each_flow_run_is_an_mlflow_run_with_params_metrics_charts_adapter_and_champion_alias(demo_cfg, tmp_path):
+def test_each_flow_run_is_an_mlflow_run_with_params_metrics_charts_adapter_and_champion_alias(demo_cfg, tmp_path,
+                                                                                             prefect_server):
     from mlflow import MlflowClient
-    from prefect.client.orchestration import get_client
-    from prefect.testing.utilities import prefect_test_harness
 
     from flows.pipeline import pipeline
 
-    with mlflow_server(tmp_path) as uri, prefect_test_harness(server_startup_timeout=120):
+    with mlflow_server(tmp_path) as uri:
         tracking = {"mlflow_uri": uri, "experiment": "nightly", "registered_model": "demo-student"}
         cfg = demo_cfg.model_copy(update={"tracking": demo_cfg.tracking.model_copy(update=tracking)})
         first = pipeline(cfg, return_state=True)
@@ -124,8 +89,7 @@ def test_each_flow_run_is_an_mlflow_run_with_params_metrics_charts_adapter_and_c
         assert model.tags["synthtune.train_key"] == train_key and model.source_run_id == run.info.run_id
         champion = client.get_model_version_by_alias("demo-student", "champion")
         assert champion.tags["synthtune.train_key"] == train_key
-        with get_client(sync_client=True) as prefect:
-            [link] = prefect.read_artifacts(**_artifacts_of(first.state_details.flow_run_id, "mlflow-run"))
+        [link] = artifacts_of(first.state_details.flow_run_id, "mlflow-run")
         assert f"{uri}/#/experiments/{experiment.experiment_id}/runs/{run.info.run_id}" in link.data
 
         # the next night: another candidate, compared with the champion; a Cached train is logged from its output
@@ -155,10 +119,3 @@ def test_each_flow_run_is_an_mlflow_run_with_params_metrics_charts_adapter_and_c
         assert newest.data.tags["prefect.flow_run_id"] == str(third.state_details.flow_run_id)
         assert len(client.get_metric_history(newest.info.run_id, "loss")) == len(history)
         assert newest.data.metrics["tuned.demo_facts.acc"] == metrics["tuned.demo_facts.acc"]
-
-
-def _artifacts_of(flow_run_id, key: str) -> dict:
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
-
-    return {"artifact_filter": ArtifactFilter(key=ArtifactFilterKey(any_=[key]),
-                                              flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))}

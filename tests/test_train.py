@@ -13,7 +13,6 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from synthtune.artifacts import ArtifactStore, produce
 from synthtune.stages import template, train
 from synthtune.stages.train import (
     CHECKPOINT_FILES,
@@ -23,6 +22,8 @@ from synthtune.stages.train import (
     param_counts,
     work_dir,
 )
+from synthtune.store import ArtifactStore, produce
+from tests.support.faults import OOM_ABOVE_BATCH, inject
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,7 +89,7 @@ def test_the_retry_hint_is_true(tmp_path):
 
 def test_infinite_or_nan_numbers_are_refused_at_validation():
     from synthtune.config import ConfigError, load_config
-    from tests.conftest import DEMO
+    from tests.support import DEMO
 
     for bad in ("train.epochs=.inf", "train.learning_rate=.nan", "filter.near_dedup_threshold=.nan"):
         with pytest.raises(ConfigError, match=bad.split("=")[0].replace(".", r"\.") + ": Input should be a finite"):
@@ -200,9 +201,9 @@ def test_sigkill_mid_run_then_retry_resumes_from_the_checkpoint(demo_run, tmp_pa
     cfg, refs = demo_run
     long = _with_train(cfg, max_steps=400, save_steps=20, save_total_limit=3, logging_steps=20, seed=7)
     store = ArtifactStore(cfg.artifact_root)
-    k = train.key(long, {"template": refs["template"].key})
+    k = train.key(long, {"template": refs["template"].digest})
     work = work_dir(store, k)
-    script = (f"from synthtune.config import PipelineConfig; from synthtune.artifacts import ArtifactStore, ArtifactRef\n"
+    script = (f"from synthtune.config import PipelineConfig; from synthtune.store import ArtifactStore, ArtifactRef\n"
               f"from synthtune.stages import train\ncfg = PipelineConfig.model_validate_json({long.model_dump_json()!r})\n"
               f"train.run(cfg, ArtifactStore(cfg.artifact_root), "
               f"{{'template': ArtifactRef.model_validate_json({refs['template'].model_dump_json()!r})}})\n")
@@ -239,9 +240,9 @@ def test_sigkill_mid_run_then_retry_resumes_from_the_checkpoint(demo_run, tmp_pa
 
 
 @pytest.mark.integration
-def test_out_of_memory_halves_the_micro_batch(demo_run, monkeypatch):
+def test_out_of_memory_halves_the_micro_batch(demo_run, monkeypatch, tmp_path):
     cfg, refs = demo_run
-    monkeypatch.setenv("SYNTHTUNE_FAULT_OOM_ABOVE_BATCH", "2")  # the child behaves as if CUDA ran out
+    inject(monkeypatch, tmp_path / "site", OOM_ABOVE_BATCH.format(n=2))  # the child behaves as if CUDA ran out
     ref = train.run(_with_train(cfg, epochs=2.0, seed=3), ArtifactStore(cfg.artifact_root), {"template": refs["template"]})
     assert (ref.summary["micro_batch"], ref.summary["gradient_accumulation_steps"]) == (2, 4)
 

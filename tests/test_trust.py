@@ -12,23 +12,13 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from synthtune.artifacts import ArtifactStore
 from synthtune.cli import app
 from synthtune.registry import Registry
 from synthtune.runner import run_all
-from tests.conftest import DEMO
+from synthtune.store import ArtifactStore
+from tests.support import DEMO
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def copied(demo_run, tmp_path):
-    """The finished demo on a fresh artifact root of its own (a copy: the shared one stays intact)."""
-    cfg, refs = demo_run
-    root = tmp_path / "artifacts"
-    shutil.copytree(cfg.artifact_root, root, ignore=shutil.ignore_patterns(".prefect-results", ".locks"))
-    cfg = cfg.model_copy(update={"artifact_root": str(root)})
-    return cfg, run_all(cfg)  # only preflight runs: its key holds the root it checks
 
 
 def _created(cfg, stage: str, key: str) -> str:
@@ -77,7 +67,7 @@ def test_a_deleted_adapter_is_trained_again_and_promote_never_points_at_nothing(
     again = run_all(cfg)
     assert (adapter / "adapter_model.safetensors").is_file() and again["train"].key == refs["train"].key
     champion = Registry(ArtifactStore(cfg.artifact_root)).champion()
-    assert Path(champion["adapter"]).is_dir() and Path(ArtifactStore(cfg.artifact_root).read_latest()["adapter"]).is_dir()
+    assert Path(champion["adapter"]).is_dir() and Path(Registry(ArtifactStore(cfg.artifact_root)).latest()["adapter"]).is_dir()
 
 
 def test_refresh_rebuilds_a_stage_and_what_follows(copied):

@@ -13,8 +13,20 @@ import re
 import time
 
 import pytest
-from prefect_stack import ROOT, client, run_state, start_run, task_runs, wait_run
-from test_ops import DATA_STEPS, _training_children, deployed_config, latest_attempt, with_changes
+
+from tests.support import ROOT
+from tests.support.stack import (
+    client,
+    deployed_config,
+    latest_attempt,
+    run_state,
+    start_run,
+    task_runs,
+    training_children,
+    wait_run,
+    with_changes,
+)
+from tests.test_ops import DATA_STEPS
 
 pytestmark = pytest.mark.ui
 
@@ -194,7 +206,7 @@ def test_cancel_in_the_ui_kills_the_training_child_and_frees_the_gpu_slot(page, 
     key = plan(PipelineConfig.model_validate(config, context={"base_dir": ROOT}))["train"]
     run_id = start_run("synthtune/adhoc", {"config": config})
     deadline = time.monotonic() + 600
-    while not (children := _training_children(key)):
+    while not (children := training_children(key)):
         assert time.monotonic() < deadline, "training never started"
         assert run_state(run_id) in {"RUNNING", "PENDING", "SCHEDULED"}, run_state(run_id)
         time.sleep(1)

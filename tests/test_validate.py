@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from synthtune import __version__
 from synthtune.cli import app
-from tests.conftest import ROOT
+from tests.support import ROOT
 
 
 @pytest.fixture

@@ -26,11 +26,13 @@ log = logging.getLogger("synthtune.atomic")
 
 
 def is_local(fs) -> bool:
+    """Whether an fsspec filesystem is the local disk (the one check: rename, flock and fsync exist there)."""
     return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
 
 
 def write_bytes(fs, path: str, data: bytes) -> None:
-    """Replace `path` whole."""
+    """Replace `path` whole: a reader sees the old bytes or the new, and on local disk the new ones are
+    on the disk (fsync) before the rename makes them visible."""
     if is_local(fs):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.{uuid.uuid4().hex}.tmp"
@@ -50,6 +52,8 @@ def create_exclusive(fs, path: str, data: bytes) -> bool:
         tmp = f"{path}.{uuid.uuid4().hex}.tmp"
         with open(tmp, "wb") as f:
             f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         try:
             os.link(tmp, path)  # fails if path exists; the content is complete the moment it appears
             return True

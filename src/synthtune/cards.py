@@ -43,9 +43,6 @@ def train_card(cfg, train_key: str, data_keys: dict[str, str], metrics: dict, co
         "tags": ["synthtune", "lora", "trl", tc.mode, *(["qlora"] if metrics.get("quantization") == "nf4" else [])],
         "datasets": [f"synthtune:{stage}/{key}" for stage, key in data_keys.items()],
     }
-    serving = metrics.get("serving") or {}
-    problems = [p for part in ("adapter", "stops") for p in (serving.get(part) or {}).get("problems", [])]
-    parity = serving.get("merge_parity")
     training = (
         f"- mode: {tc.mode}, LoRA r={tc.lora.r}, alpha={tc.lora.alpha}, target modules: {tc.lora.target_modules}\n"
         f"- {metrics.get('steps')} steps, loss {metrics.get('first_loss')} -> {metrics.get('last_loss')}, "
@@ -53,9 +50,20 @@ def train_card(cfg, train_key: str, data_keys: dict[str, str], metrics: dict, co
         f"(quantization {metrics.get('quantization')}, micro-batch {metrics.get('micro_batch')} x "
         f"{metrics.get('gradient_accumulation_steps')})\n"
         f"- train key `{train_key}`; data: " + ", ".join(f"{s} `{k}`" for s, k in data_keys.items()))
+    reproduce = (f"Produced by `{command()}`. The resolved config (save it as `pipeline.yaml`, then "
+                 f"`synthtune run pipeline.yaml`):\n\n```yaml\n{config_yaml}```")
+    return render(meta, f"{cfg.name}: {tc.mode} LoRA adapter for {cfg.student}", {
+        "Training": training, "Serving checks": serving_checks(metrics.get("serving") or {}), "Evaluation": PENDING,
+        "Reproduce": reproduce})
+
+
+def serving_checks(serving: dict) -> str:
+    """The card's serving section: what a LoRA server will make of the adapter, and the merged export."""
+    problems = [p for part in ("adapter", "stops") for p in (serving.get(part) or {}).get("problems", [])]
+    parity = serving.get("merge_parity")
     adapter = serving.get("adapter") or {}
     stops = serving.get("stops") or {}
-    checks = (
+    return (
         f"- LoRA tensors only: {adapter.get('lora_only')}; modules: {', '.join(adapter.get('modules', []))}; "
         f"added tokens: {adapter.get('added_tokens')}\n"
         f"- chat template saved: {stops.get('chat_template')}; a reply ends with `{stops.get('end_of_turn')}`, "
@@ -64,10 +72,13 @@ def train_card(cfg, train_key: str, data_keys: dict[str, str], metrics: dict, co
            if parity else "- no merged export (train.merge off)\n")
         + ("".join(f"- **{p}**\n" for p in problems) if problems else "- ready for a LoRA server (e.g. vLLM "
                                                                        "`--enable-lora`)\n"))
-    reproduce = (f"Produced by `{command()}`. The resolved config (save it as `pipeline.yaml`, then "
-                 f"`synthtune run pipeline.yaml`):\n\n```yaml\n{config_yaml}```")
-    return render(meta, f"{cfg.name}: {tc.mode} LoRA adapter for {cfg.student}", {
-        "Training": training, "Serving checks": checks, "Evaluation": PENDING, "Reproduce": reproduce})
+
+
+def with_serving(card: str, serving: dict) -> str:
+    """The card with its serving section rendered again (a merged export added after training)."""
+    meta, title, sections = parse(card)
+    sections["Serving checks"] = serving_checks(serving)
+    return render(meta, title, sections)
 
 
 def _fmt(v) -> str:

@@ -1,11 +1,8 @@
-"""Pipeline configuration: one typed model per stage, loaded from YAML with `a.b.c=value` overrides.
+"""Loading a pipeline: YAML with `a.b.c=value` overrides, validated into `PipelineConfig`.
 
-Every model forbids unknown keys (a typo is an error), is frozen, and describes each field once:
-the description is what the Prefect parameter form and `--help` show.
-
-Relative paths of input files resolve against the folder of the YAML they were loaded from (or
-the working directory when the config comes from elsewhere, e.g. a Prefect parameter form).
-Fields created with `field(..., affects_output=False)` are left out of the stage cache key.
+The schemas live in `synthtune.configs` (one section per stage). Relative paths of input files
+resolve against the folder of the YAML they were loaded from (or the working directory when the
+config comes from elsewhere, e.g. a Prefect parameter form).
 """
 
 from __future__ import annotations
@@ -14,65 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import ValidationError, model_validator
+from pydantic import ValidationError
 
-from synthtune import STAGES
-from synthtune.fields import ModelRef, Section, field
-from synthtune.stages.evaluate import IN_DOMAIN, EvaluateConfig
-from synthtune.stages.filter import FilterConfig
-from synthtune.stages.generate import GenerateConfig
-from synthtune.stages.preflight import PreflightConfig
-from synthtune.stages.promote import PromoteConfig
-from synthtune.stages.template import TemplateConfig
-from synthtune.stages.train import TrainConfig
-from synthtune.tracking import TrackingConfig
+from synthtune.configs import PipelineConfig
 
-
-class PipelineConfig(Section):
-    """The whole post-training loop: one section per stage."""
-
-    name: str = field("synthtune", "Name of this pipeline, shown in run names and reports.", affects_output=False)
-    student: ModelRef = field(
-        ..., "Student model: a Hugging Face id, a local folder, or `tiny:student` (the demo's locally built model)."
-    )
-    student_revision: str | None = field(
-        None, "Hub revision (branch, tag or commit) of the student, pinned for every load and in the cache keys. "
-        "Empty: the default branch, keyed by the commit the local Hugging Face cache knows.")
-    artifact_root: str = field(
-        ".synthtune/artifacts",
-        "Where every stage writes: a local folder or any fsspec URL (s3://, gs://). A relative folder resolves "
-        "against the working directory of the command (or worker) that runs, not the YAML's folder.",
-        affects_output=False,
-    )
-    preflight: PreflightConfig = field(default_factory=PreflightConfig, description="Checks before any work.")
-    generate: GenerateConfig = field(..., description="Synthetic data from a teacher through distilabel.")
-    filter: FilterConfig = field(default_factory=FilterConfig, description="What synthetic rows are kept.")
-    template: TemplateConfig = field(default_factory=TemplateConfig, description="Chat template and lengths.")
-    train: TrainConfig = field(default_factory=TrainConfig, description="LoRA / QLoRA fine-tuning.")
-    evaluate: EvaluateConfig = field(..., description="lm-eval, base vs champion vs tuned, identical flags.")
-    promote: PromoteConfig = field(..., description="When a candidate becomes the champion.")
-    tracking: TrackingConfig = field(default_factory=TrackingConfig,
-                                     description="Experiment tracking (MLflow, TRL report_to); in no cache key.")
-
-    @model_validator(mode="after")
-    def _cross_checks(self) -> PipelineConfig:
-        if not self.artifact_root.strip():
-            raise ValueError("artifact_root is empty: name a folder or an fsspec URL (s3://bucket/path)")
-        if "{{" in self.artifact_root:  # a deployment parameter whose env var was unset at deploy time
-            raise ValueError(f"artifact_root '{self.artifact_root}' is an unfilled template: set "
-                             "SYNTHTUNE_ARTIFACT_ROOT before `prefect deploy`, or edit the deployment's parameters")
-        tasks = [*self.evaluate.tasks, *([IN_DOMAIN] if self.evaluate.in_domain else [])]
-        if self.promote.target_task not in tasks:
-            raise ValueError(f"promote.target_task '{self.promote.target_task}' is not in evaluate.tasks {tasks}")
-        unknown_guards = [g for g in self.promote.guard_tasks if g not in tasks]
-        if unknown_guards:
-            raise ValueError(f"promote.guard_tasks {unknown_guards} are not in evaluate.tasks {tasks}")
-        if self.evaluate.in_domain and self.filter.holdout_fraction == 0:
-            raise ValueError("evaluate.in_domain needs held-out rows: set filter.holdout_fraction > 0")
-        return self
-
-
-assert tuple(k for k in PipelineConfig.model_fields if k in STAGES) == STAGES
+__all__ = ["ConfigError", "PipelineConfig", "apply_overrides", "load_config", "read_yaml", "to_yaml"]
 
 
 class ConfigError(ValueError):

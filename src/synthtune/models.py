@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 
 from synthtune import tiny
-from synthtune.digests import file_sha256
+from synthtune.digests import file_sha256, folder_sha256
 
 _SMALL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                 "special_tokens_map.json", "chat_template.jinja", "adapter_config.json")
@@ -29,9 +29,7 @@ def _short(obj) -> str:
 
 def folder_fingerprint(path: Path) -> str:
     """The contents of every file below a local model folder (hidden files and folders aside)."""
-    files = sorted(p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".")
-                                                                          for part in p.relative_to(path).parts))
-    return "dir:" + _short({str(p.relative_to(path)): file_sha256(p) for p in files})
+    return "dir:" + folder_sha256(path)[:16]
 
 
 def hub_commit(repo_id: str, revision: str | None) -> str | None:

@@ -18,9 +18,10 @@ import json
 import time
 from typing import Any
 
-from synthtune.artifacts import LATEST, ArtifactStore
 from synthtune.atomic import lock, write_bytes
+from synthtune.store import ArtifactStore
 
+LATEST = "latest.json"
 CHAMPION_FIELDS = ("train_key", "adapter", "scores", "promoted_at")
 
 
@@ -36,8 +37,8 @@ class Registry:
     def __init__(self, store: ArtifactStore):
         self.store = store
         self.fs = store.fs
-        self.history_path = store._path("registry", "history.jsonl")
-        self.champion_path = store._path("registry", "champion.json")
+        self.history_path = store.path("registry", "history.jsonl")
+        self.champion_path = store.path("registry", "champion.json")
 
     def uri(self, name: str) -> str:
         return self.store.uri("registry", name)
@@ -49,6 +50,11 @@ class Registry:
             return self.fs.cat_file(path).decode()
         except FileNotFoundError:
             return None
+
+    def latest(self) -> dict | None:
+        """`latest.json`: the same record as champion.json, where tools that predate the registry read it."""
+        text = self._text(self.store.path(LATEST))
+        return None if text is None else json.loads(text)
 
     def history(self) -> list[dict]:
         """Every event, oldest first. A line that is not a JSON object is an error naming it."""
@@ -103,15 +109,15 @@ class Registry:
     def _set_champion(self, record: dict) -> None:
         data = json.dumps(record, indent=2, default=str).encode()
         write_bytes(self.fs, self.champion_path, data)
-        write_bytes(self.fs, self.store._path(LATEST), data)
+        write_bytes(self.fs, self.store.path(LATEST), data)
 
     def _lock(self, what: str):
-        return lock(self.fs, self.store._path("registry", ".lock"), what, wait_s=600)
+        return lock(self.fs, self.store.path("registry", ".lock"), what, wait_s=600)
 
     def decide(self, event: dict[str, Any], champion: dict | None) -> bool:
         """Record a gate decision; with `champion`, it becomes the model in service. False when this
         decision (same id) was already recorded."""
-        self.fs.makedirs(self.store._path("registry"), exist_ok=True)
+        self.fs.makedirs(self.store.path("registry"), exist_ok=True)
         with self._lock("registry: recording a decision"):
             if not self._append({"event": "decision", "time": now(), **event}):
                 return False
@@ -139,7 +145,7 @@ class Registry:
                 target = promoted[at - 1]
             if current and current["train_key"] == target["train_key"]:
                 raise RegistryError(f"{target['train_key']} is already the champion")
-            if not self.fs.exists(self.store._path("train", target["train_key"], "adapter")):
+            if not self.fs.exists(self.store.path("train", target["train_key"], "adapter")):
                 raise RegistryError(f"cannot roll back to {target['train_key']}: its adapter is gone from "
                                     f"{target['adapter']}")
             record = champion_record(target, promoted_at=now(), rolled_back_from=current and current["train_key"])

@@ -21,8 +21,8 @@ import time
 from dataclasses import dataclass, field
 
 from synthtune import STAGES
-from synthtune.artifacts import MANIFEST, ArtifactStore
 from synthtune.registry import Registry
+from synthtune.store import MANIFEST, ArtifactStore
 
 
 @dataclass
@@ -45,7 +45,7 @@ def _outputs(store: ArtifactStore) -> dict[str, dict]:
     """'stage/key' -> manifest, for every finished stage output under the root."""
     out = {}
     for stage in STAGES:
-        base = store._path(stage)
+        base = store.path(stage)
         if not store.fs.exists(base):
             continue
         for entry in store.fs.ls(base, detail=False):
@@ -93,11 +93,11 @@ def plan_gc(store: ArtifactStore, keep: int) -> GcPlan:
     for ref in outputs:
         if ref not in plan.keep:
             stage, key = ref.split("/")
-            plan.delete.append((ref, "not in the retention policy", _size(store, store._path(stage, key))))
-            result = store._path(".prefect-results", f"{stage}-{key}")
+            plan.delete.append((ref, "not in the retention policy", _size(store, store.path(stage, key))))
+            result = store.path(".prefect-results", f"{stage}-{key}")
             if store.fs.exists(result):
                 plan.delete.append((f".prefect-results/{stage}-{key}", f"Prefect's cache record of {ref}", 0))
-    work = store._path("train", ".work")
+    work = store.path("train", ".work")
     if store.fs.exists(work):
         for entry in store.fs.ls(work, detail=False):
             key = entry.rstrip("/").rsplit("/", 1)[-1]
@@ -111,7 +111,7 @@ def _idle_checkpoints(store: ArtifactStore, key: str, newest: str) -> bool:
     """Checkpoints no process holds, last written before the newest decision."""
     if not store.local:
         return False  # remote roots keep checkpoints in each machine's local cache, not here
-    path = store._path("train", ".work", key)
+    path = store.path("train", ".work", key)
     with contextlib.suppress(OSError):
         written = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(os.path.getmtime(path)))
         return bool(newest) and written < newest and not _held(store, "train", key)
@@ -139,6 +139,6 @@ def apply_gc(store: ArtifactStore, plan: GcPlan) -> None:
         parts = path.split("/")
         if parts[-1] != MANIFEST:  # drop the manifest first: a half-deleted output never looks finished
             with contextlib.suppress(FileNotFoundError):
-                store.fs.rm(store._path(*parts, MANIFEST))
+                store.fs.rm(store.path(*parts, MANIFEST))
         with contextlib.suppress(FileNotFoundError):
-            store.fs.rm(store._path(*parts), recursive=True)
+            store.fs.rm(store.path(*parts), recursive=True)

@@ -21,8 +21,9 @@ import hashlib
 import io
 import json
 import logging
-import uuid
 from collections.abc import Iterable
+
+from synthtune.atomic import write_bytes
 
 log = logging.getLogger("synthtune.rowcache")
 PREFIX = "shard-"
@@ -42,7 +43,6 @@ class RowCache:
         self.url = url
         self.fs, self.base = fsspec.core.url_to_fs(url)
         self.base = self.base.rstrip("/")
-        self.local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
 
     def shards(self) -> list[str]:
         if not self.fs.exists(self.base):
@@ -92,15 +92,7 @@ class RowCache:
         if self.fs.exists(path):  # same bytes already there: content-addressed, nothing to do
             return path
         self.fs.makedirs(self.base, exist_ok=True)
-        if self.local:  # a reader never sees a half-written shard
-            import os
-
-            tmp = f"{self.base}/.tmp-{uuid.uuid4().hex}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-        else:  # one PUT: an object store shows the whole object or none of it
-            self.fs.pipe_file(path, data)
+        write_bytes(self.fs, path, data)  # a reader never sees a half-written shard
         return path
 
     def size(self) -> int:

@@ -1,8 +1,12 @@
-"""The DAG, and the loop without Prefect.
+"""The DAG, and the one loop that walks it, with or without an orchestrator.
 
-`DAG` is the single place that knows the edges: the Prefect flow (flows/pipeline.py) and
-`run_all` here both walk it. `run_all` skips finished stages from their manifests; it is what the
-CLI's per-stage commands and the GPU scripts use.
+`walk(cfg, execute, ...)` takes the steps in order. For each it finds what the step takes (upstream
+outputs of this run, or the registry's champion), computes the step's key once (over the upstream
+outputs' content digests: the early cutoff, see synthtune.keys), and calls
+`execute(step, cfg, inputs, key, rebuild)`, which returns the output's ArtifactRef, `reused` when
+it was already done. `local` runs the stage in this process (the CLI's `--engine local`, the
+per-stage commands, the GPU scripts); the Prefect flow's executor runs it as the stage's task
+(flows/pipeline.py). Progress events are emitted here, so both engines show the same lines.
 
 One step's input is not made by this run: `evaluate[champion]` evaluates the adapter in service
 (the registry's champion) under this run's evaluation config. On the first night, or when tonight's
@@ -16,18 +20,20 @@ from dataclasses import dataclass, field
 from types import ModuleType
 
 from synthtune import progress
-from synthtune.artifacts import REBUILD, ArtifactRef, ArtifactStore
-from synthtune.config import PipelineConfig
+from synthtune.configs import PipelineConfig
+from synthtune.keys import pending
 from synthtune.registry import Registry, RegistryError
 from synthtune.stages import evaluate, filter, generate, preflight, promote, template, train
+from synthtune.store import ArtifactRef, ArtifactStore
 
 CHAMPION = "champion"  # the input name that stands for the registry's champion, not a step of this run
+NO_CHAMPION = "no other champion to compare with"
 
 
 @dataclass(frozen=True)
 class Step:
     name: str  # unique within the DAG; the stage's name, or stage[variant]
-    stage: ModuleType
+    stage: ModuleType  # a module of synthtune.stages (the contract: synthtune.stages.Stage)
     inputs: dict[str, str] = field(default_factory=dict)  # upstream argument name -> step name (or CHAMPION)
 
 
@@ -45,6 +51,9 @@ DAG: tuple[Step, ...] = (
                               "champion": "evaluate[champion]"}),
 )
 
+# runs one step: (step, its config, its inputs, its key, rebuild even if finished) -> its output
+Executor = Callable[[Step, PipelineConfig, dict[str, ArtifactRef], str, bool], ArtifactRef]
+
 
 def champion_train(cfg: PipelineConfig, store: ArtifactStore, candidate_key: str | None) -> ArtifactRef | None:
     """The champion's train output, or None on the first night or when the candidate is the champion."""
@@ -52,7 +61,7 @@ def champion_train(cfg: PipelineConfig, store: ArtifactStore, candidate_key: str
     if record is None or record["train_key"] == candidate_key:
         return None
     ref = store.ref("train", record["train_key"])
-    if ref is None or not store.fs.exists(store._path("train", record["train_key"], "adapter")):
+    if ref is None or not store.fs.exists(store.path("train", record["train_key"], "adapter")):
         raise RegistryError(f"the champion {record['train_key']} ({Registry(store).uri('champion.json')}) has no adapter "
                             f"at {record['adapter']}: restore it, or `synthtune rollback --to TRAIN_KEY` to another")
     return ref
@@ -67,7 +76,7 @@ def step_config(cfg: PipelineConfig, step: Step, store: ArtifactStore) -> Pipeli
     return cfg if student == cfg.student else cfg.model_copy(update={"student": student})
 
 
-def step_inputs(step: Step, done: dict[str, ArtifactRef | None], champion: ArtifactRef | None
+def step_inputs(step: Step, done: dict[str, ArtifactRef], champion: ArtifactRef | None
                 ) -> dict[str, ArtifactRef] | None:
     """A step's upstream references; None when the step has nothing to do (no champion to evaluate)."""
     if CHAMPION in step.inputs.values() and champion is None:
@@ -80,49 +89,6 @@ def step_inputs(step: Step, done: dict[str, ArtifactRef | None], champion: Artif
     return out
 
 
-NO_CHAMPION = "no other champion to compare with"
-
-
-def skipped(step: Step) -> None:
-    """Tell synthtune.progress that a step had nothing to do (no champion: the first night, or the
-    candidate is the champion)."""
-    progress.emit("step_end", step=step.name, state="Skipped", summary={"note": NO_CHAMPION})
-
-
-def _run_step(step: Step, cfg: PipelineConfig, store: ArtifactStore, inputs: dict[str, ArtifactRef]) -> ArtifactRef:
-    """One step, its start and end told to synthtune.progress (Cached when its output was already there)."""
-    import time
-
-    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    progress.emit("step_start", step=step.name)
-    try:
-        ref = step.stage.run(cfg, store, inputs)
-    except BaseException:
-        progress.emit("step_end", step=step.name, state="Failed")
-        raise
-    built = (store.manifest(ref.stage, ref.key) or {}).get("created_at", "") >= started
-    progress.emit("step_end", step=step.name, state="Completed" if built else "Cached", summary=ref.summary,
-                  uri=ref.uri)
-    return ref
-
-
-def plan(cfg: PipelineConfig) -> dict[str, str]:
-    """Every step's cache key, computed from the config and the registry (nothing runs). A skipped
-    step (no champion to compare with) has no key."""
-    store = ArtifactStore(cfg.artifact_root)
-    keys: dict[str, str] = {}
-    for step in DAG:
-        champion = None
-        if CHAMPION in step.inputs.values():
-            champion = champion_train(cfg, store, keys.get("train"))
-            if champion is None:
-                continue
-        ups = {arg: (champion.key if src == CHAMPION else keys[src]) for arg, src in step.inputs.items()
-               if src == CHAMPION or src in keys}
-        keys[step.name] = step.stage.key(step_config(cfg, step, store), ups)
-    return keys
-
-
 def downstream(names: Iterable[str]) -> set[str]:
     """The steps named (a stage name means all its steps) and every step that depends on them."""
     names, out = set(names), set()
@@ -132,40 +98,75 @@ def downstream(names: Iterable[str]) -> set[str]:
     return out
 
 
-def rebuild_keys(cfg: PipelineConfig, refresh: Iterable[str]) -> frozenset[tuple[str, str]]:
-    """(stage, key) of every output `--refresh` asks to rebuild: the stages named and what follows."""
-    steps, keys = downstream(refresh), plan(cfg)
-    return frozenset((s.stage.STAGE, keys[s.name]) for s in DAG if s.name in steps and s.name in keys)
+def local(step: Step, cfg: PipelineConfig, inputs: dict[str, ArtifactRef], key: str, rebuild: bool) -> ArtifactRef:
+    """The executor without an orchestrator: the stage in this process."""
+    return step.stage.run(cfg, ArtifactStore(cfg.artifact_root), inputs, output_key=key, rebuild=rebuild)
+
+
+def walk(cfg: PipelineConfig, execute: Executor, steps: Iterable[Step] = DAG, refs: dict[str, ArtifactRef] | None = None,
+         refresh: Iterable[str] = (), on_step: Callable[[str, ArtifactRef], None] | None = None
+         ) -> dict[str, ArtifactRef]:
+    """Run `steps` in order through `execute`; returns every step's output (added to `refs`, which holds
+    the outputs of steps run before, e.g. by another segment of the same run). The stages named in
+    `refresh` and every step after them are rebuilt even if finished."""
+    store = ArtifactStore(cfg.artifact_root)
+    refs = {} if refs is None else refs
+    rebuild = downstream(refresh)
+    for step in steps:
+        champion = champion_train(cfg, store, refs["train"].key) if CHAMPION in step.inputs.values() else None
+        inputs = step_inputs(step, refs, champion)
+        if inputs is None:  # no champion to compare with (the first night, or the candidate is the champion)
+            progress.emit("step_end", step=step.name, state="Skipped", summary={"note": NO_CHAMPION})
+            continue
+        step_cfg = step_config(cfg, step, store)
+        key = step.stage.key(step_cfg, {arg: ref.digest for arg, ref in inputs.items()})
+        progress.emit("step_start", step=step.name)
+        try:
+            ref = execute(step, step_cfg, inputs, key, step.name in rebuild)
+        except BaseException:
+            progress.emit("step_end", step=step.name, state="Failed")
+            raise
+        refs[step.name] = ref
+        progress.emit("step_end", step=step.name, state="Cached" if ref.reused else "Completed", summary=ref.summary,
+                      uri=ref.uri)
+        if on_step:
+            on_step(step.name, ref)
+    return refs
+
+
+def plan(cfg: PipelineConfig) -> dict[str, str]:
+    """Every step's key, computed from the config, the registry and the outputs already on the root
+    (nothing runs). A step whose upstream output is not built yet gets a provisional key (over a
+    stand-in for that output's digest), which changes when the output exists. A skipped step (no
+    champion to compare with) has no key."""
+    store = ArtifactStore(cfg.artifact_root)
+    keys: dict[str, str] = {}
+    digests: dict[str, str] = {}
+    for step in DAG:
+        champion = None
+        if CHAMPION in step.inputs.values():
+            champion = champion_train(cfg, store, keys.get("train"))
+            if champion is None:
+                continue
+        ups = {arg: (champion.digest if src == CHAMPION else digests[src]) for arg, src in step.inputs.items()
+               if src == CHAMPION or src in digests}
+        keys[step.name] = step.stage.key(step_config(cfg, step, store), ups)
+        ref = store.ref(step.stage.STAGE, keys[step.name])
+        digests[step.name] = ref.digest if ref else pending(step.stage.STAGE, keys[step.name])
+    return keys
 
 
 def run_all(cfg: PipelineConfig, on_step: Callable[[str, ArtifactRef], None] | None = None,
             until: str | None = None, refresh: Iterable[str] = ()) -> dict[str, ArtifactRef]:
-    """Run the loop (up to and including stage `until`), returning each step's output reference;
-    the stages in `refresh` and everything after them are rebuilt even if finished."""
+    """The loop without an orchestrator (up to and including stage `until`), tracked in MLflow when the
+    config asks; returns each step's output."""
     import uuid
 
     from synthtune import tracking
 
-    token = REBUILD.set(rebuild_keys(cfg, refresh))
-    try:
-        with tracking.session(cfg, pipeline_run=str(uuid.uuid4()), name=f"{cfg.name}-local"):
-            return _run_all(cfg, on_step, until)
-    finally:
-        REBUILD.reset(token)
-
-
-def _run_all(cfg: PipelineConfig, on_step, until) -> dict[str, ArtifactRef]:
-    store = ArtifactStore(cfg.artifact_root)
-    refs: dict[str, ArtifactRef] = {}
-    for step in DAG:
-        champion = champion_train(cfg, store, refs["train"].key) if CHAMPION in step.inputs.values() else None
-        inputs = step_inputs(step, refs, champion)
-        if inputs is None:
-            skipped(step)
-        else:
-            refs[step.name] = _run_step(step, step_config(cfg, step, store), store, inputs)
-            if on_step:
-                on_step(step.name, refs[step.name])
-        if until and step.stage.STAGE == until and all(s.stage.STAGE != until for s in DAG[DAG.index(step) + 1:]):
-            break
-    return refs
+    steps = DAG
+    if until:
+        last = max(i for i, s in enumerate(DAG) if s.stage.STAGE == until)
+        steps = DAG[:last + 1]
+    with tracking.session(cfg, pipeline_run=str(uuid.uuid4()), name=f"{cfg.name}-local"):
+        return walk(cfg, local, steps, refresh=refresh, on_step=on_step)

@@ -20,7 +20,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -44,17 +43,26 @@ def prefect_home() -> Path:
     return Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect")
 
 
-def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
+def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180,
+                 what: str = "the embedded Prefect server") -> None:
+    """Wait until `url` answers (any status below 500); raises, with the end of `log`, when `proc`
+    exits first or `timeout` seconds pass."""
+    import urllib.error
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"the embedded Prefect server exited ({proc.returncode}); its log, {log}:\n"
-                               + log.read_text()[-2000:])
-        with contextlib.suppress(OSError):
-            if urllib.request.urlopen(f"{url}/health", timeout=2).status == 200:
+            raise RuntimeError(f"{what} exited ({proc.returncode}); its log, {log}:\n" + log.read_text()[-2000:])
+        try:
+            with urllib.request.urlopen(url, timeout=2):
                 return
+        except urllib.error.HTTPError as e:
+            if e.code < 500:
+                return
+        except OSError:
+            pass
         time.sleep(0.3)
-    raise TimeoutError(f"the embedded Prefect server did not answer within {timeout:.0f} s; see {log}")
+    raise TimeoutError(f"{what} did not answer {url} within {timeout:.0f} s; see {log}:\n" + log.read_text()[-2000:])
 
 
 @contextlib.contextmanager
@@ -74,7 +82,7 @@ def embedded_server() -> Iterator[str]:
                                 start_new_session=True, preexec_fn=die_with_parent)
     previous = os.environ.get("PREFECT_API_URL")
     try:
-        wait_healthy(url, proc, log)
+        wait_healthy(f"{url}/health", proc, log)
         os.environ["PREFECT_API_URL"] = url
         yield url
     finally:

@@ -32,8 +32,8 @@ QUIET_ENV = {"TQDM_DISABLE": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "HF_
 
 def log_path(artifact_root: str, name: str) -> Path:
     """The run's log file: under a local artifact root, else in the local cache."""
-    from synthtune.artifacts import ArtifactStore
     from synthtune.digests import cache_root
+    from synthtune.store import ArtifactStore
 
     store = ArtifactStore(artifact_root)
     folder = Path(store.root) / "logs" if store.local else cache_root() / "logs"
@@ -222,3 +222,66 @@ class TerminalWarnings(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         with contextlib.suppress(Exception):
             self.console.print(f"[yellow]warning:[/yellow] {escape(record.getMessage())}", highlight=False)
+
+
+def _fmt(value) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def print_summary(console, cfg, refs: dict, seconds: float) -> None:
+    """Rows per stage, train loss, base vs tuned scores, where the artifacts are."""
+    from rich.table import Table
+
+    table = Table(title=f"synthtune '{cfg.name}' in {seconds:.0f} s")
+    for col in ("step", "key", "rows", "result"):
+        table.add_column(col, overflow="fold")
+    for name, ref in refs.items():
+        s = ref.summary
+        rows = ", ".join(f"{k} {v}" for k, v in s.get("rows", {}).items())
+        result = ""
+        if name == "generate":
+            r = s.get("rows", {})
+            rows = (f"seeds {r.get('seeds')}, rows {r.get('output')} (new {r.get('new')}), quarantined "
+                    f"{r.get('quarantined')}")
+            result = f"answers: {r.get('reused')} reused, {r.get('generated')} generated"
+        elif name == "train":
+            result = (f"loss {_fmt(s.get('first_loss'))} -> {_fmt(s.get('last_loss'))} in {s.get('steps')} steps "
+                      f"({s.get('quantization')}, {s.get('tokens_per_s')} tok/s)")
+        elif name.startswith("evaluate"):
+            result = "; ".join(f"{t} " + ", ".join(f"{m} {_fmt(v)}" for m, v in ms.items() if not m.endswith("stderr"))
+                               for t, ms in s.get("scores", {}).items())
+        elif name == "promote":
+            result = ("PROMOTED: " if s.get("promoted") else "NOT promoted: ") + "; ".join(s.get("reasons", []))
+        elif name == "template":
+            result = f"trained-token share {s.get('trained_token_share')}, p99 {s.get('p99_tokens')} tokens"
+        table.add_row(escape(name), ref.key, rows, escape(result))
+    console.print(table)
+    root = refs["promote"].uri.rsplit("/promote/", 1)[0] if "promote" in refs else cfg.artifact_root
+    console.print(f"artifacts: {root}  (the model in service: {root}/registry/champion.json, `synthtune show`)",
+                  highlight=False)
+
+
+def print_preview(console, rows, report: dict, tty: bool) -> None:
+    """Templated rows with what is trained marked: green on a terminal, «between guillemets» otherwise."""
+    from rich.text import Text
+
+    for row_id, segments in rows:
+        console.rule(f"row {row_id}", style="dim")
+        text = Text()
+        for part, trained in segments:
+            if tty:
+                text.append(part, style="bold green" if trained else "dim")
+            else:
+                text.append(f"«{part}»" if trained else part)
+        console.print(text, highlight=False, soft_wrap=True)
+    console.rule("report", style="dim")
+    total = report["lengths"]["train"]["total"]
+    console.print(f"rows in {report['rows_in']}, out {report['rows_out']}, quarantined {report['quarantined']}, "
+                  f"dropped {report['dropped']}, truncated {report['truncated']}; trained-token share "
+                  f"{report['trained_token_share']}; total tokens p50 {total.get('p50')}, p99 {total.get('p99')}, "
+                  f"max {total.get('max')}", highlight=False)
+    quirks = {k: report.get(k, 0) for k in ("system_merged", "system_folded", "double_bos_removed")}
+    console.print("quirks: " + (", ".join(f"{k} {v}" for k, v in quirks.items() if v) or "none"), highlight=False)
+    for warning in report["warnings"]:
+        console.print(f"[yellow]warning:[/yellow] {escape(warning)}", highlight=False)
+

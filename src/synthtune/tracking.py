@@ -36,29 +36,13 @@ from dataclasses import field as dc_field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from synthtune.fields import Section, field
-
 if TYPE_CHECKING:
-    from synthtune.config import PipelineConfig
+    from synthtune.configs import PipelineConfig
 
 log = logging.getLogger("synthtune.tracking")
 
 RUN_TAG = "synthtune.run"  # the pipeline run (Prefect's root flow run id): parent and GPU child share it
 KEY_TAG = "synthtune.train_key"
-
-
-class TrackingConfig(Section):
-    mlflow_uri: str = field(
-        "", "MLflow tracking URI: `http://host:5000`, `sqlite:///path/mlflow.db` or `file:/path/mlruns`. Empty: no "
-        "MLflow. One MLflow run per pipeline run (params, metrics, charts, the adapter as a logged model, "
-        "`@champion` on promotion).", affects_output=False)
-    experiment: str = field("synthtune", "MLflow experiment the runs go to.", affects_output=False)
-    registered_model: str = field(
-        "", "Registered model whose `@champion` alias follows promotions (and rollbacks). Empty: the pipeline's name.",
-        affects_output=False)
-    report_to: list[str] = field(
-        [], "TRL `report_to` integrations besides MLflow, e.g. [trackio] or [wandb] (configured by their own "
-        "environment variables).", affects_output=False)
 
 
 class TrackingError(RuntimeError):
@@ -241,7 +225,7 @@ class Session:
 
     def register_champion(self, train_key: str) -> None:
         """A registered model version for the promoted adapter, with the @champion alias."""
-        from synthtune.artifacts import ArtifactStore
+        from synthtune.store import ArtifactStore
 
         store = ArtifactStore(self.cfg.artifact_root)
         ref = store.ref("train", train_key)
@@ -285,7 +269,7 @@ def _key_of(uri: str | None) -> str:
 @contextlib.contextmanager
 def _local(uri: str) -> Iterator[Path]:
     """A local folder with the output at `uri` (copied down from an object store)."""
-    from synthtune.artifacts import ArtifactStore
+    from synthtune.store import ArtifactStore
 
     parent, _, key = uri.rstrip("/").rpartition("/")
     root, _, stage = parent.rpartition("/")

@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 from pydantic import SecretStr
 
 from synthtune.child import kill_survivors
+from synthtune.configs import GenerateConfig
 from synthtune.models import resolve
 from synthtune.rowcache import RowCache
-from synthtune.stages.generate import (
-    GenerateConfig,
+from synthtune.teacher import (
     GenerationError,
     answer_key,
     distilabel_guard,

@@ -4,14 +4,16 @@ Started by `synthtune.stages.train` (never imported by the parent) as
 `python -m synthtune.stages._train_child SPEC.json`, in its own process group, so it dies with its
 parent and a cancelled run never leaves a process holding the GPU. It trains once (resuming from the
 newest valid checkpoint), writes `final/` (adapter, metrics, loss history) and exits 0, or exits
-`OOM_EXIT` when CUDA runs out of memory so the parent can halve the micro-batch, or `SERVING_EXIT`
-(the reason in `work/error.txt`) when the export would not serve what was trained (synthtune.serving).
+`OOM_EXIT` when CUDA runs out of memory so the parent can halve the micro-batch.
+
+`python -m synthtune.stages._train_child --merge SPEC.json` merges a saved adapter into the
+unquantized base instead (train.merge) and checks that the export generates what the adapter does;
+it exits `SERVING_EXIT` (the reason in `error.txt`) when it would not (synthtune.serving).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -132,11 +134,10 @@ class Finished:
     data: Path
 
 
-def _serving_checks(run: Finished, adapter: Path, merged_dir: Path | None) -> dict:
-    """The saved adapter and tokenizer as a server would take them, and with `merged_dir` the merged
-    export: saved, loaded again, and greedy tokens on held prompts identical to the adapter's."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _serving_checks(run: Finished, adapter: Path) -> dict:
+    """The saved adapter and tokenizer as a server would take them (the merged export is checked by
+    `merge`, when train.merge asks for it)."""
+    from transformers import AutoTokenizer
 
     from synthtune import serving
 
@@ -145,35 +146,45 @@ def _serving_checks(run: Finished, adapter: Path, merged_dir: Path | None) -> di
     base_tok = AutoTokenizer.from_pretrained(resolve(cfg.student), **revision_kw(cfg.student_revision))
     eos = model.generation_config.eos_token_id
     stops = serving.check_stops(saved, eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    out = {"adapter": serving.inspect_adapter(adapter, len(base_tok), len(saved)), "stops": stops,
-           "merge_parity": None}
-    if merged_dir is None:
-        return out
-    stop_ids = sorted({*stops.get("stop_ids", []), *([stops["end_of_turn_id"]] if stops.get("end_of_turn_id") else [])})
-    if run.runtime.four_bit:  # merging into NF4 weights would lose precision: merge into the unquantized base
-        from peft import PeftModel
+    return {"adapter": serving.inspect_adapter(adapter, len(base_tok), len(saved)), "stops": stops,
+            "merge_parity": None}
 
-        base = load_student(cfg.student, run.runtime, four_bit=False, revision=cfg.student_revision)
-        reference = PeftModel.from_pretrained(base, adapter)
-    else:
-        reference = model
-    reference.eval()
-    prompts = serving.held_prompts(run.data, cfg.train.mode, k=8)
+
+def merge(spec_path: str) -> int:
+    """The merged export of a saved adapter, checked: greedy tokens on held prompts from the adapter
+    (on the unquantized base) and from the export as saved and loaded again must be identical."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from synthtune import serving
+    from synthtune.configs import PipelineConfig
+
+    spec = json.loads(Path(spec_path).read_text())
+    cfg, out = PipelineConfig.model_validate(spec["cfg"]), Path(spec["out"])
+    runtime = Runtime(**spec["runtime"])
+    saved = AutoTokenizer.from_pretrained(spec["adapter"])
+    base = load_student(cfg.student, runtime, four_bit=False, revision=cfg.student_revision)
+    reference = PeftModel.from_pretrained(base, spec["adapter"]).eval()
+    eos = reference.generation_config.eos_token_id
+    stops = serving.check_stops(saved, eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    stop_ids = sorted({*stops.get("stop_ids", []), *([stops["end_of_turn_id"]] if stops.get("end_of_turn_id") else [])})
+    prompts = serving.held_prompts(Path(spec["data"]), cfg.train.mode, k=8)
     adapter_out = serving.greedy(reference, prompts, stop_ids)
     merged = reference.merge_and_unload()
     dtype = next(merged.parameters()).dtype
-    if wrong := os.environ.get("SYNTHTUNE_FAULT_MERGE_DTYPE"):  # test hook: a merge through the wrong dtype
-        with torch.no_grad():
-            for p in merged.parameters():
-                p.copy_(p.to(getattr(torch, wrong)).to(dtype))
     merged.generation_config.eos_token_id = stop_ids or merged.generation_config.eos_token_id  # the export stops
-    merged.save_pretrained(merged_dir, safe_serialization=True)
-    saved.save_pretrained(merged_dir)
+    merged.save_pretrained(out / "merged", safe_serialization=True)
+    saved.save_pretrained(out / "merged")
     del merged, reference
-    device = "cuda" if run.runtime.device == "cuda" else "cpu"
-    loaded = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=dtype, device_map={"": device}).eval()
-    out["merge_parity"] = serving.parity(saved, prompts, adapter_out, serving.greedy(loaded, prompts, stop_ids))
-    return out
+    device = "cuda" if runtime.device == "cuda" else "cpu"
+    loaded = AutoModelForCausalLM.from_pretrained(out / "merged", dtype=dtype, device_map={"": device}).eval()
+    try:
+        parity = serving.parity(saved, prompts, adapter_out, serving.greedy(loaded, prompts, stop_ids))
+    except serving.ServingError as e:  # deterministic: the parent reports it as it is, no retry hint
+        (out / "error.txt").write_text(str(e))
+        return SERVING_EXIT
+    (out / "parity.json").write_text(json.dumps(parity))
+    return 0
 
 
 def _finish(run: Finished) -> None:
@@ -198,7 +209,7 @@ def _finish(run: Finished) -> None:
     adapter = final / "adapter"
     model.save_pretrained(adapter)
     run.tokenizer.save_pretrained(adapter)
-    serving = _serving_checks(run, adapter, final / "merged" if tc.merge else None)
+    serving = _serving_checks(run, adapter)
     metrics = {
         "mode": tc.mode, "train_loss": round(float(run.result.training_loss), 4),
         "first_loss": history[0]["loss"] if history else None, "last_loss": history[-1]["loss"] if history else None,
@@ -226,17 +237,14 @@ def main(spec_path: str) -> int:
     from transformers import AutoTokenizer
     from trl import DPOTrainer, SFTTrainer
 
-    from synthtune.config import PipelineConfig
+    from synthtune.configs import PipelineConfig
 
     spec = json.loads(Path(spec_path).read_text())
     cfg = PipelineConfig.model_validate(spec["cfg"])
     runtime = Runtime(**spec["runtime"])
     tc, work = cfg.train, Path(spec["work"])
     batch, accum = spec["batch_size"], spec["gradient_accumulation_steps"]
-    fault = os.environ.get("SYNTHTUNE_FAULT_OOM_ABOVE_BATCH")  # test hook: behave as if memory ran out
     try:
-        if fault and batch > int(fault):
-            raise torch.OutOfMemoryError(f"injected: batch {batch} > {fault}")
         torch.manual_seed(tc.seed)
         columns = ["prompt_ids", "chosen_ids", "rejected_ids"] if tc.mode == "dpo" else ["input_ids", "assistant_masks"]
         dataset = Dataset.from_parquet(spec["data"]).select_columns(columns)
@@ -267,18 +275,12 @@ def main(spec_path: str) -> int:
         print(f"synthtune: CUDA out of memory at micro-batch {batch}: {e}", file=sys.stderr)
         return OOM_EXIT
     if trainer.accelerator.is_main_process:
-        from synthtune.serving import ServingError
-
-        try:
-            _finish(Finished(cfg=cfg, runtime=runtime, trainer=trainer, model=model, tokenizer=tokenizer,
-                             dataset=dataset, before=before, result=result, seconds=seconds, resumed=resumed,
-                             first_step=first_step.step, cpu_4bit_layers_fixed=fixed, batch=batch, accum=accum,
-                             work=work, data=Path(spec["data"])))
-        except ServingError as e:  # deterministic: the parent reports it as it is, no retry hint
-            (work / "error.txt").write_text(str(e))
-            return SERVING_EXIT
+        _finish(Finished(cfg=cfg, runtime=runtime, trainer=trainer, model=model, tokenizer=tokenizer,
+                         dataset=dataset, before=before, result=result, seconds=seconds, resumed=resumed,
+                         first_step=first_step.step, cpu_4bit_layers_fixed=fixed, batch=batch, accum=accum,
+                         work=work, data=Path(spec["data"])))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    sys.exit(merge(sys.argv[2]) if sys.argv[1] == "--merge" else main(sys.argv[1]))

@@ -17,18 +17,21 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from synthtune.artifacts import ArtifactRef, ArtifactStore, Staging, key_payload, produce, sha256_file, stage_key
+from synthtune.configs import IN_DOMAIN, EvaluateConfig
+from synthtune.digests import file_sha256
 from synthtune.eval_tasks import data_files, local_tasks, portable_task_dir
-from synthtune.fields import InputDir, Section, field
+from synthtune.keys import key_payload, stage_key
 from synthtune.models import fingerprint, resolve, revision_kw
+from synthtune.store import ArtifactRef, ArtifactStore, Staging, produce
 from synthtune.versions import stage_libs
 
 if TYPE_CHECKING:
-    from synthtune.config import PipelineConfig
+    from synthtune.configs import PipelineConfig
+
+__all__ = ["IN_DOMAIN", "EvaluateConfig", "key", "run"]
 
 STAGE = "evaluate"
 VERSION = "2"
-IN_DOMAIN = "in_domain"
 IN_DOMAIN_YAML = """\
 # built by synthtune from the rows the filter held out
 task: in_domain
@@ -53,28 +56,15 @@ metadata:
 """
 
 
-class EvaluateConfig(Section):
-    tasks: list[str] = field(..., description="lm-eval task names: registry names or tasks defined in task_dir.",
-                             min_length=1)
-    task_dir: InputDir | None = field(None, "Folder of lm-eval task YAMLs; their data files are hashed into the key.")
-    num_fewshot: int = field(0, "Few-shot examples per item, the same for base and tuned.", ge=0)
-    apply_chat_template: bool = field(True, "Render prompts with the model's chat template (base and tuned alike).")
-    fewshot_as_multiturn: bool = field(True, "With a chat template, give few-shot examples as earlier turns.")
-    system_instruction: str | None = field(None, "System instruction put in front of every prompt (base and tuned).")
-    in_domain: bool = field(
-        False, f"Also run `{IN_DOMAIN}`, built from the rows the filter held out (filter.holdout_fraction): the teacher's reply "
-        "scored by log-likelihood (acc: the student's greedy reply is the teacher's; perplexity).")
-    batch_size: int = field(16, "lm-eval batch size.", ge=1)
-    limit: int | None = field(None, "Evaluate only the first N items of each task (None: all).", ge=1)
-    seed: int = field(1234, "Seed passed to lm-eval (python, numpy, torch and few-shot sampling).")
-
-
 def key(cfg: PipelineConfig, upstream: dict[str, str]) -> str:
+    """The evaluation settings, the task YAMLs' data, lm-eval and transformers major.minor, the student,
+    the device and dtype, and the digests of the adapter's train output (`upstream['train']`; none for
+    the base model) and, with evaluate.in_domain, of the filter output that holds the in-domain rows."""
     ec = cfg.evaluate
     files = {}
     for name, (path, doc) in local_tasks(ec.task_dir).items():
         if name in ec.tasks:
-            files[name] = [sha256_file(f) for f in data_files(path, doc) if f.is_file()]
+            files[name] = [file_sha256(f) for f in data_files(path, doc) if f.is_file()]
     payload = {"evaluate": key_payload(ec), "data_files": files, "libs": stage_libs(STAGE),
                "student": fingerprint(cfg.student, cfg.student_revision), "runtime": eval_runtime()}
     if not ec.in_domain:  # base scores stay cached across nights unless they depend on the data
@@ -242,7 +232,8 @@ def _evaluate(cfg: PipelineConfig, staging: Staging, adapter: Path | None, heldo
                            task_versions=results.get("versions", {}))
 
 
-def run(cfg: PipelineConfig, store: ArtifactStore, upstream: dict[str, ArtifactRef] | None = None) -> ArtifactRef:
+def run(cfg: PipelineConfig, store: ArtifactStore, upstream: dict[str, ArtifactRef] | None = None,
+        output_key: str | None = None, rebuild: bool = False) -> ArtifactRef:
     """Evaluate the base student (no `train` upstream) or the adapter of `upstream['train']`; with
     evaluate.in_domain, on the rows `upstream['filter']` held out too."""
     upstream = upstream or {}
@@ -257,5 +248,7 @@ def run(cfg: PipelineConfig, store: ArtifactStore, upstream: dict[str, ArtifactR
             heldout = stack.enter_context(store.local_copy(source)) / "heldout.parquet" if source else None
             _evaluate(cfg, staging, adapter, heldout, train.key if train else None)
 
-    ups = {name: ref.key for name, ref in upstream.items() if name == "train" or (name == "filter" and source)}
-    return produce(store, STAGE, key(cfg, ups), ups, key_payload(cfg.evaluate), build)
+    used = {name: ref for name, ref in upstream.items() if name == "train" or (name == "filter" and source)}
+    k = output_key or key(cfg, {name: ref.digest for name, ref in used.items()})
+    return produce(store, STAGE, k, {name: ref.key for name, ref in used.items()}, key_payload(cfg.evaluate), build,
+                   rebuild)

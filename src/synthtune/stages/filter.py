@@ -15,46 +15,19 @@ import json
 import re
 from typing import TYPE_CHECKING
 
-from pydantic import model_validator
-
-from synthtune.artifacts import ArtifactRef, ArtifactStore, Staging, key_payload, produce, sha256_file, stage_key
+from synthtune.configs import FilterConfig
 from synthtune.dedup import contaminated, cross_matches, near_duplicates, ngram_index, quality_problem
+from synthtune.digests import file_sha256
 from synthtune.eval_tasks import task_data_files, task_documents
-from synthtune.fields import Section, field
+from synthtune.keys import key_payload, stage_key
 from synthtune.models import fingerprint, load_tokenizer, token_lengths
+from synthtune.store import ArtifactRef, ArtifactStore, Staging, produce
 
 if TYPE_CHECKING:
-    from synthtune.config import PipelineConfig
+    from synthtune.configs import PipelineConfig
 
 STAGE = "filter"
 VERSION = "4"
-
-
-class FilterConfig(Section):
-    quality: bool = field(True, "Drop empty responses, refusal boilerplate and runaway repetition.")
-    control_tokens: bool = field(
-        True, "Drop rows whose prompt or answer holds a special token of the student's tokenizer (a literal "
-        "`<|im_end|>`, say): through the chat template it would become a real control token.")
-    dedup: bool = field(True, "Drop rows whose prompt repeats another's after lower-casing and collapsing spaces.")
-    near_dedup: bool = field(True, "Drop near-duplicate rows (MinHash LSH over prompt + response word n-grams).")
-    near_dedup_threshold: float = field(0.7, "Estimated Jaccard similarity at which two rows are near-duplicates.",
-                                        gt=0, lt=1)
-    near_dedup_ngram: int = field(3, "Words per shingle for near-duplicate detection.", ge=1, le=16)
-    decontaminate: bool = field(True, "Drop rows sharing a long n-gram with any item of the local eval tasks.")
-    decontaminate_ngram: int = field(13, "Words in the n-gram that marks contamination.", ge=4, le=64)
-    min_judge_score: float | None = field(None, "Drop rows whose `rating` column (judge score) is below this.")
-    min_tokens: int = field(1, "Fewest response tokens (student tokenizer) a row may have.", ge=0)
-    max_tokens: int = field(1024, "Most response tokens (student tokenizer) a row may have.", ge=1)
-    holdout_fraction: float = field(
-        0.0, "Share of seeds set aside (never trained on) for evaluate's in-domain task. A seed's side is decided by a "
-        "hash of its id alone: it never moves as data grows, and all generations of one seed fall on the same side.",
-        ge=0, lt=1)
-
-    @model_validator(mode="after")
-    def _bounds(self) -> FilterConfig:
-        if self.min_tokens > self.max_tokens:
-            raise ValueError(f"min_tokens ({self.min_tokens}) is above max_tokens ({self.max_tokens})")
-        return self
 
 
 class EmptyDatasetError(RuntimeError):
@@ -62,9 +35,11 @@ class EmptyDatasetError(RuntimeError):
 
 
 def key(cfg: PipelineConfig, upstream: dict[str, str]) -> str:
+    """The filter settings, the student's tokenizer (token lengths, control tokens), the eval tasks'
+    data when decontaminating, and the generated rows' digest (`upstream['generate']`)."""
     payload = {"filter": key_payload(cfg.filter), "student": fingerprint(cfg.student, cfg.student_revision)}
     if cfg.filter.decontaminate:  # what counts as contamination is in the eval tasks' data
-        payload["eval_data"] = {str(p.name): sha256_file(p)
+        payload["eval_data"] = {str(p.name): file_sha256(p)
                                 for p in task_data_files(cfg.evaluate.tasks, cfg.evaluate.task_dir)}
     return stage_key(STAGE, VERSION, payload, upstream)
 
@@ -181,7 +156,10 @@ def holdout_leaks(train: list[dict], heldout: list[dict], cfg: FilterConfig) -> 
     return leaks
 
 
-def run(cfg: PipelineConfig, store: ArtifactStore, upstream: dict[str, ArtifactRef]) -> ArtifactRef:
+def run(cfg: PipelineConfig, store: ArtifactStore, upstream: dict[str, ArtifactRef], output_key: str | None = None,
+        rebuild: bool = False) -> ArtifactRef:
+    """Filter `upstream['generate']`'s rows (or reuse the output of the same key): kept rows, the
+    held-out rows, every reject with its filter and reason, and the funnel."""
     import pandas as pd
 
     src = upstream["generate"]
@@ -216,5 +194,5 @@ def run(cfg: PipelineConfig, store: ArtifactStore, upstream: dict[str, ArtifactR
         staging.rows.update(input=len(rows), kept=len(kept), rejected=len(rejects), heldout=len(heldout))
         staging.extra["funnel"] = funnel
 
-    ups = {"generate": src.key}
-    return produce(store, STAGE, key(cfg, ups), ups, key_payload(cfg.filter), build)
+    k = output_key or key(cfg, {"generate": src.digest})
+    return produce(store, STAGE, k, {"generate": src.key}, key_payload(cfg.filter), build, rebuild)

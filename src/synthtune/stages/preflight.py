@@ -14,24 +14,20 @@ import json
 from typing import TYPE_CHECKING
 
 from synthtune import tracking
-from synthtune.artifacts import ArtifactRef, ArtifactStore, Staging, key_payload, produce, stage_key
+from synthtune.configs import PreflightConfig
 from synthtune.eval_tasks import check_tasks
-from synthtune.fields import Section, field
+from synthtune.keys import key_payload, stage_key
 from synthtune.models import fingerprint, identity, resolve, revision_kw
+from synthtune.store import ArtifactRef, ArtifactStore, Staging, produce
 
 if TYPE_CHECKING:
-    from synthtune.config import PipelineConfig
+    from synthtune.configs import PipelineConfig
+
+__all__ = ["PreflightConfig", "PreflightError", "key", "run"]
 
 STAGE = "preflight"
 VERSION = "1"
 GiB = 1 << 30
-
-
-class PreflightConfig(Section):
-    min_free_gb: float = field(1.0, "Free disk (GiB) required at the artifact root before anything runs.", ge=0)
-    allow_remote_code: bool = field(
-        False, "Allow models whose architecture needs `trust_remote_code`. Off: such models are refused."
-    )
 
 
 class PreflightError(RuntimeError):
@@ -39,7 +35,8 @@ class PreflightError(RuntimeError):
 
 
 def key(cfg: PipelineConfig, upstream: dict[str, str]) -> str:
-    # what it checks, and nothing else: a change to, say, train.lora.r must not rerun it
+    """What preflight checks, and nothing else (a change to, say, train.lora.r must not rerun it): its
+    settings, the models, the eval tasks and the root whose disk it measures."""
     gen = cfg.generate
     payload = {
         "preflight": key_payload(cfg.preflight),
@@ -119,7 +116,12 @@ def checks(cfg: PipelineConfig, store: ArtifactStore) -> tuple[list[str], dict]:
     return problems + disk, {"free_gb": free_gb}
 
 
-def run(cfg: PipelineConfig, store: ArtifactStore, upstream: dict[str, ArtifactRef] | None = None) -> ArtifactRef:
+def run(cfg: PipelineConfig, store: ArtifactStore, upstream: dict[str, ArtifactRef] | None = None,
+        output_key: str | None = None, rebuild: bool = False) -> ArtifactRef:
+    """Run every check (or reuse a passed preflight of the same key); raises PreflightError listing
+    every problem with what to do."""
+    k = output_key or key(cfg, {})
+
     def build(staging: Staging) -> None:
         problems, facts = checks(cfg, store)
         if problems:
@@ -127,4 +129,4 @@ def run(cfg: PipelineConfig, store: ArtifactStore, upstream: dict[str, ArtifactR
         (staging.path / "report.json").write_text(json.dumps({"ok": True, **facts}, indent=2))
         staging.metrics.update(facts)
 
-    return produce(store, STAGE, key(cfg, {}), {}, key_payload(cfg.preflight), build)
+    return produce(store, STAGE, k, {}, key_payload(cfg.preflight), build, rebuild)

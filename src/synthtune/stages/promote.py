@@ -27,15 +27,16 @@ from math import comb
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pydantic import model_validator
-
 from synthtune import cards
-from synthtune.artifacts import ArtifactRef, ArtifactStore, Staging, current_run_id, key_payload, produce, stage_key
-from synthtune.fields import Section, field
+from synthtune.configs import PromoteConfig
+from synthtune.keys import key_payload, stage_key
 from synthtune.registry import Registry, champion_record, now
+from synthtune.store import ArtifactRef, ArtifactStore, Staging, current_run_id, produce
 
 if TYPE_CHECKING:
-    from synthtune.config import PipelineConfig
+    from synthtune.configs import PipelineConfig
+
+__all__ = ["PromoteConfig", "comparison", "decide", "key", "mcnemar", "run"]
 
 STAGE = "promote"
 log = logging.getLogger("synthtune.promote")
@@ -43,29 +44,9 @@ DATA_STAGES = ("template", "filter", "generate")
 VERSION = "3"
 
 
-class PromoteConfig(Section):
-    target_task: str = field(..., description="Task whose score decides promotion; must be one of evaluate.tasks.")
-    metric: str = field("acc", "Metric compared for every task, e.g. acc, acc_norm, exact_match[strict-match].")
-    min_delta: float = field(0.0, "Tuned minus base on the target task must be at least this to promote.")
-    min_delta_vs_champion: float = field(
-        0.0, "Tuned minus the champion (the adapter in service) on the target task must be at least this: 0 means at "
-        "least as good, a negative value is a tolerance.")
-    guard_tasks: list[str] = field([], "Tasks that must not get worse: each may drop by at most max_guard_drop "
-                                   "against the champion (against base before the first promotion).")
-    max_guard_drop: float = field(0.02, "Largest drop (reference minus tuned) allowed on any guard task.", ge=0)
-    require_significance: bool = field(
-        False, "Promote only when a paired McNemar test on the target task's items says the candidate's difference "
-        "from the champion (from base before the first promotion) is significant.")
-    significance_level: float = field(0.05, "p-value below which the difference counts as significant.", gt=0, lt=1)
-
-    @model_validator(mode="after")
-    def _no_guard_is_the_target(self) -> PromoteConfig:
-        if self.target_task in self.guard_tasks:
-            raise ValueError(f"'{self.target_task}' is both target_task and a guard task")
-        return self
-
-
 def key(cfg: PipelineConfig, upstream: dict[str, str]) -> str:
+    """The gate's settings and the digests of what it compares: the base, tuned and champion
+    evaluations and the candidate's train output."""
     return stage_key(STAGE, VERSION, {"promote": key_payload(cfg.promote)}, upstream)
 
 
@@ -201,14 +182,16 @@ def data_keys(store: ArtifactStore, train: ArtifactRef) -> dict[str, str]:
     return store.lineage("train", train.key, DATA_STAGES)
 
 
-def run(cfg: PipelineConfig, store: ArtifactStore, upstream: dict[str, ArtifactRef]) -> ArtifactRef:
+def run(cfg: PipelineConfig, store: ArtifactStore, upstream: dict[str, ArtifactRef], output_key: str | None = None,
+        rebuild: bool = False) -> ArtifactRef:
     """Decide on upstream['tuned'] (the adapter of upstream['train']) against upstream['base'] and, when
-    there is one, upstream['champion'] (the champion's evaluation under the same flags)."""
+    there is one, upstream['champion'] (the champion's evaluation under the same flags); the decision
+    goes to the registry."""
     base, tuned, train = upstream["base"], upstream["tuned"], upstream["train"]
     champion_eval = upstream.get("champion")
     pc = cfg.promote
     ups = {name: ref.key for name, ref in upstream.items()}
-    k = key(cfg, ups)
+    k = output_key or key(cfg, {name: ref.digest for name, ref in upstream.items()})
 
     def build(staging: Staging) -> None:
         b, t = base.summary["scores"], tuned.summary["scores"]
@@ -226,7 +209,7 @@ def run(cfg: PipelineConfig, store: ArtifactStore, upstream: dict[str, ArtifactR
         chart(rows, staging.path / "comparison.png", f"{cfg.name}: base vs champion vs tuned" if c else
               f"{cfg.name}: base vs tuned")
         adapter = store.uri(train.stage, train.key, "adapter")
-        if promoted and not store.fs.exists(store._path(train.stage, train.key, "adapter")):
+        if promoted and not store.fs.exists(store.path(train.stage, train.key, "adapter")):
             raise FileNotFoundError(f"refusing to promote {train.key}: its adapter is missing at {adapter}; rerun train")
         event = {"id": k, "run_id": current_run_id(), "pipeline": cfg.name, "student": cfg.student, "train_key": train.key,
                  "adapter": adapter, "data_keys": data_keys(store, train), "config_sha256": config_sha256(cfg),
@@ -244,7 +227,7 @@ def run(cfg: PipelineConfig, store: ArtifactStore, upstream: dict[str, ArtifactR
                                p_value=paired[2], train_key=train.key,
                                flips={task: {k_: len(v) for k_, v in f.items()} for task, f in flipped.items()})
 
-    return produce(store, STAGE, k, ups, key_payload(cfg.promote), build)
+    return produce(store, STAGE, k, ups, key_payload(cfg.promote), build, rebuild)
 
 
 def _complete_card(store: ArtifactStore, train: ArtifactRef, name: str, rows: list[dict], promoted: bool,
@@ -252,7 +235,7 @@ def _complete_card(store: ArtifactStore, train: ArtifactRef, name: str, rows: li
     """The adapter's model card gains its evaluation table and verdict."""
     rel = "adapter/README.md"
     try:
-        card = store.fs.cat_file(store._path(train.stage, train.key, rel)).decode()
+        card = store.fs.cat_file(store.path(train.stage, train.key, rel)).decode()
         store.annotate(train.stage, train.key, rel, cards.with_evaluation(card, name, rows, promoted, reasons))
     except (FileNotFoundError, ValueError, AttributeError) as e:  # a card another version wrote: leave it
         log.warning("model card of %s not completed: %s", train.key, e)

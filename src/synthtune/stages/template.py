@@ -17,16 +17,17 @@ import gc
 import json
 import logging
 import os
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
-from synthtune.artifacts import ArtifactRef, ArtifactStore, Staging, key_payload, produce, stage_key
 from synthtune.chat import CHUNK, ChatEncoder, RowError, TemplateError, to_messages
-from synthtune.fields import InputFile, Section, field
+from synthtune.configs import TemplateConfig
+from synthtune.keys import key_payload, stage_key
 from synthtune.models import fingerprint, load_tokenizer
+from synthtune.store import ArtifactRef, ArtifactStore, Staging, produce
 from synthtune.versions import stage_libs
 
 if TYPE_CHECKING:
-    from synthtune.config import PipelineConfig
+    from synthtune.configs import PipelineConfig
 
 STAGE = "template"
 PREVIEW = 5  # rows kept in preview.json
@@ -36,26 +37,9 @@ log = logging.getLogger("synthtune.template")
 __all__ = ["TemplateConfig", "TemplateError", "run", "key"]
 
 
-class TemplateConfig(Section):
-    max_length: int = field(1024, "Most tokens per templated row (TRL's `max_length`).", ge=8)
-    max_prompt_length: int | None = field(
-        None, "Preference data: most prompt tokens (TRL 1.x has no such limit; it is enforced here). "
-        "None: half of max_length.", ge=1)
-    truncation: Literal["drop", "truncate", "error"] = field(
-        "drop",
-        "Rows over the limits: `drop` them, `truncate` them (keep the start of a reply, the end of a prompt; rows "
-        "left with no trained token are dropped), or fail with `error`. Every case is counted in the report.",
-    )
-    system_prompt: str | None = field(None, "System prompt put in front of every conversation.")
-    chat_template: InputFile | None = field(
-        None, "A Jinja chat template file used instead of the tokenizer's (its contents are in the cache key).")
-    warn_cut_share: float = field(
-        0.01, "Above this share of rows cut or dropped for length, the report warns loudly.", ge=0, le=1,
-        affects_output=False)
-
-
 def key(cfg: PipelineConfig, upstream: dict[str, str]) -> str:
-    # the student fingerprint hashes its tokenizer files, chat template included
+    """The template settings, the student (its fingerprint hashes its tokenizer files, chat template
+    included), tokenizers and transformers major.minor, and the filtered rows' digest."""
     payload = {"template": key_payload(cfg.template), "libs": stage_libs(STAGE),
                "student": fingerprint(cfg.student, cfg.student_revision)}
     return stage_key(STAGE, VERSION, payload, upstream)
@@ -303,7 +287,9 @@ def preview(cfg: PipelineConfig, folder, n: int) -> list[tuple[str, list[tuple[s
     return [(r["id"], segments(tok, r["input_ids"], r["assistant_masks"])) for r in rows]
 
 
-def run(cfg: PipelineConfig, store: ArtifactStore, upstream: dict[str, ArtifactRef]) -> ArtifactRef:
+def run(cfg: PipelineConfig, store: ArtifactStore, upstream: dict[str, ArtifactRef], output_key: str | None = None,
+        rebuild: bool = False) -> ArtifactRef:
+    """Render, tokenize and mask `upstream['filter']`'s kept rows (or reuse the output of the same key)."""
     import pandas as pd
 
     src = upstream["filter"]
@@ -313,5 +299,5 @@ def run(cfg: PipelineConfig, store: ArtifactStore, upstream: dict[str, ArtifactR
             rows = pd.read_parquet(folder / "data.parquet").to_dict("records")
         _template(cfg, staging, rows)
 
-    ups = {"filter": src.key}
-    return produce(store, STAGE, key(cfg, ups), ups, key_payload(cfg.template), build)
+    k = output_key or key(cfg, {"filter": src.digest})
+    return produce(store, STAGE, k, {"filter": src.key}, key_payload(cfg.template), build, rebuild)

@@ -28,16 +28,19 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 from synthtune import cards
-from synthtune.artifacts import ArtifactRef, ArtifactStore, Staging, key_payload, produce, stage_key
-from synthtune.fields import Section, field
+from synthtune.configs import LoraParams, TrainConfig
+from synthtune.keys import key_payload, stage_key
 from synthtune.models import fingerprint, resolve, revision_kw
+from synthtune.store import ArtifactRef, ArtifactStore, Staging, produce
 from synthtune.versions import stage_libs
 
 if TYPE_CHECKING:
-    from synthtune.config import PipelineConfig
+    from synthtune.configs import PipelineConfig
+
+__all__ = ["LoraParams", "TrainConfig", "export_merged", "key", "run"]
 
 STAGE = "train"
 VERSION = "3"
@@ -48,50 +51,6 @@ log = logging.getLogger("synthtune.train")
 
 # Dense bf16 peak FLOP/s by device name, for MFU. Unknown devices report MFU as None.
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12}
-
-
-class LoraParams(Section):
-    r: int = field(16, "LoRA rank.", ge=1, le=1024)
-    alpha: int = field(32, "LoRA alpha (scale = alpha / r, or alpha / sqrt(r) with rsLoRA).", ge=1)
-    dropout: float = field(0.0, "Dropout on the LoRA path.", ge=0, lt=1)
-    target_modules: str | list[str] = field(
-        "all-linear", "Modules to adapt: `all-linear` or a list of module names such as [q_proj, v_proj]."
-    )
-    use_dora: bool = field(False, "Weight-decomposed LoRA (DoRA).")
-    use_rslora: bool = field(False, "Rank-stabilised scaling alpha / sqrt(r).")
-
-
-class TrainConfig(Section):
-    mode: Literal["sft", "dpo"] = field("sft", "`sft` on conversations, or `dpo` on chosen/rejected pairs.")
-    quantization: Literal["auto", "nf4", "none"] = field(
-        "auto", "`nf4`: QLoRA (4-bit NF4 base). `none`: LoRA on a full-precision base. `auto`: nf4 when CUDA is present.",
-        resolved=True)
-    lora: LoraParams = field(default_factory=LoraParams, description="LoRA adapter settings.")
-    learning_rate: float = field(2e-4, "Peak learning rate.", gt=0, le=1)
-    epochs: float = field(1.0, "Passes over the training data (ignored when max_steps > 0).", gt=0)
-    max_steps: int = field(-1, "Optimizer steps to run; -1 runs `epochs` instead.", ge=-1)
-    batch_size: int = field(4, "Micro-batch size per device (halved on CUDA out-of-memory).", ge=1)
-    gradient_accumulation_steps: int = field(1, "Micro-batches per optimizer step.", ge=1)
-    auto_micro_batch: bool = field(
-        True, "On CUDA, choose the micro-batch and accumulation (same effective batch, batch_size x "
-        "gradient_accumulation_steps) from the memory estimate: the largest that fits without activation "
-        "checkpointing, else with it.", affects_output=False)
-    memory_budget: float = field(0.6, "Share of the GPU's memory the plan may use.", gt=0, le=1, affects_output=False)
-    warmup_ratio: float = field(0.0, "Share of optimizer steps spent warming up the learning rate.", ge=0, lt=1)
-    beta: float = field(0.1, "DPO beta: how far the policy may move from the reference.", gt=0)
-    seed: int = field(0, "Random seed for initialisation and data order.")
-    packing: bool | None = field(
-        None, "Pack rows into max_length blocks. None: on when CUDA and FlashAttention (no cross-row attention) exist.",
-        resolved=True)
-    liger: bool | None = field(None, "Liger kernels. None: on when CUDA is present and liger-kernel is installed.",
-                               resolved=True)
-    merge: bool = field(False, "Also export the base with the adapter merged in (safetensors).")
-    logging_steps: int = field(5, "Log the loss every this many steps.", ge=1, affects_output=False)
-    save_steps: int = field(50, "Save a checkpoint every this many steps.", ge=1, affects_output=False)
-    save_total_limit: int = field(2, "Checkpoints kept on disk.", ge=1, affects_output=False)
-    num_processes: int = field(
-        1, "GPUs to train on: above 1 the child is started with `accelerate launch` (DDP; FSDP for QLoRA).",
-        ge=1, affects_output=False)
 
 
 @dataclass(frozen=True)
@@ -135,8 +94,10 @@ def resolve_runtime(tc: TrainConfig) -> Runtime:
 
 
 def key(cfg: PipelineConfig, upstream: dict[str, str]) -> str:
-    # max_length is the template stage's, already part of its key through upstream; quantization,
-    # packing and liger enter through what they resolve to here
+    """The train settings (quantization, packing and liger by what they resolve to on this machine),
+    the student, trl/peft/transformers/bitsandbytes major.minor, and the templated rows' digest
+    (max_length is the template stage's, in that digest). `train.merge` is not in it: the merged
+    export is added to a finished adapter without retraining (`export_merged`)."""
     payload = {"train": key_payload(cfg.train), "libs": stage_libs(STAGE),
                "student": fingerprint(cfg.student, cfg.student_revision),
                "runtime": asdict(resolve_runtime(cfg.train))}
@@ -493,10 +454,6 @@ def _train(cfg: PipelineConfig, store: ArtifactStore, staging: Staging, data_dir
         rc = run_child(launch_command(spec, tc.num_processes, runtime.four_bit), work / "progress.jsonl")
         if rc == 0:
             break
-        if rc == SERVING_EXIT:
-            from synthtune.serving import ServingError
-
-            raise ServingError((work / "error.txt").read_text())
         if rc == OOM_EXIT and attempt < MAX_OOM_RETRIES and (plan := next_batch_plan(batch, accum)):
             log.warning("out of memory at micro-batch %d: retrying with micro-batch %d x accumulation %d",
                         batch, *plan)
@@ -507,8 +464,6 @@ def _train(cfg: PipelineConfig, store: ArtifactStore, staging: Staging, data_dir
     metrics = json.loads((final / "metrics.json").read_text())
     history = json.loads((final / "loss_history.json").read_text())
     shutil.copytree(final / "adapter", staging.path / "adapter")
-    if (final / "merged").is_dir():
-        shutil.copytree(final / "merged", staging.path / "merged")
     lineage = {"template": data_key, **store.lineage("template", data_key, ("filter", "generate"))}
     from synthtune.config import to_yaml
 
@@ -522,19 +477,63 @@ def _train(cfg: PipelineConfig, store: ArtifactStore, staging: Staging, data_dir
     staging.metrics.update(metrics, base_params=base_params, lora_params=lora_params)
 
 
-def run(cfg: PipelineConfig, store: ArtifactStore, upstream: dict[str, ArtifactRef]) -> ArtifactRef:
+def run(cfg: PipelineConfig, store: ArtifactStore, upstream: dict[str, ArtifactRef], output_key: str | None = None,
+        rebuild: bool = False) -> ArtifactRef:
+    """Train an adapter on `upstream['template']`'s rows (or reuse the output of the same key; a retry
+    resumes from the newest valid checkpoint), then, with train.merge, add the merged export."""
     src = upstream["template"]
-    ups = {"template": src.key}
-    k = key(cfg, ups)
+    k = output_key or key(cfg, {"template": src.digest})
 
     def build(staging: Staging) -> None:
         with store.local_copy(src) as folder:
             _train(cfg, store, staging, folder, k, src.key)
 
-    ref = produce(store, STAGE, k, ups, key_payload(cfg.train), build)
+    ref = produce(store, STAGE, k, {"template": src.key}, key_payload(cfg.train), build, rebuild)
     work = work_dir(store, k)
     shutil.rmtree(work, ignore_errors=True)  # committed: checkpoints no longer needed
     with contextlib.suppress(OSError):  # and the .work folder itself once no other run uses it
         work.parent.rmdir()
+    if cfg.train.merge:
+        ref = export_merged(cfg, store, ref, src)
     return ref
 
+
+MERGED = "merged"
+
+
+def export_merged(cfg: PipelineConfig, store: ArtifactStore, ref: ArtifactRef, data: ArtifactRef) -> ArtifactRef:
+    """The base with the adapter merged in (safetensors, bf16 or fp32), added to the finished train
+    output `ref` as `merged/`, once. The adapter is loaded onto the unquantized base, greedy tokens on
+    8 held prompts from `data` are generated by it and by the export as saved and loaded again, and
+    must be identical: the first prompt that differs raises ServingError naming it. The output's key
+    and digest stay: the adapter did not change."""
+    from synthtune.serving import ServingError
+
+    with store.key_lock(STAGE, ref.key):
+        manifest = store.manifest(STAGE, ref.key)
+        if any(rel.startswith(f"{MERGED}/") for rel in manifest["files"]):
+            return ref
+        work = work_dir(store, ref.key) / "merge"
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        try:
+            with store.local_copy(ref) as out, store.local_copy(data) as rows:
+                spec = work / "spec.json"
+                spec.write_text(json.dumps({"cfg": cfg.model_dump(mode="json"), "adapter": str(out / "adapter"),
+                                            "data": str(rows / "data.parquet"), "out": str(work),
+                                            "runtime": asdict(resolve_runtime(cfg.train))}))
+                rc = run_child([sys.executable, "-m", CHILD, "--merge", str(spec)])
+            if rc == SERVING_EXIT:
+                raise ServingError((work / "error.txt").read_text())
+            if rc:
+                raise RuntimeError(f"merging {ref.key}'s adapter into the base failed (exit code {rc}); the child's "
+                                   "error is in the run's log")
+            parity = json.loads((work / "parity.json").read_text())
+            serving = {**manifest["metrics"]["serving"], "merge_parity": parity}
+            card = store.fs.cat_file(store.path(STAGE, ref.key, "adapter", "README.md")).decode()
+            store.amend(STAGE, ref.key, held=True, folders={MERGED: work / MERGED},
+                        texts={"adapter/README.md": cards.with_serving(card, serving)}, metrics={"serving": serving})
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    log.info("train/%s: merged export added (%d held prompts identical)", ref.key, parity["identical"])
+    return store.ref(STAGE, ref.key)

@@ -1,9 +1,10 @@
-"""Artifact store on fsspec, and the one cache key every stage (and every Prefect task) uses.
+"""The artifact store on fsspec, and `produce`: the one place that decides whether an output is
+already done.
 
 Layout: `{root}/{stage}/{key}/...files..., manifest.json`. A stage writes into a local staging
 folder, the files are copied to their final place, and `manifest.json` is written last: a folder
-without a manifest is unfinished and is never read. `{root}/latest.json` is the explicit pointer
-to the promoted adapter.
+without a manifest is unfinished and is never read. An output is reused only while its files match
+its manifest; the manifest is the only cache (no orchestrator keeps another).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import shutil
 import subprocess
 import tempfile
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,84 +28,27 @@ from typing import Any
 import fsspec
 from pydantic import BaseModel
 
-from synthtune.atomic import lock
+from synthtune.atomic import is_local, lock, write_bytes
 from synthtune.digests import file_sha256, remember, stream_sha256
-from synthtune.fields import content_kind, field_flags
+from synthtune.keys import output_digest
 
-log = logging.getLogger("synthtune.artifacts")
+log = logging.getLogger("synthtune.store")
 MANIFEST = "manifest.json"
-LATEST = "latest.json"
 _VERSIONED_LIBS = ("synthtune", "torch", "transformers", "trl", "peft", "datasets", "distilabel", "lm_eval",
                    "bitsandbytes", "accelerate", "prefect")
 
 
 class ArtifactRef(BaseModel):
-    """A finished stage output: where it is and what it holds (what Prefect passes between tasks)."""
+    """A finished stage output: where it is, what it holds (what the orchestrator passes between steps),
+    its content digest (what downstream keys cover) and whether this run reused it."""
 
     stage: str
     key: str
     uri: str
+    digest: str = ""
+    reused: bool = False
     summary: dict[str, Any] = {}
 
-
-# ---------------------------------------------------------------- cache keys
-
-def sha256_file(path: str | Path) -> str:
-    with open(path, "rb") as f:
-        return stream_sha256(f)
-
-
-def sha256_dir(path: str | Path) -> str:
-    """Contents of every file below `path` (names relative to it), in a stable order."""
-    h = hashlib.sha256()
-    root = Path(path)
-    for p in sorted(q for q in root.rglob("*") if q.is_file()):
-        h.update(str(p.relative_to(root)).encode() + b"\0" + sha256_file(p).encode() + b"\0")
-    return h.hexdigest()
-
-
-def key_payload(section: BaseModel) -> dict[str, Any]:
-    """A config section as key material: fields marked `affects_output=False` or `resolved` dropped, input
-    files and folders replaced by the sha256 of their contents (so moving a file changes nothing,
-    editing it changes the key)."""
-    out: dict[str, Any] = {}
-    for name, info in type(section).model_fields.items():
-        flags = field_flags(info)
-        if flags.get("affects_output") is False or flags.get("resolved"):
-            continue
-        value = getattr(section, name)
-        content = content_kind(info.rebuild_annotation())
-        if value is None:
-            out[name] = None
-        elif isinstance(value, BaseModel):
-            out[name] = key_payload(value)
-        elif content == "sources":
-            from synthtune.seeds import fingerprint
-
-            out[name] = {"files": fingerprint(value)}
-        elif content == "file":
-            out[name] = {"sha256": sha256_file(value)}
-        elif content == "dir" or (content == "path" and Path(value).is_dir()):
-            out[name] = {"sha256": sha256_dir(value)}
-        elif content == "path":
-            out[name] = {"sha256": sha256_file(value)}
-        else:
-            out[name] = section.__pydantic_serializer__.to_python(section, mode="json", include={name})[name]
-    return out
-
-
-def stage_key(stage: str, version: str, payload: dict[str, Any], upstream: dict[str, str]) -> str:
-    """The cache key of a stage output: sha256 over stage name, stage code version, the config that
-    affects it (with file contents), the model identities it uses and its upstream keys."""
-    blob = json.dumps(
-        {"stage": stage, "version": version, "config": payload, "upstream": dict(sorted(upstream.items()))},
-        sort_keys=True,
-        default=str,
-    )
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-# ---------------------------------------------------------------- store
 
 def library_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
@@ -179,14 +122,15 @@ class ArtifactStore:
     def __init__(self, root: str):
         self.root_url = root
         self.fs, path = fsspec.core.url_to_fs(root)
-        self.local = self.fs.protocol in ("file", "local") or "file" in self.fs.protocol
+        self.local = is_local(self.fs)
         self.root = os.path.abspath(path) if self.local else path.rstrip("/")
 
     def uri(self, *parts: str) -> str:
         path = "/".join([self.root, *parts])
         return path if self.local else self.fs.unstrip_protocol(path)
 
-    def _path(self, *parts: str) -> str:
+    def path(self, *parts: str) -> str:
+        """The path of `{root}/{parts...}` on the store's filesystem (what its `fs` methods take)."""
         return "/".join([self.root, *parts])
 
     def _read_json(self, path: str) -> dict | None:
@@ -197,13 +141,15 @@ class ArtifactStore:
 
     def manifest(self, stage: str, key: str) -> dict | None:
         """The manifest of a finished output, or None when it is missing or unfinished."""
-        return self._read_json(self._path(stage, key, MANIFEST))
+        return self._read_json(self.path(stage, key, MANIFEST))
 
-    def ref(self, stage: str, key: str) -> ArtifactRef | None:
+    def ref(self, stage: str, key: str, reused: bool = False) -> ArtifactRef | None:
+        """The finished output `stage/key` (None when it is missing or unfinished)."""
         m = self.manifest(stage, key)
         if m is None:
             return None
-        return ArtifactRef(stage=stage, key=key, uri=self.uri(stage, key), summary=m.get("summary", {}))
+        return ArtifactRef(stage=stage, key=key, uri=self.uri(stage, key), summary=m.get("summary", {}),
+                           digest=m.get("digest") or output_digest(m.get("files", {})), reused=reused)
 
     @contextlib.contextmanager
     def writing(self, stage: str, key: str, upstream: dict[str, str], config: dict) -> Iterator[Staging]:
@@ -214,21 +160,20 @@ class ArtifactStore:
         try:
             yield staging
             files = {
-                str(p.relative_to(tmp)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+                str(p.relative_to(tmp)): {"sha256": file_sha256(p), "bytes": p.stat().st_size}
                 for p in sorted(tmp.rglob("*"))
                 if p.is_file()
             }
-            final = self._path(stage, key)
-            if self.fs.exists(self._path(stage, key, MANIFEST)):
+            final = self.path(stage, key)
+            if self.fs.exists(self.path(stage, key, MANIFEST)):
                 return  # a concurrent run (same key, same inputs) finished it first: keep theirs whole
             if self.fs.exists(final):  # leftovers of a crashed attempt: never finished, safe to replace
                 self.fs.rm(final, recursive=True)
             self.fs.makedirs(final, exist_ok=True)
             for rel, meta in files.items():
-                self.fs.makedirs(os.path.dirname(self._path(stage, key, rel)), exist_ok=True)
-                self.fs.put_file(str(tmp / rel), self._path(stage, key, rel))
-                if self.local:  # the digest is known: checking this output later costs a stat, not a read
-                    remember(self._path(stage, key, rel), meta["sha256"])
+                self.fs.makedirs(os.path.dirname(self.path(stage, key, rel)), exist_ok=True)
+                self.fs.put_file(str(tmp / rel), self.path(stage, key, rel))
+                self._committed(self.path(stage, key, rel), meta["sha256"], meta["bytes"])
             manifest = {
                 "stage": stage,
                 "key": key,
@@ -242,14 +187,15 @@ class ArtifactStore:
                 "metrics": staging.metrics,
                 "summary": {"rows": staging.rows, **staging.metrics},
                 "files": files,
+                "digest": output_digest(files),
                 **staging.extra,
             }
-            self._write_json(self._path(stage, key, MANIFEST), manifest)
+            self._write_json(self.path(stage, key, MANIFEST), manifest)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
     def key_lock_path(self, stage: str, key: str) -> str:
-        return self._path(".locks", f"{stage}-{key}.lock")
+        return self.path(".locks", f"{stage}-{key}.lock")
 
     def key_lock(self, stage: str, key: str, on_wait=None):
         """The lock of output `stage/key` on this root: one producer (or annotator) at a time, across
@@ -268,27 +214,44 @@ class ArtifactStore:
         return keys
 
     def annotate(self, stage: str, key: str, rel: str, text: str) -> None:
-        """Rewrite one documentation file of a finished output (a model card gaining its evaluation)
-        and its manifest entry, under the output's lock, so the output stays intact by its manifest.
-        Only for files nothing downstream reads: the output's key does not change."""
-        with self.key_lock(stage, key):
+        """Rewrite one documentation file of a finished output (a model card gaining its evaluation)."""
+        self.amend(stage, key, texts={rel: text})
+
+    def amend(self, stage: str, key: str, texts: dict[str, str] | None = None, folders: dict[str, Path] | None = None,
+              metrics: dict[str, Any] | None = None, held: bool = False) -> None:
+        """Add to a finished output what does not change what it is: documentation files rewritten
+        (`texts`, relative path -> text; files nothing downstream reads), folders added (`folders`,
+        relative path -> local folder: a merged export), manifest metrics merged in. The manifest's file
+        list follows, so the output stays intact by its manifest; its key and digest do not change.
+        Under the output's lock, unless the caller holds it (`held`)."""
+        with contextlib.nullcontext() if held else self.key_lock(stage, key):
             manifest = self.manifest(stage, key)
-            if manifest is None or rel not in manifest.get("files", {}):
-                raise FileNotFoundError(f"{self.uri(stage, key, rel)} is not a file of a finished output")
-            data = text.encode()
-            path = self._path(stage, key, rel)
-            if self.local:
-                tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                os.replace(tmp, path)
-            else:
-                self.fs.pipe_file(path, data)
-            digest = hashlib.sha256(data).hexdigest()
-            if self.local:
-                remember(path, digest)
-            manifest["files"][rel] = {"sha256": digest, "bytes": len(data)}
-            self._write_json(self._path(stage, key, MANIFEST), manifest)
+            if manifest is None:
+                raise FileNotFoundError(f"{self.uri(stage, key)} is not a finished output")
+            for rel, text in (texts or {}).items():
+                if rel not in manifest.get("files", {}):
+                    raise FileNotFoundError(f"{self.uri(stage, key, rel)} is not a file of a finished output")
+                data = text.encode()
+                write_bytes(self.fs, self.path(stage, key, rel), data)
+                manifest["files"][rel] = self._committed(self.path(stage, key, rel), hashlib.sha256(data).hexdigest(),
+                                                         len(data))
+            for prefix, folder in (folders or {}).items():
+                for p in sorted(q for q in folder.rglob("*") if q.is_file()):
+                    rel = f"{prefix}/{p.relative_to(folder)}"
+                    target = self.path(stage, key, rel)
+                    self.fs.makedirs(os.path.dirname(target), exist_ok=True)
+                    self.fs.put_file(str(p), target)
+                    manifest["files"][rel] = self._committed(target, file_sha256(p), p.stat().st_size)
+            if metrics:
+                manifest["metrics"] = {**manifest.get("metrics", {}), **metrics}
+                manifest["summary"] = {**manifest.get("summary", {}), **metrics}
+            self._write_json(self.path(stage, key, MANIFEST), manifest)
+
+    def _committed(self, path: str, digest: str, size: int) -> dict:
+        """A file's manifest entry; on a local root its digest is remembered (checking it later costs a stat)."""
+        if self.local:
+            remember(path, digest)
+        return {"sha256": digest, "bytes": size}
 
     def problems(self, stage: str, key: str, full: bool = False) -> list[str]:
         """How the files of a finished output differ from its manifest: missing, another size, or
@@ -297,7 +260,7 @@ class ArtifactStore:
         manifest = self.manifest(stage, key)
         if manifest is None:
             return [f"{stage}/{key} is not finished (no {MANIFEST})"]
-        base = self._path(stage, key)
+        base = self.path(stage, key)
         try:
             found = {p[len(base):].lstrip("/"): info for p, info in self.fs.find(base, detail=True).items()}
         except FileNotFoundError:
@@ -310,7 +273,7 @@ class ArtifactStore:
             elif int(info.get("size") or 0) != meta["bytes"]:
                 out.append(f"{rel} is {info.get('size')} bytes, its manifest says {meta['bytes']}")
             elif full or self.local:
-                digest = self._sha256(self._path(stage, key, rel), cached=not full)
+                digest = self._sha256(self.path(stage, key, rel), cached=not full)
                 if digest != meta["sha256"]:
                     out.append(f"{rel} was changed after it was written (sha256 differs from its manifest)")
         return out
@@ -323,20 +286,12 @@ class ArtifactStore:
 
     def remove(self, *parts: str) -> None:
         """Delete `{root}/{parts...}` (a file or a folder) if it is there."""
-        path = self._path(*parts)
+        path = self.path(*parts)
         if self.fs.exists(path):
             self.fs.rm(path, recursive=True)
 
     def _write_json(self, path: str, obj: Any) -> None:
-        # write-then-rename where the filesystem has rename; object stores put whole objects anyway
-        if self.local:
-            tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-            with open(tmp, "w") as f:
-                json.dump(obj, f, indent=2, default=str)
-            os.replace(tmp, path)
-        else:
-            with self.fs.open(path, "w") as f:
-                json.dump(obj, f, indent=2, default=str)
+        write_bytes(self.fs, path, json.dumps(obj, indent=2, default=str).encode())
 
     @contextlib.contextmanager
     def local_copy(self, ref: ArtifactRef) -> Iterator[Path]:
@@ -347,30 +302,23 @@ class ArtifactStore:
                 f"(no {MANIFEST}); rerun the {ref.stage} stage"
             )
         if self.local:
-            yield Path(self._path(ref.stage, ref.key))
+            yield Path(self.path(ref.stage, ref.key))
             return
         tmp = staging_dir(ref.stage)
         try:
-            self.fs.get(self._path(ref.stage, ref.key) + "/", str(tmp), recursive=True)
+            self.fs.get(self.path(ref.stage, ref.key) + "/", str(tmp), recursive=True)
             yield tmp
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
     def read_json(self, parts: tuple[str, ...]) -> dict | None:
         """A small JSON file under the root (None when missing)."""
-        return self._read_json(self._path(*parts))
+        return self._read_json(self.path(*parts))
 
     def write_json(self, parts: tuple[str, ...], obj: Any) -> None:
         """A small JSON file under the root, replaced whole."""
-        self.fs.makedirs(os.path.dirname(self._path(*parts)), exist_ok=True)
-        self._write_json(self._path(*parts), obj)
-
-    def read_latest(self) -> dict | None:
-        return self._read_json(self._path(LATEST))
-
-    def write_latest(self, pointer: dict) -> None:
-        self.fs.makedirs(self.root, exist_ok=True)
-        self._write_json(self._path(LATEST), pointer)
+        self.fs.makedirs(os.path.dirname(self.path(*parts)), exist_ok=True)
+        self._write_json(self.path(*parts), obj)
 
     def free_bytes(self) -> int | None:
         """Free space at the root for local folders; None for object stores (no such limit)."""
@@ -382,29 +330,23 @@ class ArtifactStore:
         return shutil.disk_usage(p).free
 
 
-# (stage, key) pairs this run must rebuild even if finished (`synthtune run --refresh STAGE`)
-REBUILD: contextvars.ContextVar[frozenset[tuple[str, str]]] = contextvars.ContextVar("synthtune_rebuild",
-                                                                                   default=frozenset())
-
-
-def produce(store: ArtifactStore, stage: str, key: str, upstream: dict[str, str], config: dict,
-            build) -> ArtifactRef:
-    """Return the finished output `{stage}/{key}` if its files match its manifest; else run
-    `build(staging)` and commit what it wrote. The one place that decides skip-or-run, with or
-    without Prefect. An output whose files were changed, truncated or deleted since it was written is
-    never used: it is rebuilt, with a log line saying why."""
-    rebuild = (stage, key) in REBUILD.get()
-    ref = store.ref(stage, key)
-    if ref is not None and not rebuild and not store.problems(stage, key):
+def produce(store: ArtifactStore, stage: str, key: str, upstream: dict[str, str], config: dict, build,
+            rebuild: bool = False) -> ArtifactRef:
+    """The finished output `{stage}/{key}` if its files match its manifest (`reused` set), else what
+    `build(staging)` writes, committed. The one place that decides skip-or-run, with or without an
+    orchestrator. An output whose files were changed, truncated or deleted since it was written is
+    never used: it is rebuilt, with a log line saying why; so is one `rebuild` asks for (--refresh).
+    `upstream` ({name: key}) is recorded in the manifest, for lineage."""
+    ref = None if rebuild else store.ref(stage, key, reused=True)
+    if ref is not None and not store.problems(stage, key):
         return ref
     # one producer per output, across runs and machines sharing the root: the others wait, then reuse
     with store.key_lock(stage, key, on_wait=lambda holder: log.info(
             "%s/%s is being produced by another run (%s): waiting for it", stage, key, holder)):
-        ref = store.ref(stage, key)
-        if ref is not None:
+        if store.manifest(stage, key) is not None:
             bad = ["rebuild asked for (--refresh)"] if rebuild else store.problems(stage, key)
             if not bad:
-                return ref  # another run finished it while this one waited
+                return store.ref(stage, key, reused=True)  # another run finished it while this one waited
             log.warning("%s/%s: %s; rebuilding it", stage, key, "; ".join(bad[:3]))
             store.remove(stage, key, MANIFEST)  # first: a half-removed output never looks finished
             store.remove(stage, key)

@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-TEMPLATES = Path(__file__).resolve().parent / "templates"
+TEMPLATES = Path(__file__).resolve().parents[1] / "templates"
 LLAMA3 = dict(bos="<|begin_of_text|>", eos="<|eot_id|>", eot="<|eot_id|>")
 QWEN = dict(bos=None, eos="<|im_end|>", eot="<|im_end|>", specials=("<|endoftext|>",))
 GEMMA = dict(bos="<bos>", eos="<eos>", eot="<end_of_turn>")

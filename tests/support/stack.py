@@ -5,14 +5,14 @@ Debian's `postgresql` package, which .ci/run installs), with the server settings
 (concurrency leases on disk) and the scheduler running every second; the work pools of
 deployments/job-templates, one process worker per pool, and the deployments applied with
 `prefect deploy --prefect-file deployments/prefect.yaml --all`, as the README says. Optionally an
-S3-compatible server (moto) that the workers' flow runs can reach.
+S3-compatible server (moto) that the workers' flow runs can reach; and the API helpers the ops
+and ui tiers share.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -20,74 +20,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from synthtune.server import free_port, wait_healthy
+from tests.support import ROOT
+from tests.support.servers import postgres
+
 BIN = Path(sys.executable).parent
 FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, timeout: float, proc: subprocess.Popen, log: Path) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args} exited {proc.returncode}:\n{log.read_text()[-3000:]}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(url, timeout=2).status_code < 500:
-                return
-        time.sleep(0.5)
-    raise TimeoutError(f"{url} not up after {timeout} s:\n{log.read_text()[-3000:]}")
-
-
-def pg_bindir() -> Path:
-    """The PostgreSQL server binaries (Debian keeps them out of PATH, in /usr/lib/postgresql/<v>/bin)."""
-    import shutil
-
-    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name))
-    if versions:
-        return versions[-1]
-    if found := shutil.which("pg_ctl"):
-        return Path(found).resolve().parent
-    raise RuntimeError("PostgreSQL is not installed: apt-get install postgresql (.ci/run does)")
-
-
-@contextlib.contextmanager
-def postgres() -> Iterator[str]:
-    """A throwaway PostgreSQL cluster on 127.0.0.1 (fsync off: a test's data need not survive a power cut);
-    yields the SQLAlchemy URL of its `prefect` database. initdb refuses to run as root: as root, the
-    cluster runs as the `postgres` user in a folder that user owns."""
-    import shutil
-    import tempfile
-
-    bindir, port = pg_bindir(), free_port()
-    folder = Path(tempfile.mkdtemp(prefix="synthtune-pg-"))
-    as_user: list[str] = []
-    if os.geteuid() == 0:
-        shutil.chown(folder, "postgres")
-        as_user = ["runuser", "-u", "postgres", "--"]
-
-    def pg(*args: str) -> None:
-        done = subprocess.run([*as_user, *args], capture_output=True, text=True, timeout=120)
-        if done.returncode:
-            raise RuntimeError(f"{' '.join(args)} failed ({done.returncode}): {done.stdout[-2000:]}{done.stderr[-2000:]}")
-
-    data = folder / "data"
-    try:
-        pg(str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync")
-        pg(str(bindir / "pg_ctl"), "-D", str(data), "-l", str(folder / "postgres.log"), "-w", "-o",
-           f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200", "start")
-        pg(str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "prefect")
-        yield f"postgresql+asyncpg://postgres@127.0.0.1:{port}/prefect"
-    finally:
-        with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
-            pg(str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop")
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 @dataclass
@@ -112,7 +50,7 @@ class Stack:
     def start_server(self) -> subprocess.Popen:
         server = self.spawn("server", [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
                                        "--port", str(self.port)], self.env)
-        wait_http(f"{self.api_url}/health", 180, server, self.home / "server.log")
+        wait_healthy(f"{self.api_url}/health", server, self.home / "server.log", 180, "prefect server")
         return server
 
     def start_worker(self, pool: str) -> subprocess.Popen:
@@ -197,33 +135,6 @@ def _client_env(stack: Stack) -> Iterator[None]:
         yield
 
 
-def _forget_s3_clients() -> None:
-    """fsspec caches filesystem instances by their arguments: an `s3fs.S3FileSystem()` made while the
-    environment pointed at one moto server would be reused after it is gone. Start clean each time."""
-    with contextlib.suppress(ImportError):
-        import s3fs
-
-        s3fs.S3FileSystem.clear_instance_cache()
-
-
-@contextlib.contextmanager
-def moto_server(home: Path) -> Iterator[dict[str, str]]:
-    """An S3-compatible server on 127.0.0.1; yields the env that points boto/s3fs at it."""
-    port = free_port()
-    log = home / "moto.log"
-    proc = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], stdout=log.open("w"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    _forget_s3_clients()
-    try:
-        wait_http(f"http://127.0.0.1:{port}/moto-api/", 60, proc, log)
-        yield {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
-               "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
-    finally:
-        _forget_s3_clients()
-        proc.terminate()
-        proc.wait(timeout=20)
-
-
 # ------------------------------------------------------------------ API helpers (sync client)
 
 def client():
@@ -278,3 +189,50 @@ def task_runs(run_id, expected: int | None = None, timeout: float = 60) -> dict:
 
 def states(run_id, expected: int | None = None) -> dict[str, str]:
     return {name: r.state.name for name, r in task_runs(run_id, expected).items()}
+
+
+def deployed_config(stack=None) -> dict:
+    """The config of the `adhoc` deployment, as the server holds it."""
+    with client() as c:
+        return c.read_deployment_by_name("synthtune/adhoc").parameters["config"]
+
+
+def with_changes(config: dict, **sections) -> dict:
+    """A copy of a config dict with `section={field: value}` merged in."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in config.items()}
+    for section, fields in sections.items():
+        if isinstance(fields, dict):
+            out[section] = {**out.get(section, {}), **fields}
+        else:
+            out[section] = fields
+    return out
+
+
+def latest_attempt(run_id) -> dict[str, str]:
+    """Task name -> state of its newest task run (a retried flow run holds both attempts)."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with client() as c:
+        runs = c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
+    newest: dict[str, object] = {}
+    for r in sorted(runs, key=lambda r: r.created):
+        newest[r.name] = r
+    return {n: r.state.name for n, r in newest.items()}
+
+
+def training_children(train_key: str):
+    """The training child processes of `train_key` on this machine."""
+    import psutil
+
+    return [p for p in psutil.process_iter(["cmdline"])
+            if "synthtune.stages._train_child" in (p.info["cmdline"] or []) and train_key in " ".join(p.info["cmdline"])]
+
+
+def automations():
+    """deployments/automations.py, loaded as the script it is."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("automations", ROOT / "deployments" / "automations.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

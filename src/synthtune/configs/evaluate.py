@@ -1,0 +1,27 @@
+"""evaluate's settings: lm-eval tasks and the flags that base, champion and tuned share."""
+
+from __future__ import annotations
+
+from synthtune.fields import InputDir, Section, field
+
+IN_DOMAIN = "in_domain"
+
+
+class EvaluateConfig(Section):
+    """lm-evaluation-harness settings, identical for the base model, the champion and tonight's candidate:
+    the tasks (registry names or YAMLs in task_dir, their data hashed into the key), few-shot, chat
+    template and system instruction, batch size, limit and seed."""
+
+    tasks: list[str] = field(..., description="lm-eval task names: registry names or tasks defined in task_dir.",
+                             min_length=1)
+    task_dir: InputDir | None = field(None, "Folder of lm-eval task YAMLs; their data files are hashed into the key.")
+    num_fewshot: int = field(0, "Few-shot examples per item, the same for base and tuned.", ge=0)
+    apply_chat_template: bool = field(True, "Render prompts with the model's chat template (base and tuned alike).")
+    fewshot_as_multiturn: bool = field(True, "With a chat template, give few-shot examples as earlier turns.")
+    system_instruction: str | None = field(None, "System instruction put in front of every prompt (base and tuned).")
+    in_domain: bool = field(
+        False, f"Also run `{IN_DOMAIN}`, built from the rows the filter held out (filter.holdout_fraction): the teacher's reply "
+        "scored by log-likelihood (acc: the student's greedy reply is the teacher's; perplexity).")
+    batch_size: int = field(16, "lm-eval batch size.", ge=1)
+    limit: int | None = field(None, "Evaluate only the first N items of each task (None: all).", ge=1)
+    seed: int = field(1234, "Seed passed to lm-eval (python, numpy, torch and few-shot sampling).")

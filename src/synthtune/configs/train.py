@@ -1,0 +1,58 @@
+"""train's settings: LoRA / QLoRA with TRL, SFT or DPO."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from synthtune.fields import Section, field
+
+
+class LoraParams(Section):
+    """The LoRA adapter's shape: rank, alpha, dropout, target modules, DoRA and rsLoRA."""
+
+    r: int = field(16, "LoRA rank.", ge=1, le=1024)
+    alpha: int = field(32, "LoRA alpha (scale = alpha / r, or alpha / sqrt(r) with rsLoRA).", ge=1)
+    dropout: float = field(0.0, "Dropout on the LoRA path.", ge=0, lt=1)
+    target_modules: str | list[str] = field(
+        "all-linear", "Modules to adapt: `all-linear` or a list of module names such as [q_proj, v_proj]."
+    )
+    use_dora: bool = field(False, "Weight-decomposed LoRA (DoRA).")
+    use_rslora: bool = field(False, "Rank-stabilised scaling alpha / sqrt(r).")
+
+
+class TrainConfig(Section):
+    """LoRA / QLoRA fine-tuning with TRL: SFT or DPO, quantization (by what it resolves to on the
+    machine), the optimizer schedule, batch and memory plan, checkpoints, and the merged export."""
+
+    mode: Literal["sft", "dpo"] = field("sft", "`sft` on conversations, or `dpo` on chosen/rejected pairs.")
+    quantization: Literal["auto", "nf4", "none"] = field(
+        "auto", "`nf4`: QLoRA (4-bit NF4 base). `none`: LoRA on a full-precision base. `auto`: nf4 when CUDA is present.",
+        resolved=True)
+    lora: LoraParams = field(default_factory=LoraParams, description="LoRA adapter settings.")
+    learning_rate: float = field(2e-4, "Peak learning rate.", gt=0, le=1)
+    epochs: float = field(1.0, "Passes over the training data (ignored when max_steps > 0).", gt=0)
+    max_steps: int = field(-1, "Optimizer steps to run; -1 runs `epochs` instead.", ge=-1)
+    batch_size: int = field(4, "Micro-batch size per device (halved on CUDA out-of-memory).", ge=1)
+    gradient_accumulation_steps: int = field(1, "Micro-batches per optimizer step.", ge=1)
+    auto_micro_batch: bool = field(
+        True, "On CUDA, choose the micro-batch and accumulation (same effective batch, batch_size x "
+        "gradient_accumulation_steps) from the memory estimate: the largest that fits without activation "
+        "checkpointing, else with it.", affects_output=False)
+    memory_budget: float = field(0.6, "Share of the GPU's memory the plan may use.", gt=0, le=1, affects_output=False)
+    warmup_ratio: float = field(0.0, "Share of optimizer steps spent warming up the learning rate.", ge=0, lt=1)
+    beta: float = field(0.1, "DPO beta: how far the policy may move from the reference.", gt=0)
+    seed: int = field(0, "Random seed for initialisation and data order.")
+    packing: bool | None = field(
+        None, "Pack rows into max_length blocks. None: on when CUDA and FlashAttention (no cross-row attention) exist.",
+        resolved=True)
+    liger: bool | None = field(None, "Liger kernels. None: on when CUDA is present and liger-kernel is installed.",
+                               resolved=True)
+    merge: bool = field(
+        False, "Also export the base with the adapter merged in (safetensors), checked to generate what the adapter "
+        "does. Added to a finished adapter when turned on later, without retraining.", affects_output=False)
+    logging_steps: int = field(5, "Log the loss every this many steps.", ge=1, affects_output=False)
+    save_steps: int = field(50, "Save a checkpoint every this many steps.", ge=1, affects_output=False)
+    save_total_limit: int = field(2, "Checkpoints kept on disk.", ge=1, affects_output=False)
+    num_processes: int = field(
+        1, "GPUs to train on: above 1 the child is started with `accelerate launch` (DDP; FSDP for QLoRA).",
+        ge=1, affects_output=False)
