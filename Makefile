@@ -1,6 +1,8 @@
 # One command to install and run the demo, one to install and run the tests (each from a fresh clone).
 #   make demo    creates .venv, installs synthtune, runs the whole loop on the CPU (embedded Prefect)
-#   make test    creates .venv, installs synthtune[dev], runs every CPU test tier (unit, integration, flows)
+#   make test    creates .venv, installs synthtune[dev], runs every CPU test tier: unit, integration (real
+#                libraries on tiny models), flows (a Prefect server on SQLite), ops and ui (a Prefect server on
+#                PostgreSQL, process workers, Chromium); not soak (make soak) nor gpu (pytest -m gpu)
 
 VENV ?= .venv
 PY := $(VENV)/bin/python

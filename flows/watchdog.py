@@ -68,8 +68,27 @@ def follow_the_worker() -> None:
     threading.Thread(target=watch, name="synthtune-follow-worker", daemon=True).start()
 
 
-def give_back_gpu(flow, run, state) -> None:
-    """on_crashed / on_cancellation: a run that dies holding the GPU slot gives it back now, not
-    when its lease runs out (its process may be gone, so this runs wherever Prefect runs hooks)."""
+def give_back_gpu(flow, flow_run, state) -> None:
+    """on_crashed / on_cancellation: a run that dies holding the GPU slot gives it back now, not when its
+    lease runs out, and a split-mode run's GPU child is cancelled with it, at once (the server's own
+    cleanup of orphaned subflows runs only every 20 s). Prefect calls hooks positionally in the flow's
+    process and by keyword in the runner's, so the names are its own."""
     with contextlib.suppress(Exception):
-        release_for_flow_run(slot_name(run.parameters.get("gpu_slot", "")), str(run.id))
+        release_for_flow_run(slot_name(flow_run.parameters.get("gpu_slot", "")), str(flow_run.id))
+    if flow_run.parameters.get("gpu_deployment") and (state.is_cancelled() or state.is_cancelling()):
+        with contextlib.suppress(Exception):
+            cancel_children(flow_run.id)
+
+
+def cancel_children(run_id) -> None:
+    """Cancel the flow runs started by run `run_id` that have not ended."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+    from prefect.states import Cancelling
+
+    with get_client(sync_client=True) as client:
+        for child in client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run_id]))):
+            if child.state is None or not child.state.is_final():
+                client.set_flow_run_state(child.id, Cancelling(message=f"its parent run {run_id} was cancelled"),
+                                          force=True)

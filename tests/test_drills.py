@@ -18,8 +18,6 @@ import pytest
 from typer.testing import CliRunner
 
 from synthtune.cli import app
-from synthtune.config import PipelineConfig
-from synthtune.runner import plan
 from tests.support import ROOT
 from tests.support.stack import (
     automations,
@@ -30,6 +28,7 @@ from tests.support.stack import (
     start_run,
     states,
     task_runs,
+    train_key,
     training_children,
     wait_run,
     with_changes,
@@ -41,10 +40,12 @@ SLOT = "gpu:test-worker"
 DATA_STEPS = ("preflight", "generate", "filter", "template")
 
 
-def long_training(stack, seed: int) -> tuple[dict, str]:
-    """The deployed config with a training of its own (~600 steps, a checkpoint every 20); its train key."""
+def long_training(stack, seed: int, deployment: str = "synthtune/adhoc") -> tuple[dict, str, object]:
+    """A run of the deployed config with a training of its own (~600 steps, a checkpoint every 20):
+    (its config, its train key, its flow run id)."""
     config = with_changes(deployed_config(stack), train={"seed": seed, "epochs": 150, "save_steps": 20})
-    return config, plan(PipelineConfig.model_validate(config, context={"base_dir": ROOT}))["train"]
+    run_id = start_run(deployment, {"config": config})
+    return config, train_key(config, run_id), run_id
 
 
 def checkpoints(stack, key: str) -> list[int]:
@@ -81,8 +82,7 @@ def gone(procs: list[psutil.Process], timeout: float = 30) -> bool:
 
 
 def test_a_killed_worker_crashes_its_run_frees_the_slot_and_a_retry_resumes_from_the_checkpoint(stack):
-    config, key = long_training(stack, seed=301)
-    run_id = start_run("synthtune/adhoc", {"config": config})
+    config, key, run_id = long_training(stack, seed=301)
     step = wait_for_checkpoint(stack, key, run_id)
     children = training_children(key)
     assert children, "training is not running"
@@ -118,8 +118,7 @@ def test_a_machine_that_vanishes_mid_train_is_marked_crashed_by_the_shipped_auto
     shipped = automations()
     shipped.apply(unresponsive_after_s=45)
     try:
-        config, key = long_training(stack, seed=304)
-        run_id = start_run("synthtune/adhoc", {"config": config})
+        config, key, run_id = long_training(stack, seed=304)
         wait_for_checkpoint(stack, key, run_id)
         children = training_children(key)
         flow_process = [p for p in psutil.Process(stack.named["worker-gpu"].pid).children() if "prefect.engine" in
@@ -154,8 +153,7 @@ def test_cancelling_a_split_run_cancels_its_gpu_child_and_frees_the_gpu(stack):
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
     from prefect.states import Cancelling
 
-    config, key = long_training(stack, seed=302)
-    parent = start_run("synthtune/adhoc-split", {"config": config})
+    config, key, parent = long_training(stack, seed=302, deployment="synthtune/adhoc-split")
     step = wait_for_checkpoint(stack, key, parent)
     children = training_children(key)
     with client() as c:
@@ -172,8 +170,7 @@ def test_cancelling_a_split_run_cancels_its_gpu_child_and_frees_the_gpu(stack):
 
 
 def test_a_server_restart_mid_train_leaves_the_run_to_finish_and_be_recorded(stack):
-    config, key = long_training(stack, seed=303)
-    run_id = start_run("synthtune/adhoc", {"config": config})
+    config, key, run_id = long_training(stack, seed=303)
     wait_for_checkpoint(stack, key, run_id)
     stack.kill("server", 15)  # SIGTERM: a restart (an upgrade, a new machine image)
     time.sleep(3)

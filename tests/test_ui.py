@@ -22,6 +22,7 @@ from tests.support.stack import (
     run_state,
     start_run,
     task_runs,
+    train_key,
     training_children,
     wait_run,
     with_changes,
@@ -195,16 +196,13 @@ def test_retry_in_the_ui_reruns_only_the_failed_stage_and_what_follows(page, sta
     assert latest["train"] == "Completed" and latest["evaluate[tuned]"] == "Completed"
     assert latest["evaluate[base]"] == "Cached"
     page.goto(f"{stack.ui_url}/v2/runs/flow-run/{run_id}", wait_until="networkidle")
-    page.get_by_text("Completed", exact=True).first.wait_for()
+    page.get_by_text(run.state.name, exact=True).first.wait_for()  # Completed, or NotPromoted when the gate said no
 
 
 def test_cancel_in_the_ui_kills_the_training_child_and_frees_the_gpu_slot(page, stack):
-    from synthtune.config import PipelineConfig
-    from synthtune.runner import plan
-
     config = with_changes(deployed_config(stack), train={"seed": 7, "epochs": 100000})
-    key = plan(PipelineConfig.model_validate(config, context={"base_dir": ROOT}))["train"]
     run_id = start_run("synthtune/adhoc", {"config": config})
+    key = train_key(config, run_id)
     deadline = time.monotonic() + 600
     while not (children := training_children(key)):
         assert time.monotonic() < deadline, "training never started"

@@ -236,3 +236,21 @@ def automations():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def train_key(config: dict, run_id, timeout: float = 600) -> str:
+    """The train key of a run's config, once the run's data stages have written what training reads (a
+    key covers its upstream outputs' digests, so it is known only then)."""
+    from synthtune.configs import PipelineConfig
+    from synthtune.runner import plan
+    from synthtune.store import ArtifactStore
+
+    cfg = PipelineConfig.model_validate(config, context={"base_dir": ROOT})
+    store, deadline = ArtifactStore(cfg.artifact_root), time.monotonic() + timeout
+    while True:
+        keys = plan(cfg)
+        if store.ref("template", keys["template"]) is not None:  # template is built: the train key is final
+            return keys["train"]
+        assert time.monotonic() < deadline, "the data stages never finished"
+        assert run_state(run_id) in {"RUNNING", "PENDING", "SCHEDULED"}, run_state(run_id)
+        time.sleep(1)
