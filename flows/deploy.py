@@ -80,10 +80,11 @@ def plan(cfg, name: str, cron: str | None, timezone: str, pool: str, split: bool
             why = e.errors()[0]["msg"].removeprefix("Value error, ") if hasattr(e, "errors") else str(e)
             raise DeployError(f"--cron '{cron}': not a cron expression ({why})") from None
     store = ArtifactStore(cfg.artifact_root)
-    if store.local and not Path(cfg.artifact_root).expanduser().is_absolute():
-        raise DeployError(f"artifact_root '{cfg.artifact_root}' is relative: every worker (and each retry) must find "
-                          "the same artifacts; use an absolute folder they all see, or a URL (artifact_root=s3://...)")
-    config = portable(cfg.model_dump(mode="json"))
+    if store.local and (not Path(store.root).is_absolute() or Path(store.root).is_relative_to(ROOT)):
+        raise DeployError(f"artifact_root '{cfg.artifact_root}' is this checkout's own folder: each worker would use "
+                          "the one in its own checkout, and a retry on another machine would find nothing. Use a folder "
+                          "every worker sees (artifact_root=/shared/synthtune), or a URL (artifact_root=s3://...)")
+    config = {**portable(cfg.model_dump(mode="json")), "artifact_root": cfg.artifact_root}
     scheduled = " every night" if cron else ""
     tags = ["synthtune", cfg.name] + (["nightly"] if cron else ["adhoc"])
     if not split:

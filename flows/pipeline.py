@@ -24,6 +24,7 @@ from flows.watchdog import follow_the_worker, give_back_gpu
 from synthtune.config import to_yaml
 from synthtune.configs import PipelineConfig
 from synthtune.runner import DAG, Executor, walk
+from synthtune.runs import leased
 from synthtune.store import ArtifactRef, ArtifactStore
 from tasks import evaluate, filter, generate, preflight, promote, template, train
 from tasks._common import FAULT
@@ -76,7 +77,7 @@ def pipeline(config: PipelineConfig, gpu_deployment: GpuDeployment = "", gpu_slo
                                            f" (flow run {flow_run.get_name()})")
     fault = this_attempts_fault(fail_stage)
     execute, refs = as_task(fault), {}
-    with tracked(config, owner=True):
+    with tracked(config, owner=True), leased(ArtifactStore(config.artifact_root), config.name, str(flow_run.get_id())):
         walk(config, execute, BEFORE_GPU, refs, refresh)
         if gpu_deployment:
             refs.update(run_elsewhere(config, gpu_deployment, GPU_STEPS, refs, gpu_slot, fault, refresh))
@@ -97,7 +98,8 @@ def gpu_stages(config: PipelineConfig, upstream: dict[str, ArtifactRef], gpu_slo
     the outputs are handed back through the artifact root (flows/split.py)."""
     follow_the_worker()
     refs = dict(upstream)
-    with tracked(config, owner=False), hold_gpu(slot_name(gpu_slot)):
+    with tracked(config, owner=False), leased(ArtifactStore(config.artifact_root), config.name, str(flow_run.get_id())), \
+            hold_gpu(slot_name(gpu_slot)):
         walk(config, as_task(fail_stage), GPU_STEPS, refs, refresh)
     out = {s.name: refs[s.name] for s in GPU_STEPS if s.name in refs}
     hand_back(config, str(flow_run.get_id()), out)

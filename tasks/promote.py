@@ -31,8 +31,9 @@ def report(store: ArtifactStore, ref: ArtifactRef) -> None:
                for item in items]
     create_table_artifact(flipped or [{"task": "-", "direction": "-", "item": "no item changed"}], key="eval-flips",
                           description="Items that flipped between base and tuned")
-    verdict = "Promoted: the new champion" if ref.summary["promoted"] else "NOT promoted: the champion stays in service"
+    verdict = ref.summary.get("outcome") or ("Promoted" if ref.summary["promoted"] else "NOT promoted")
+    decided = "the gate's reasons when this verdict was reached:\n\n" if ref.reused else ""
     create_markdown_artifact(
-        f"## {verdict}\n\n" + "\n".join(f"- {r}" for r in ref.summary["reasons"])
+        f"## {verdict}\n\n{decided}" + "\n".join(f"- {r}" for r in ref.summary["reasons"])
         + f"\n\n{png}\n\nVerdict: `{ref.uri}/verdict.json`",
         key="promotion-verdict", description="Promotion gate")

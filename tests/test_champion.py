@@ -32,7 +32,7 @@ def _acc(ref) -> float:
 
 
 def test_three_nights_a_rollback_and_the_night_after(prefect_server, demo_cfg):
-    registry = Registry(ArtifactStore(demo_cfg.artifact_root))
+    registry = Registry(ArtifactStore(demo_cfg.artifact_root), "demo")
 
     state, states, refs = _night(demo_cfg, 20)  # night 1: the first champion, judged vs base only
     assert state.name == "Completed" and "evaluate[champion]" not in states
@@ -48,7 +48,7 @@ def test_three_nights_a_rollback_and_the_night_after(prefect_server, demo_cfg):
 
     from synthtune.models import resolve
 
-    adapter = registry.champion()["adapter"]
+    adapter = registry.adapter_uri(registry.champion())
     tok = AutoTokenizer.from_pretrained(adapter)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(resolve(demo_cfg.student)), adapter)
     prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of Vardon?"}],

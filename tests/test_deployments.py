@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import re
 from pathlib import Path
 
@@ -80,7 +81,7 @@ def test_synthtune_deploy_makes_config_paths_relative_to_the_checkout(tmp_path):
         args = {"name": "nightly", "cron": "0 2 * * *", "timezone": "UTC", **bad}
         with pytest.raises(DeployError, match=match):
             plan(cfg, args["name"], args["cron"], args["timezone"], "gpu", False, "cpu")
-    with pytest.raises(DeployError, match="artifact_root '.synthtune/artifacts' is relative"):
+    with pytest.raises(DeployError, match=r"artifact_root '.*/\.synthtune/artifacts' is this checkout's own folder"):
         plan(load_config(ROOT / "configs" / "demo.yaml"), "n", None, "UTC", "gpu", False, "cpu")
 
 
@@ -119,3 +120,27 @@ def test_docker_containers_get_the_gpus():
 def test_process_template_keeps_the_worker_settings():
     job = render(json.loads((TEMPLATES / "process-gpu.json").read_text()))
     assert job["env"]["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+
+
+def test_the_nightly_trigger_matches_its_own_pipeline():
+    """Finding 14: the trigger in prefect.yaml matched only a pipeline named `nightly`; it must be the
+    pipeline its deployment runs (and the deployment is named after it)."""
+    nightly = next(d for d in SPEC["deployments"] if d["name"] == "nightly")
+    pipeline = nightly["parameters"]["config"]["name"]
+    [trigger] = nightly["triggers"]
+    assert trigger["match"]["prefect.resource.id"] == f"synthtune.pipeline.{pipeline}" and nightly["name"] == pipeline
+    assert trigger["expect"] == ["synthtune.seeds.arrived"]
+
+
+def test_seeds_arrived_fails_when_no_server_takes_the_event(tmp_path):
+    import subprocess
+    import sys
+
+    from synthtune.server import free_port
+
+    url = f"http://127.0.0.1:{free_port()}/api"  # nothing listens there
+    done = subprocess.run([str(Path(sys.executable).parent / "synthtune"), "seeds-arrived", str(ROOT / "configs" /
+                                                                                                "demo.yaml")],
+                          env={**os.environ, "PREFECT_API_URL": url}, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "did not take synthtune.seeds.arrived" in done.stderr, done
+    assert "emitted" not in done.stdout + done.stderr

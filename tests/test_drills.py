@@ -213,6 +213,29 @@ def test_synthtune_deploy_reads_back_as_the_config_and_is_idempotent(stack):
     assert parent.parameters["gpu_deployment"] == "synthtune-gpu/berlin-split-gpu"
 
 
+def test_synthtune_deploy_attaches_its_pipeline_s_trigger_and_keeps_another_pipeline_s_name(stack):
+    """Finding 14: deployments made by `synthtune deploy` had no trigger, and a second pipeline deployed under
+    the first one's name silently replaced it, schedule and concurrency limit dropped."""
+    args = ["deploy", str(ROOT / "configs" / "demo.yaml"), f"artifact_root={stack.artifact_root}", "--name",
+            "berlin-nightly", "--cron", "0 3 * * *", "--timezone", "Europe/Berlin", "--pool", "gpu"]
+    env = {"PREFECT_API_URL": stack.api_url}
+    first = CliRunner().invoke(app, args, env=env)
+    assert first.exit_code == 0 and "when seeds arrive for 'demo'" in first.output, first.output
+    with client() as c:
+        deployment = c.read_deployment_by_name("synthtune/berlin-nightly")
+        owned = [a for a in c.read_automations() if a.actions and str(getattr(a.actions[0], "deployment_id", "")) ==
+                 str(deployment.id)]
+    assert len(owned) == 1 and owned[0].trigger.match.model_dump()["prefect.resource.id"] == "synthtune.pipeline.demo"
+    other = [*args[:3], "name=support-bot", *args[3:]]
+    refused = CliRunner().invoke(app, other, env=env)
+    assert refused.exit_code == 2 and "runs pipeline 'demo'" in " ".join(refused.output.split()), refused.output
+    with client() as c:
+        kept = c.read_deployment_by_name("synthtune/berlin-nightly")
+        [schedule] = c.read_deployment_schedules(kept.id)
+    assert kept.parameters["config"]["name"] == "demo" and schedule.schedule.cron == "0 3 * * *"
+    assert kept.global_concurrency_limit.limit == 1
+
+
 @pytest.mark.parametrize("bad, says", [
     (["--pool", "no-such-pool"], "work pool 'no-such-pool' does not exist"),
     (["--cron", "61 * * * *"], "--cron '61 * * * *': not a cron expression"),

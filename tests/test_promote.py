@@ -97,10 +97,10 @@ def _refs(store, tuned_key="t", train_key="tr", champion=None):
 
 def test_a_failing_gate_records_the_decision_and_leaves_the_champion(demo_cfg):
     store = ArtifactStore(demo_cfg.artifact_root)
-    registry = Registry(store)
+    registry = Registry(store, "demo")
     first = promote.run(demo_cfg, store, _refs(store))  # night 1: beats base, no champion yet
     assert first.summary["promoted"] and registry.champion()["train_key"] == "tr"
-    assert Registry(store).latest() == registry.champion()  # latest.json is the same pointer, kept in step
+    assert Registry(store, "demo").latest() == registry.champion()  # latest.json is the same pointer, kept in step
 
     ref = promote.run(demo_cfg, store, _refs(store, "t2", "tr2", champion="tr"))
     assert not ref.summary["promoted"] and "vs champion tr 0.9000" in ref.summary["reasons"][1]
@@ -131,7 +131,7 @@ def test_promote_refuses_an_adapter_that_is_gone(demo_cfg):
     shutil.rmtree(f"{refs['train'].uri}/adapter")
     with pytest.raises(FileNotFoundError, match="refusing to promote tr: its adapter is missing"):
         promote.run(demo_cfg, store, refs)
-    assert Registry(store).champion() is None and Registry(store).latest() is None
+    assert Registry(store, "demo").champion() is None and Registry(store, "demo").latest() is None
 
 
 def test_the_champion_is_evaluated_with_the_same_flags_and_its_key_is_its_train_key(demo_cfg):
@@ -144,9 +144,8 @@ def test_the_champion_is_evaluated_with_the_same_flags_and_its_key_is_its_train_
     assert "evaluate[champion]" not in night1  # no champion yet
     _train(store, night1["train"])
     night1 = plan(demo_cfg)  # the adapter exists now: evaluate[tuned]'s key covers its real digest
-    Registry(store).decide({"id": "x", "train_key": night1["train"], "adapter": "a", "promoted": True},
-                           {"train_key": night1["train"], "adapter": "a", "scores": {}, "promoted_at": "t",
-                            "student": demo_cfg.student})
+    Registry(store, "demo").decide({"id": "x", "train_key": night1["train"], "promoted": True, "scores": {},
+                                    "student": demo_cfg.student})
     assert "evaluate[champion]" not in plan(demo_cfg)  # tonight's candidate is the champion: nothing to compare
     night2 = demo_cfg.model_copy(update={"train": demo_cfg.train.model_copy(update={"seed": 9})})
     keys = plan(night2)

@@ -66,8 +66,8 @@ def test_a_deleted_adapter_is_trained_again_and_promote_never_points_at_nothing(
     shutil.rmtree(adapter)
     again = run_all(cfg)
     assert (adapter / "adapter_model.safetensors").is_file() and again["train"].key == refs["train"].key
-    champion = Registry(ArtifactStore(cfg.artifact_root)).champion()
-    assert Path(champion["adapter"]).is_dir() and Path(Registry(ArtifactStore(cfg.artifact_root)).latest()["adapter"]).is_dir()
+    registry = Registry(ArtifactStore(cfg.artifact_root), cfg.name)
+    assert Path(registry.adapter_uri(registry.champion())).is_dir() and Path(registry.adapter_uri(registry.latest())).is_dir()
 
 
 def test_refresh_rebuilds_a_stage_and_what_follows(copied):

@@ -173,6 +173,9 @@ def check_data(name: str, path: Path, cfg: dict) -> list[str]:
         except ValueError as e:
             problems.append(f"evaluate task '{name}': {e}")
             continue
+        if not rows:
+            problems.append(f"evaluate task '{name}' ({path}): {file} has no items; lm-eval would fail after training")
+            continue
         if "process_docs" in cfg:
             continue
         for key, used in fields.items():

@@ -19,12 +19,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from types import ModuleType
 
-from synthtune import progress
+from synthtune import progress, runs
 from synthtune.configs import PipelineConfig
 from synthtune.keys import pending
 from synthtune.registry import Registry, RegistryError
 from synthtune.stages import evaluate, filter, generate, preflight, promote, template, train
-from synthtune.store import ArtifactRef, ArtifactStore
+from synthtune.store import PIPELINE, ArtifactRef, ArtifactStore
 
 CHAMPION = "champion"  # the input name that stands for the registry's champion, not a step of this run
 NO_CHAMPION = "no other champion to compare with"
@@ -55,15 +55,30 @@ DAG: tuple[Step, ...] = (
 Executor = Callable[[Step, PipelineConfig, dict[str, ArtifactRef], str, bool], ArtifactRef]
 
 
+def check_registry(cfg: PipelineConfig, store: ArtifactStore) -> None:
+    """Before any stage: the pipeline's registry reads (a torn history line is an error naming it; stale
+    champion files are rebuilt from the history) and its champion's adapter is intact, unless it is
+    tonight's candidate, which this run trains again (the same key makes the same adapter)."""
+    registry = Registry(store, cfg.name)
+    record = registry.champion()
+    if record is not None and (bad := store.problems("train", record["train_key"])) \
+            and plan(cfg).get("train") != record["train_key"]:
+        raise RegistryError(f"the champion of '{cfg.name}', {record['train_key']} ({registry.uri('champion.json')}), "
+                            f"is damaged: {'; '.join(bad[:3])}. Restore it, or `synthtune rollback --to TRAIN_KEY` "
+                            "to another promoted adapter")
+
+
 def champion_train(cfg: PipelineConfig, store: ArtifactStore, candidate_key: str | None) -> ArtifactRef | None:
     """The champion's train output, or None on the first night or when the candidate is the champion."""
-    record = Registry(store).champion()
+    registry = Registry(store, cfg.name)
+    record = registry.champion()
     if record is None or record["train_key"] == candidate_key:
         return None
     ref = store.ref("train", record["train_key"])
-    if ref is None or not store.fs.exists(store.path("train", record["train_key"], "adapter")):
-        raise RegistryError(f"the champion {record['train_key']} ({Registry(store).uri('champion.json')}) has no adapter "
-                            f"at {record['adapter']}: restore it, or `synthtune rollback --to TRAIN_KEY` to another")
+    if ref is None or store.problems("train", record["train_key"]):
+        raise RegistryError(f"the champion {record['train_key']} ({registry.uri('champion.json')}) has no intact "
+                            f"adapter at {registry.adapter_uri(record)}: restore it, or `synthtune rollback --to "
+                            "TRAIN_KEY` to another")
     return ref
 
 
@@ -71,7 +86,7 @@ def step_config(cfg: PipelineConfig, step: Step, store: ArtifactStore) -> Pipeli
     """The config a step runs with: the champion is evaluated on its own base model."""
     if CHAMPION not in step.inputs.values():
         return cfg
-    record = Registry(store).champion()
+    record = Registry(store, cfg.name).champion()
     student = (record or {}).get("student") or cfg.student
     return cfg if student == cfg.student else cfg.model_copy(update={"student": student})
 
@@ -112,6 +127,9 @@ def walk(cfg: PipelineConfig, execute: Executor, steps: Iterable[Step] = DAG, re
     store = ArtifactStore(cfg.artifact_root)
     refs = {} if refs is None else refs
     rebuild = downstream(refresh)
+    steps = tuple(steps)
+    if steps and steps[0] is DAG[0]:  # the start of a run: registry problems surface before any stage
+        check_registry(cfg, store)
     for step in steps:
         champion = champion_train(cfg, store, refs["train"].key) if CHAMPION in step.inputs.values() else None
         inputs = step_inputs(step, refs, champion)
@@ -120,12 +138,16 @@ def walk(cfg: PipelineConfig, execute: Executor, steps: Iterable[Step] = DAG, re
             continue
         step_cfg = step_config(cfg, step, store)
         key = step.stage.key(step_cfg, {arg: ref.digest for arg, ref in inputs.items()})
+        runs.using(store, step.stage.STAGE, key)  # before it is read or made: gc must see the run uses it
         progress.emit("step_start", step=step.name)
+        token = PIPELINE.set(cfg.name)
         try:
             ref = execute(step, step_cfg, inputs, key, step.name in rebuild)
         except BaseException:
             progress.emit("step_end", step=step.name, state="Failed")
             raise
+        finally:
+            PIPELINE.reset(token)
         refs[step.name] = ref
         progress.emit("step_end", step=step.name, state="Cached" if ref.reused else "Completed", summary=ref.summary,
                       uri=ref.uri)
@@ -168,5 +190,7 @@ def run_all(cfg: PipelineConfig, on_step: Callable[[str, ArtifactRef], None] | N
     if until:
         last = max(i for i, s in enumerate(DAG) if s.stage.STAGE == until)
         steps = DAG[:last + 1]
-    with tracking.session(cfg, pipeline_run=str(uuid.uuid4()), name=f"{cfg.name}-local"):
+    run_id = str(uuid.uuid4())
+    with runs.leased(ArtifactStore(cfg.artifact_root), cfg.name, run_id), \
+            tracking.session(cfg, pipeline_run=run_id, name=f"{cfg.name}-local"):
         return walk(cfg, local, steps, refresh=refresh, on_step=on_step)

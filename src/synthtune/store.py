@@ -99,6 +99,8 @@ def sweep_staging() -> int:
 
 
 RUN_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("synthtune_run_id", default=None)
+# the pipeline whose run writes (recorded in manifests: gc of one pipeline never deletes another's outputs)
+PIPELINE: contextvars.ContextVar[str | None] = contextvars.ContextVar("synthtune_pipeline", default=None)
 
 
 def current_run_id() -> str | None:
@@ -179,6 +181,7 @@ class ArtifactStore:
                 "key": key,
                 "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "run_id": current_run_id(),
+                "pipeline": PIPELINE.get(),
                 "git_sha": git_sha(),
                 "versions": library_versions(),
                 "upstream": upstream,

@@ -123,6 +123,8 @@ def describe(step: str, summary: dict) -> str:
         return "; ".join(f"{t} " + ", ".join(f"{m} {v:.3f}" for m, v in ms.items() if not m.endswith("stderr"))
                          for t, ms in summary.get("scores", {}).items())
     if step == "promote":
+        if "outcome" in summary:
+            return summary["outcome"]
         return ("PROMOTED" if summary.get("promoted") else "not promoted") + (
             f": {summary['reasons'][-2] if len(summary.get('reasons', [])) > 1 else ''}" if summary.get("reasons") else "")
     return ""
@@ -251,14 +253,15 @@ def print_summary(console, cfg, refs: dict, seconds: float) -> None:
             result = "; ".join(f"{t} " + ", ".join(f"{m} {_fmt(v)}" for m, v in ms.items() if not m.endswith("stderr"))
                                for t, ms in s.get("scores", {}).items())
         elif name == "promote":
-            result = ("PROMOTED: " if s.get("promoted") else "NOT promoted: ") + "; ".join(s.get("reasons", []))
+            verdict = s.get("outcome") or ("PROMOTED" if s.get("promoted") else "NOT promoted")
+            result = f"{verdict}: " + "; ".join(s.get("reasons", []))
         elif name == "template":
             result = f"trained-token share {s.get('trained_token_share')}, p99 {s.get('p99_tokens')} tokens"
         table.add_row(escape(name), ref.key, rows, escape(result))
     console.print(table)
     root = refs["promote"].uri.rsplit("/promote/", 1)[0] if "promote" in refs else cfg.artifact_root
-    console.print(f"artifacts: {root}  (the model in service: {root}/registry/champion.json, `synthtune show`)",
-                  highlight=False)
+    console.print(f"artifacts: {root}  (the model in service: {root}/registry/{cfg.name}/champion.json, "
+                  f"`synthtune show`)", highlight=False)
 
 
 def print_preview(console, rows, report: dict, tty: bool) -> None:

@@ -7,8 +7,10 @@ split-mode GPU child joining its parent's), holding:
 - per step: the funnel counts, the train run's metrics (tokens/s, MFU, peak memory, losses), the
   base, tuned and champion scores, and the verdict;
 - the loss curve and the eval chart as artifacts, the adapter as a logged model;
-- on promotion, a registered model version with the `@champion` alias (where the tracking store has
-  a model registry). It mirrors the registry on the artifact root, which stays the truth.
+- a registered model version of the champion with the `@champion` alias (where the tracking store has
+  a model registry), set at the end of every run (and by `synthtune rollback`) to whatever the
+  pipeline's registry on the artifact root says is in service: it mirrors that registry, which stays
+  the truth, so a cached verdict or a crashed promote never moves it elsewhere.
 
 A step that comes back Cached is logged from its finished output, so every run is complete in MLflow
 and a run whose server was down is logged again by running it again (every stage Cached).
@@ -196,9 +198,6 @@ class Session:
                     for name in ("comparison.png", "verdict.json"):
                         if (folder / name).is_file():
                             self.client.log_artifact(self.run_id, str(folder / name), "promote")
-            if summary.get("promoted") and summary.get("train_key"):
-                with self._warn("registering the champion"):
-                    self.register_champion(summary["train_key"])
 
     def _train_outputs(self, uri: str, cached: bool) -> None:
         with _local(uri) as folder:
@@ -223,8 +222,20 @@ class Session:
         self.client.finalize_logged_model(model.model_id, "READY")
         return model.model_id
 
+    def mirror_registry(self) -> str | None:
+        """`@champion` on the version of whatever the pipeline's registry says is in service (the adapter
+        logged first when MLflow does not hold it yet); the train key it points at, or None."""
+        from synthtune.registry import Registry
+        from synthtune.store import ArtifactStore
+
+        record = Registry(ArtifactStore(self.cfg.artifact_root), self.cfg.name).champion()
+        if record is None:
+            return None
+        self.register_champion(record["train_key"])
+        return record["train_key"]
+
     def register_champion(self, train_key: str) -> None:
-        """A registered model version for the promoted adapter, with the @champion alias."""
+        """A registered model version for the adapter, with the @champion alias."""
         from synthtune.store import ArtifactStore
 
         store = ArtifactStore(self.cfg.artifact_root)
@@ -345,5 +356,7 @@ def session(cfg: PipelineConfig, pipeline_run: str, name: str, tags: dict[str, s
     finally:
         ACTIVE.reset(token)
         if owner:
+            with tracker._warn("mirroring the registry's champion"):
+                tracker.mirror_registry()
             with tracker._warn("ending the run"):
                 tracker.client.set_terminated(tracker.run_id, status)

@@ -1,5 +1,6 @@
 """The registry commands: `models`, `show`, `rollback`, `gc`, and `seeds-arrived` (an event for the
-nightly deployment's trigger)."""
+nightly deployment's trigger). Each works on one pipeline's registry (the config's `name`) on its
+artifact root; `models` without a config lists the pipelines on a root."""
 
 from __future__ import annotations
 
@@ -11,15 +12,18 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from synthtune.cli.common import ConfigArg, Overrides, app, console, err, fail, load
+from synthtune.cli.common import ConfigArg, Overrides, app, config_path, console, err, fail, load
 
 
 def _registry(config: Path | None, overrides: list[str] | None):
-    from synthtune.registry import Registry
+    from synthtune.registry import Registry, RegistryError
     from synthtune.store import ArtifactStore
 
     cfg = load(config, overrides)
-    return cfg, Registry(ArtifactStore(cfg.artifact_root))
+    try:
+        return cfg, Registry(ArtifactStore(cfg.artifact_root), cfg.name)
+    except RegistryError as e:  # a flat registry that cannot be migrated
+        raise fail(str(e)) from None
 
 
 def _score(scores: dict | None, task: str, metric: str) -> str:
@@ -27,12 +31,43 @@ def _score(scores: dict | None, task: str, metric: str) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
+def _pipelines(root: str) -> None:
+    """Every pipeline with a registry on `root`: its champion, when, and how many decisions."""
+    from synthtune.registry import Registry, RegistryError, pipelines
+    from synthtune.store import ArtifactStore
+
+    store = ArtifactStore(root)
+    table = Table(title=f"pipelines on {store.uri()}")
+    for col in ("pipeline", "champion", "since", "decisions", "promotions", "last decision"):
+        table.add_column(col, overflow="fold")
+    names = pipelines(store)
+    for name in names:
+        registry = Registry(store, name)
+        try:
+            history, champion = registry.history(), registry.champion()
+        except RegistryError as e:
+            table.add_row(name, f"[red]{escape(str(e))}[/red]", "", "", "", "")
+            continue
+        decisions = [e for e in history if e.get("event") == "decision"]
+        table.add_row(name, champion["train_key"] if champion else "-", champion["promoted_at"] if champion else "-",
+                      str(len(decisions)), str(sum(bool(e.get("promoted")) for e in decisions)),
+                      decisions[-1].get("time", "") if decisions else "-")
+    console.print(table)
+    if not names:
+        console.print("no pipeline has a registry here yet: run one (`synthtune run CONFIG`)")
+
+
 @app.command()
-def models(config: ConfigArg = None, overrides: Overrides = None) -> None:
-    """The registry's history: when, which candidate, its target score vs the champion's and base's,
-    promoted or not, and why."""
+def models(config: ConfigArg = None, overrides: Overrides = None,
+           root: Annotated[str | None, typer.Option(help="List the pipelines on this artifact root (any fsspec URL).")]
+           = None) -> None:
+    """A pipeline's registry history: when, which candidate, its target score vs the champion's and base's,
+    promoted or not, and why. Without a config (or with --root): the pipelines on the root."""
     from synthtune.registry import RegistryError
 
+    if root or (config is None and not overrides):
+        _pipelines(root or load(config, overrides).artifact_root)
+        return
     cfg, registry = _registry(config, overrides)
     try:
         history, champion = registry.history(), registry.champion()
@@ -49,7 +84,7 @@ def models(config: ConfigArg = None, overrides: Overrides = None) -> None:
             why = "first champion (vs base)" if not e.get("champion_train_key") else f"beat {e['champion_train_key']}"
         else:
             why = next((r for r in e.get("reasons", []) if "FAILED" in r), "; ".join(e.get("reasons", [])))
-        mark = " (in service)" if champion and e.get("train_key") == champion["train_key"] and e.get("promoted") else ""
+        mark = " (in service)" if champion and e.get("id") == champion.get("event_id") else ""
         table.add_row(e.get("time", ""), e.get("event", ""), f"{e.get('train_key')}{mark}",
                       _score(e.get("scores"), task, metric), _score(e.get("champion_scores"), task, metric),
                       _score(e.get("base_scores"), task, metric), "yes" if e.get("promoted") else "no", escape(why))
@@ -61,7 +96,8 @@ def models(config: ConfigArg = None, overrides: Overrides = None) -> None:
 @app.command()
 def rollback(config: ConfigArg = None, overrides: Overrides = None,
              to: Annotated[str | None, typer.Option(help="Train key of a previously promoted adapter.")] = None) -> None:
-    """Put the previous promoted adapter back in service (or the one named by --to); recorded in the history."""
+    """Put the previous promoted adapter back in service (or the one named by --to); recorded in the history.
+    The adapter must be intact (its files matching its manifest)."""
     from synthtune.registry import RegistryError
 
     cfg, registry = _registry(config, overrides)
@@ -69,8 +105,8 @@ def rollback(config: ConfigArg = None, overrides: Overrides = None,
         record = registry.rollback(to)
     except RegistryError as e:
         raise fail(f"rollback: {e}") from None
-    console.print(f"champion is now {record['train_key']} ({record['adapter']}), was {record.get('rolled_back_from')}",
-                  highlight=False)
+    console.print(f"champion of '{cfg.name}' is now {record['train_key']} ({registry.adapter_uri(record)}), was "
+                  f"{record.get('rolled_back_from')}", highlight=False)
     if cfg.tracking.mlflow_uri:  # the registered model's @champion follows
         from synthtune import tracking
 
@@ -80,13 +116,17 @@ def rollback(config: ConfigArg = None, overrides: Overrides = None,
             console.print(f"MLflow: {tracking.registered_name(cfg)}@champion -> version {version}", highlight=False)
         except Exception as e:  # the artifact root's registry is the truth; MLflow only mirrors it
             err.print(f"[yellow]warning:[/yellow] MLflow alias not moved: {escape(str(e))}", highlight=False)
-    _emit("synthtune.model.rolled_back", cfg.name, {"train_key": record["train_key"],
-                                                    "from_train_key": record.get("rolled_back_from")})
+    try:
+        _emit("synthtune.model.rolled_back", cfg.name, {"train_key": record["train_key"],
+                                                        "from_train_key": record.get("rolled_back_from")})
+    except RuntimeError as e:  # the rollback itself is recorded; only the notification is lost
+        err.print(f"[yellow]warning:[/yellow] {escape(str(e))}", highlight=False)
 
 
 @app.command()
 def show(config: ConfigArg = None, overrides: Overrides = None) -> None:
-    """The champion's card: base model, data keys, scores, config, and where the adapter is."""
+    """The champion's card: base model, data keys, scores, config, and where the adapter is (it must be
+    intact: its files matching its manifest)."""
     import yaml
 
     from synthtune.registry import RegistryError
@@ -98,18 +138,25 @@ def show(config: ConfigArg = None, overrides: Overrides = None) -> None:
         raise fail(str(e)) from None
     if record is None:
         raise fail(f"no champion yet in {registry.uri('champion.json')}: run the pipeline until one is promoted", 1)
+    bad = registry.store.problems("train", record["train_key"])
+    if bad:
+        raise fail(f"the champion {record['train_key']} is damaged: {'; '.join(bad[:3])}. Do not serve it: restore it, "
+                   "or `synthtune rollback --to TRAIN_KEY`", 1)
+    adapter = registry.adapter_uri(record)
     table = Table(title=f"'{cfg.name}' champion", show_header=False)
     table.add_column("field")
     table.add_column("value", overflow="fold")
-    for name in ("train_key", "student", "adapter", "promoted_at", "run_id", "config_sha256"):
-        table.add_row(name, str(record.get(name)))
+    for name, value in (("train_key", record.get("train_key")), ("student", record.get("student")), ("adapter", adapter),
+                        ("promoted_at", record.get("promoted_at")), ("run_id", record.get("run_id")),
+                        ("config_sha256", record.get("config_sha256"))):
+        table.add_row(name, str(value))
     table.add_row("data keys", ", ".join(f"{k} {v}" for k, v in (record.get("data_keys") or {}).items()))
     for label, scores in (("scores", record.get("scores")), ("base scores", record.get("base_scores"))):
         table.add_row(label, "; ".join(f"{t} " + ", ".join(f"{m} {v:.3f}" for m, v in ms.items() if "stderr" not in m)
                                        for t, ms in (scores or {}).items()))
     console.print(table)
-    console.print(f"serve it: vllm serve {record.get('student')} --enable-lora --lora-modules "
-                  f"{cfg.name}={record.get('adapter')}", highlight=False)
+    console.print(f"serve it: vllm serve {record.get('student')} --enable-lora --lora-modules {cfg.name}={adapter}",
+                  highlight=False)
     if record.get("config"):
         console.print(yaml.safe_dump(record["config"], sort_keys=False), highlight=False)
 
@@ -118,40 +165,49 @@ def show(config: ConfigArg = None, overrides: Overrides = None) -> None:
 def gc(config: ConfigArg = None, overrides: Overrides = None,
        keep: Annotated[int, typer.Option(help="Promoted adapters kept besides the champion.", min=0)] = 3,
        dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would go; delete nothing.")] = False) -> None:
-    """Delete old candidate adapters, checkpoints and stage outputs outside the retention policy."""
+    """Delete this pipeline's old candidate adapters, checkpoints of decided nights and stage outputs outside
+    the retention policy. Never what another pipeline references, what a run in flight uses, or a champion."""
     from synthtune.registry import RegistryError
-    from synthtune.retention import apply_gc, plan_gc
+    from synthtune.retention import collect
     from synthtune.store import ArtifactStore
 
     cfg = load(config, overrides)
     store = ArtifactStore(cfg.artifact_root)
+
+    def listing(plan) -> None:
+        table = Table(title=f"{'would delete' if dry_run else 'deleting'} {len(plan.delete)} item(s), "
+                            f"{plan.bytes / 2**20:.1f} MiB, of pipeline '{cfg.name}' under {store.uri()}")
+        for col in ("path", "MiB", "why"):
+            table.add_column(col, overflow="fold")
+        for path, why, size in plan.delete:
+            table.add_row(path, f"{size / 2**20:.1f}", why)
+        console.print(table)
+        console.print(f"kept {len(plan.keep)} item(s): " + "; ".join(sorted({w for w in plan.keep.values()})),
+                      highlight=False)
+
     try:
-        plan = plan_gc(store, keep)
+        plan = collect(store, cfg.name, keep, dry_run=dry_run, on_planned=listing)
     except RegistryError as e:
         raise fail(f"gc refuses to guess what is in use: {e}") from None
-    table = Table(title=f"{'would delete' if dry_run else 'deleting'} {len(plan.delete)} item(s), "
-                        f"{plan.bytes / 2**20:.1f} MiB, under {cfg.artifact_root}")
-    for col in ("path", "MiB", "why"):
-        table.add_column(col, overflow="fold")
-    for path, why, size in plan.delete:
-        table.add_row(path, f"{size / 2**20:.1f}", why)
-    console.print(table)
-    console.print(f"kept {len(plan.keep)} output(s): " + "; ".join(sorted({w for w in plan.keep.values()})),
-                  highlight=False)
-    if not dry_run:
-        apply_gc(store, plan)
+    if plan.skipped:
+        console.print(f"left {len(plan.skipped)} output(s) a run started using meanwhile: {', '.join(plan.skipped)}",
+                      highlight=False)
 
 
 @app.command("seeds-arrived")
 def seeds_arrived(config: ConfigArg = None, overrides: Overrides = None) -> None:
-    """Tell the Prefect server at $PREFECT_API_URL that new seeds landed (event `synthtune.seeds.arrived`):
-    the nightly deployment's trigger starts one run for a burst of them."""
+    """Tell the Prefect server at $PREFECT_API_URL that new seeds landed (event `synthtune.seeds.arrived` for
+    this pipeline): its scheduled deployment's trigger starts one run for a burst of them. Exit 1 when the
+    server does not accept the event."""
     cfg = load(config, overrides)
     if not os.environ.get("PREFECT_API_URL"):
         raise fail("seeds-arrived: PREFECT_API_URL is not set; it tells a running Prefect server, whose nightly "
-                    "deployment reacts to it")
-    _emit("synthtune.seeds.arrived", cfg.name, {"seeds": cfg.generate.seeds})
-    console.print(f"emitted synthtune.seeds.arrived for pipeline '{cfg.name}'", highlight=False)
+                   "deployment reacts to it")
+    try:
+        _emit("synthtune.seeds.arrived", cfg.name, {"seeds": cfg.generate.seeds})
+    except RuntimeError as e:
+        raise fail(f"seeds-arrived: {e}", 1) from None
+    console.print(f"the server took synthtune.seeds.arrived for pipeline '{cfg.name}'", highlight=False)
 
 
 def _emit(event: str, pipeline: str, payload: dict) -> None:
@@ -163,3 +219,17 @@ def _emit(event: str, pipeline: str, payload: dict) -> None:
 
     post(event, pipeline, payload)
 
+
+def same_name_warning(config: Path | None, overrides: list[str] | None, cfg) -> str | None:
+    """Two config files with one pipeline name on one root share its registry and champion: the warning
+    naming both, when this config file is not the one the pipeline last ran from."""
+    from synthtune.registry import Registry
+    from synthtune.store import ArtifactStore
+
+    path = str(config_path(config, overrides)[0].resolve())
+    before = Registry(ArtifactStore(cfg.artifact_root), cfg.name).record_source(path)
+    if before is None:
+        return None
+    return (f"pipeline '{cfg.name}' on {cfg.artifact_root} last ran from {before}; this run is from {path}. Two configs "
+            f"with one name share one registry and one champion: rename one (`name:`) unless they are the same "
+            "pipeline moved")

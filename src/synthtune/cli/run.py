@@ -27,12 +27,14 @@ def validate(config: ConfigArg = None, overrides: Overrides = None) -> None:
     from synthtune.eval_tasks import offline_warnings
     from synthtune.seeds import SeedError
     from synthtune.stages.generate import load_seeds
-    from synthtune.stages.preflight import task_problems
+    from synthtune.stages.preflight import registry_problems, task_problems
     from synthtune.store import ArtifactStore
 
     path = config_path(config, overrides)[0]
     cfg = load(config, overrides)
     problems, notes = task_problems(cfg), []
+    registry_errors, registry_warnings = registry_problems(cfg, ArtifactStore(cfg.artifact_root))
+    problems += registry_errors
     if cfg.generate.mode != "magpie" and cfg.generate.seeds:
         try:
             seeds = load_seeds(cfg.generate)  # streamed, file by file
@@ -45,7 +47,7 @@ def validate(config: ConfigArg = None, overrides: Overrides = None) -> None:
                          f"{seeds.duplicates} exact duplicates dropped")
             if not seeds.rows:
                 problems.append(f"generate.seeds: no usable seed rows in {cfg.generate.seeds}{first}")
-    for warning in offline_warnings(cfg.evaluate.tasks, cfg.evaluate.task_dir):
+    for warning in [*offline_warnings(cfg.evaluate.tasks, cfg.evaluate.task_dir), *registry_warnings]:
         err.print(f"[yellow]warning:[/yellow] {escape(warning)}", highlight=False)
     if problems:
         err.print(f"[red]{path}: {len(problems)} problem(s)[/red]", highlight=False)
@@ -79,6 +81,10 @@ def run(
         raise fail(f"--refresh {unknown[0]}: not a stage (stages: {', '.join(STAGES)})")
     if engine not in ("prefect", "local"):
         raise fail(f"--engine must be prefect or local, not {engine}")
+    from synthtune.cli.registry import same_name_warning
+
+    if warning := same_name_warning(config, overrides, cfg):
+        err.print(f"[yellow]warning:[/yellow] {escape(warning)}", highlight=False)
     log = log_path(cfg.artifact_root, cfg.name)
     os.environ["SYNTHTUNE_COMMAND"] = shlex.join(["synthtune", *sys.argv[1:]])  # for the model card
     start = time.perf_counter()
@@ -213,19 +219,33 @@ def verify(config: ConfigArg = None, overrides: Overrides = None) -> None:
 @app.command()
 def init(directory: Annotated[Path, typer.Argument(help="Folder to create (must not exist or be empty).")]) -> None:
     """Write a starter pipeline folder (pipeline.yaml, a seed folder, an eval task) that validates and runs as
-    is: the demo, ready to be edited into your own."""
+    is: the demo's settings, ready to be edited into your own. Its artifacts live inside the folder."""
     import shutil
 
+    from synthtune.configs.pipeline import NAME
+
     src = project_root() / "configs"
+    name = directory.resolve().name
+    if not NAME.match(name):
+        raise fail(f"init: '{name}' cannot name a pipeline (letters, digits, '.', '_' and '-'); choose another folder")
     if directory.exists() and any(directory.iterdir()):
         raise fail(f"init: {directory} exists and is not empty; choose a new folder")
     directory.mkdir(parents=True, exist_ok=True)
     shutil.copytree(src / "data", directory / "data")
     shutil.copytree(src / "eval_tasks", directory / "eval_tasks")
-    text = (src / "demo.yaml").read_text().replace("name: demo", f"name: {directory.resolve().name}", 1)
-    text = text.replace("synthtune run configs/demo.yaml", f"synthtune run {directory}/pipeline.yaml")
-    (directory / "pipeline.yaml").write_text(text)
-    console.print(f"wrote {directory}/pipeline.yaml, {directory}/data/seeds/, {directory}/eval_tasks/\n"
+    lines = (src / "demo.yaml").read_text().splitlines()
+    body = "\n".join(lines[next(i for i, line in enumerate(lines) if not line.startswith("#")):])
+    body = body.replace("name: demo", f"name: {name}", 1)
+    body = "\n".join("artifact_root: artifacts   # relative to this file: this project's own folder"
+                     if line.startswith("artifact_root:") else line for line in body.splitlines())
+    header = (f"# {name}: a synthtune pipeline, written by `synthtune init {directory}` from the demo's settings.\n"
+              "# Make it yours: your seed prompts in data/seeds/ ({\"id\": ..., \"prompt\": ...} per line), your eval\n"
+              "# task in eval_tasks/, your student and teacher below (tiny:teacher knows only the demo's 32 facts).\n"
+              f"# Its artifacts (stage outputs, and registry/{name}/: its champion and history) are in artifacts/.\n"
+              "#\n"
+              f"# Run as: synthtune validate {directory}/pipeline.yaml && synthtune run {directory}/pipeline.yaml\n")
+    (directory / "pipeline.yaml").write_text(header + body + "\n")
+    console.print(f"wrote {directory}/pipeline.yaml, {directory}/data/seeds/, {directory}/eval_tasks/ (artifacts will "
+                  f"go to {directory}/artifacts/)\n"
                   f"next: synthtune validate {directory}/pipeline.yaml && synthtune run {directory}/pipeline.yaml",
                   highlight=False)
-

@@ -7,7 +7,12 @@ created with `field(..., affects_output=False)` are left out of the stage cache 
 
 from __future__ import annotations
 
-from pydantic import model_validator
+import os
+import re
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import AfterValidator, ValidationInfo, model_validator
 
 from synthtune import STAGES
 from synthtune.configs.evaluate import IN_DOMAIN, EvaluateConfig
@@ -18,23 +23,49 @@ from synthtune.configs.promote import PromoteConfig
 from synthtune.configs.template import TemplateConfig
 from synthtune.configs.tracking import TrackingConfig
 from synthtune.configs.train import TrainConfig
-from synthtune.fields import ModelRef, Section, field
+from synthtune.fields import ModelRef, Section, base_dir, field
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+def _name(value: str) -> str:
+    if not NAME.match(value):
+        raise ValueError(f"'{value}' cannot name a pipeline: letters, digits, '.', '_' and '-' (it names the "
+                         "pipeline's registry folder, its MLflow model and its Prefect deployments)")
+    return value
+
+
+def _root(value: str, info: ValidationInfo) -> str:
+    """A local artifact root made absolute against the YAML's folder (the working directory when the
+    config comes from elsewhere); a URL as it is."""
+    if "://" in value or not value.strip() or "{{" in value:
+        return value
+    path = Path(os.path.expanduser(value))
+    return str(path if path.is_absolute() else Path(os.path.normpath(base_dir(info) / path)))
+
+
+PipelineName = Annotated[str, AfterValidator(_name)]
+ArtifactRoot = Annotated[str, AfterValidator(_root)]
 
 
 class PipelineConfig(Section):
     """The whole post-training loop: one section per stage."""
 
-    name: str = field("synthtune", "Name of this pipeline, shown in run names and reports.", affects_output=False)
+    name: PipelineName = field(
+        "synthtune", "Name of this pipeline: its registry on the artifact root (registry/NAME/: champion, history), "
+        "its MLflow model and Prefect deployments, run names and reports. Pipelines sharing an artifact root share "
+        "stage outputs, never a champion.", affects_output=False)
     student: ModelRef = field(
         ..., "Student model: a Hugging Face id, a local folder, or `tiny:student` (the demo's locally built model)."
     )
     student_revision: str | None = field(
         None, "Hub revision (branch, tag or commit) of the student, pinned for every load and in the cache keys. "
         "Empty: the default branch, keyed by the commit the local Hugging Face cache knows.")
-    artifact_root: str = field(
+    artifact_root: ArtifactRoot = field(
         ".synthtune/artifacts",
         "Where every stage writes: a local folder or any fsspec URL (s3://, gs://). A relative folder resolves "
-        "against the working directory of the command (or worker) that runs, not the YAML's folder.",
+        "against the YAML's folder, like every other path in it (the working directory when the config does not "
+        "come from a file). Many pipelines may share one root: each keeps its own registry there.",
         affects_output=False,
     )
     preflight: PreflightConfig = field(default_factory=PreflightConfig, description="Checks before any work.")

@@ -97,6 +97,13 @@ def task_problems(cfg: PipelineConfig) -> list[str]:
     return check_tasks(cfg.evaluate.tasks, cfg.evaluate.task_dir, cfg.promote.metric, scored)
 
 
+def registry_problems(cfg: PipelineConfig, store: ArtifactStore) -> tuple[list[str], list[str]]:
+    """(errors, warnings) about the pipeline's registry on the root, read without changing it."""
+    from synthtune.registry import Registry
+
+    return Registry(store, cfg.name, migrate=False).problems()
+
+
 def checks(cfg: PipelineConfig, store: ArtifactStore) -> tuple[list[str], dict]:
     problems = check_model(cfg.student, "student", cfg.preflight.allow_remote_code, cfg.student_revision)
     gen = cfg.generate
@@ -109,6 +116,7 @@ def checks(cfg: PipelineConfig, store: ArtifactStore) -> tuple[list[str], dict]:
     if not problems:
         problems += check_tokenizer(cfg.student, cfg.student_revision)
     problems += task_problems(cfg)
+    problems += registry_problems(cfg, store)[0]
     problems += tracking.check(cfg)
     if gen.engine == "ray" and importlib.util.find_spec("ray") is None:
         problems.append("generate.engine=ray: ray is not installed here (pip install 'synthtune[ray]')")

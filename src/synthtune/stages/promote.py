@@ -10,8 +10,11 @@ The gate, on the same evaluation under identical flags:
   base on the first night) reports whether the difference is significant; with
   `require_significance` the gate demands it.
 
-Every decision is appended to `{artifact_root}/registry/history.jsonl`; a promotion makes the
-candidate the champion (`registry/champion.json`, mirrored to `latest.json`). Either way the
+Every decision is appended to the pipeline's registry (`{artifact_root}/registry/{name}/history.jsonl`);
+the champion is derived from that history (`registry/{name}/champion.json`, mirrored to
+`latest.json`; synthtune.registry). The summary says what the decision did to the model in service
+(`outcome`): a first champion, a new one, the same one, one promoted again, or nothing; a verdict
+reused from an earlier run says "unchanged: X is still the champion". Either way the
 comparison (base, champion, tuned, deltas, stderrs), a bar chart and the items that flipped are
 written next to the verdict.
 
@@ -30,7 +33,7 @@ from typing import TYPE_CHECKING
 from synthtune import cards
 from synthtune.configs import PromoteConfig
 from synthtune.keys import key_payload, stage_key
-from synthtune.registry import Registry, champion_record, now
+from synthtune.registry import Registry, adapter_path
 from synthtune.store import ArtifactRef, ArtifactStore, Staging, current_run_id, produce
 
 if TYPE_CHECKING:
@@ -83,11 +86,13 @@ def mcnemar(tuned_right: dict[int, bool], other_right: dict[int, bool]) -> tuple
 
 
 def decide(pc: PromoteConfig, base: dict, tuned: dict, champion: dict | None = None, champion_key: str | None = None,
-           paired: tuple[int, int, float] | None = None) -> tuple[bool, list[str]]:
-    """(promote?, one line per rule with the numbers). `paired` is the McNemar result vs the reference."""
+           paired: tuple[int, int, float] | None = None, in_service: str | None = None) -> tuple[bool, list[str]]:
+    """(promote?, one line per rule with the numbers). `paired` is the McNemar result vs the reference;
+    `in_service` names the champion when it is not re-scored because it is tonight's candidate."""
     lines, ok = [], True
     if champion is None:
-        lines.append("no champion yet: the gate is vs base only")
+        lines.append(f"{in_service} is already the champion: nothing else to compare with, the gate is vs base only"
+                     if in_service else "no champion yet: the gate is vs base only")
 
     def rule(role: str, task: str, ref_name: str, ref: dict, needs: str, passes) -> None:
         nonlocal ok
@@ -192,6 +197,7 @@ def run(cfg: PipelineConfig, store: ArtifactStore, upstream: dict[str, ArtifactR
     pc = cfg.promote
     ups = {name: ref.key for name, ref in upstream.items()}
     k = output_key or key(cfg, {name: ref.digest for name, ref in upstream.items()})
+    registry = Registry(store, cfg.name)
 
     def build(staging: Staging) -> None:
         b, t = base.summary["scores"], tuned.summary["scores"]
@@ -204,30 +210,59 @@ def run(cfg: PipelineConfig, store: ArtifactStore, upstream: dict[str, ArtifactR
             paired = mcnemar({i: v for i, (v, _) in correct(tuned_dir / samples, pc.metric).items()},
                              {i: v for i, (v, _) in correct(ref_dir / samples, pc.metric).items()})
             flipped = flips(base_dir, tuned_dir, pc.metric)
-        promoted, reasons = decide(pc, b, t, c, champion_key, paired)
+        serving = registry.champion()
+        in_service = serving["train_key"] if serving and serving["train_key"] == train.key else None
+        promoted, reasons = decide(pc, b, t, c, champion_key, paired, in_service)
         rows = comparison(b, t, c)
         chart(rows, staging.path / "comparison.png", f"{cfg.name}: base vs champion vs tuned" if c else
               f"{cfg.name}: base vs tuned")
         adapter = store.uri(train.stage, train.key, "adapter")
         if promoted and not store.fs.exists(store.path(train.stage, train.key, "adapter")):
             raise FileNotFoundError(f"refusing to promote {train.key}: its adapter is missing at {adapter}; rerun train")
-        event = {"id": k, "run_id": current_run_id(), "pipeline": cfg.name, "student": cfg.student, "train_key": train.key,
-                 "adapter": adapter, "data_keys": data_keys(store, train), "config_sha256": config_sha256(cfg),
+        event = {"id": k, "run_id": current_run_id(), "student": cfg.student, "train_key": train.key,
+                 "adapter": adapter_path(train.key), "data_keys": data_keys(store, train),
+                 "config_sha256": config_sha256(cfg), "config": cfg.model_dump(mode="json") if promoted else None,
                  "scores": t, "base_scores": b, "champion_scores": c, "champion_train_key": champion_key,
                  "promoted": promoted, "reasons": reasons, "p_value": paired[2]}
-        Registry(store).decide(event, champion_record({**event, "config": cfg.model_dump(mode="json")}, now())
-                               if promoted else None)
-        verdict = {"promoted": promoted, "reasons": reasons, "comparison": rows, "flips": flipped, "adapter": adapter,
+        _, before, after = registry.decide(event)
+        result = outcome(registry, train.key, promoted, before, after)
+        verdict = {"promoted": promoted, "outcome": result, "reasons": reasons, "comparison": rows, "flips": flipped,
+                   "adapter": adapter_path(train.key),
                    "train_key": train.key, "base_eval": base.key, "tuned_eval": tuned.key,
                    "champion_eval": champion_eval.key if champion_eval else None, "champion_train_key": champion_key,
                    "mcnemar": {"tuned_only": paired[0], "reference_only": paired[1], "p_value": paired[2]}}
         (staging.path / "verdict.json").write_text(json.dumps(verdict, indent=2))
         _complete_card(store, train, cfg.name, rows, promoted, reasons)
-        staging.metrics.update(promoted=promoted, reasons=reasons, comparison=rows, champion_train_key=champion_key,
-                               p_value=paired[2], train_key=train.key,
+        staging.metrics.update(promoted=promoted, outcome=result, in_service=after and after["train_key"],
+                               reasons=reasons, comparison=rows, champion_train_key=champion_key, p_value=paired[2],
+                               train_key=train.key,
                                flips={task: {k_: len(v) for k_, v in f.items()} for task, f in flipped.items()})
 
-    return produce(store, STAGE, k, ups, key_payload(cfg.promote), build, rebuild)
+    ref = produce(store, STAGE, k, ups, key_payload(cfg.promote), build, rebuild)
+    if ref.reused:  # nothing was decided now: say what is in service, not what was decided back then
+        serving = registry.champion()
+        now_in = serving["train_key"] if serving else None
+        ref = ref.model_copy(update={"summary": {
+            **ref.summary, "in_service": now_in,
+            "outcome": f"unchanged: {now_in} is still the champion" if now_in else "unchanged: no champion yet"}})
+    return ref
+
+
+def outcome(registry: Registry, candidate: str, promoted: bool, before: dict | None, after: dict | None) -> str:
+    """What the decision did to the model in service, in words: a first champion, a new one, the same
+    one again, one promoted again after a rollback, or nothing."""
+    was = before and before["train_key"]
+    if not promoted:
+        return f"NOT promoted: {was} stays in service" if was else "NOT promoted: there is still no champion"
+    if was == candidate:
+        return f"{candidate} is already the champion: it stays in service"
+    earlier = [e for e in registry.history() if e.get("event") == "decision" and e.get("promoted")
+               and e["train_key"] == candidate and e.get("time", "") < (after or {}).get("promoted_at", "~")]
+    if not was:
+        return f"PROMOTED: {candidate} is the first champion"
+    if earlier:
+        return f"PROMOTED again: {candidate} replaces {was} (it was the champion before, from {earlier[0].get('time')})"
+    return f"PROMOTED: {candidate} replaces {was}"
 
 
 def _complete_card(store: ArtifactStore, train: ArtifactRef, name: str, rows: list[dict], promoted: bool,
