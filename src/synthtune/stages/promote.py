@@ -256,8 +256,9 @@ def outcome(registry: Registry, candidate: str, promoted: bool, before: dict | N
         return f"NOT promoted: {was} stays in service" if was else "NOT promoted: there is still no champion"
     if was == candidate:
         return f"{candidate} is already the champion: it stays in service"
-    earlier = [e for e in registry.history() if e.get("event") == "decision" and e.get("promoted")
-               and e["train_key"] == candidate and e.get("time", "") < (after or {}).get("promoted_at", "~")]
+    history = registry.history()
+    at = next((n for n, e in enumerate(history) if e.get("id") == (after or {}).get("event_id")), len(history))
+    earlier = [e for e in history[:at] if e.get("event") == "decision" and e.get("promoted") and e["train_key"] == candidate]
     if not was:
         return f"PROMOTED: {candidate} is the first champion"
     if earlier:
