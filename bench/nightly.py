@@ -1,12 +1,14 @@
-"""Two nights of generation, side by side in one run: synthtune's generate stage (row-level cache on the
-artifact root) against what a distilabel user does (one pipeline per night, distilabel's own cache on).
+"""Three nights of generation, side by side in one run: synthtune's generate stage (row-level cache on
+the artifact root, the HTTP teacher driven through its request window) against what a distilabel user
+does (one pipeline per night, distilabel's own cache on).
 
 Run as: .venv/bin/python -m bench.nightly [--seeds 200]
 
-Night 1 asks for N seeds; night 2 for the same N plus 10% new ones (a new seed file). Both sides
-talk to the same real OpenAI-compatible teacher (`transformers serve` with the tiny teacher) through
-a hop that counts generation requests. Printed per side and night: teacher requests, rows out and
-wall time; then the ratio of night-2 to night-1 requests (target for synthtune: <= 0.12).
+Night 1 asks for N seeds; night 2 for the same N plus 10% new ones (a new seed file); night 3 changes
+nothing. Both sides talk to the same real OpenAI-compatible teacher (`transformers serve` with the tiny
+teacher) through a hop that counts generation requests. Printed per side and night: teacher requests,
+rows out and wall time of the stage; then the ratio of night-2 to night-1 requests (target for
+synthtune: <= 0.12).
 """
 
 from __future__ import annotations
@@ -74,13 +76,14 @@ def main() -> None:
         tmp = Path(tmp)
         hop = FaultyHop(base, [])
         model = str(ensure("teacher"))
-        nights = [seed_rows(n), seed_rows(n) + seed_rows(more, start=n)]
+        nights = [seed_rows(n), seed_rows(n) + seed_rows(more, start=n), seed_rows(n) + seed_rows(more, start=n)]
         try:
             for night, rows in enumerate(nights, 1):
                 folder = tmp / "seeds"
                 folder.mkdir(exist_ok=True)
-                (folder / f"night{night}.jsonl").write_text(
-                    "".join(json.dumps(r) + "\n" for r in rows[len(nights[0]) if night == 2 else 0:]))
+                if night < 3:  # night 3: no new file
+                    (folder / f"night{night}.jsonl").write_text(
+                        "".join(json.dumps(r) + "\n" for r in rows[len(nights[0]) if night == 2 else 0:]))
                 for side in ("synthtune", "distilabel"):
                     hop.posts = 0
                     start = time.perf_counter()
@@ -94,7 +97,7 @@ def main() -> None:
     print(f"{'side':<12}{'night':>6}{'seeds':>7}{'requests':>10}{'rows out':>10}{'seconds':>9}")
     for side, nights_run in results.items():
         for night, (posts, out, secs) in enumerate(nights_run, 1):
-            print(f"{side:<12}{night:>6}{n + (more if night == 2 else 0):>7}{posts:>10}{out:>10}{secs:>9.1f}")
+            print(f"{side:<12}{night:>6}{n + (more if night > 1 else 0):>7}{posts:>10}{out:>10}{secs:>9.1f}")
     if results["distilabel"][1][1] != n + more:
         print(f"note: distilabel's night 2 returned {results['distilabel'][1][1]} rows for {n + more} seeds "
               "(its cache restored the night-1 step and did not see the new input)")

@@ -67,7 +67,7 @@ def test_night_two_asks_the_teacher_only_for_the_new_seeds(demo_cfg, tmp_path, s
     assert second["evaluate[base]"].key == first["evaluate[base]"].key  # the base scores are reused
 
 
-def test_the_local_teacher_reuses_every_answer_it_holds(demo_cfg, tmp_path):
+def test_the_local_teacher_reuses_every_answer_it_holds(demo_cfg, tmp_path, monkeypatch):
     seeds = tmp_path / "seeds"
     _night(seeds, "night1.jsonl", demo_facts()[:N])
     store = ArtifactStore(demo_cfg.artifact_root)
@@ -87,6 +87,17 @@ def test_the_local_teacher_reuses_every_answer_it_holds(demo_cfg, tmp_path):
     assert (third.summary["rows"]["reused"], third.summary["rows"]["generated"]) == (N - 2 + N // 10, 1)
     assert demo_facts()[N - 1]["id"] not in set(data["id"]) and data["prompt"].iloc[0].endswith(", exactly?")
 
+    # a night whose answers are all in the row cache asks nothing and starts no process
+    import synthtune.child
+
+    started: list = []
+    spawn = synthtune.child.call_in_child
+    monkeypatch.setattr(synthtune.child, "call_in_child", lambda *a, **k: started.append(a) or spawn(*a, **k))
+    _night(seeds, "night1.jsonl", edited[:-2])  # one seed fewer: another key, every answer held
+    fourth = generate.run(_cfg(demo_cfg, seeds), store)
+    assert fourth.key != third.key and not fourth.reused and fourth.summary["rows"]["generated"] == 0
+    assert not started, "a process was started for a night with nothing to ask"
+
 
 def test_a_crash_mid_night_is_retried_for_only_the_unanswered_seeds(demo_cfg, tmp_path, served_teacher):
     base, model = served_teacher
@@ -100,7 +111,7 @@ def test_a_crash_mid_night_is_retried_for_only_the_unanswered_seeds(demo_cfg, tm
         _night(seeds, "night2.jsonl", demo_facts()[8:12])  # 4 new seeds: 2 batches
         hop.faults[:] = [None, None] + [400] * 10  # the first new batch goes through, then the teacher fails
         hop.posts = 0
-        with pytest.raises(Exception, match=r"the step raised for 2 of 4 inputs"):
+        with pytest.raises(Exception, match=r"the teacher gave up on 2 of 4 requests"):
             generate.run(cfg, store)
         assert hop.posts == 2
         hop.faults.clear()

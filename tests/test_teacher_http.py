@@ -1,5 +1,8 @@
-"""The HTTP teacher path against a real OpenAI-compatible server (`transformers serve` with the tiny
-teacher on 127.0.0.1), through a fault-injecting hop: 429, 500 and a hang are retried."""
+"""The HTTP teacher path against real OpenAI-compatible servers: `transformers serve` with the tiny
+teacher on 127.0.0.1 through a fault-injecting hop (429, 500 and a hang are retried), and a
+latency-controlled test server for the window: at most K requests in flight and K reached, 429 bursts
+with Retry-After honoured, a request that always fails quarantined by name, a crash that loses at most
+the unfinished window."""
 
 from __future__ import annotations
 
@@ -60,18 +63,20 @@ def test_teacher_that_stays_down_fails_naming_the_endpoint(demo_cfg, tmp_path, s
         hop.close()
 
 
-def test_finished_batches_are_not_redone_after_a_failure(demo_cfg, tmp_path, served_teacher):
-    """Batch 1 (2 seeds) goes through; batch 2 meets HTTP 400 (not retried): the stage fails naming
-    the failed inputs, keeps batch 1 in the row cache, and the retry sends only batch 2's requests."""
+def test_finished_answers_are_not_asked_again_after_the_teacher_went_down(demo_cfg, tmp_path, served_teacher):
+    """Two requests go through; then the teacher answers 503 to everything: more than max_failed_share of
+    the requests are given up, so the stage fails (nothing committed), keeping the two answers in the row
+    cache; the retry asks only for the other two."""
     from synthtune.rowcache import RowCache
 
     base, model = served_teacher
-    hop = FaultyHop(base, [None, None] + [400] * 10)
-    cfg = _cfg(demo_cfg, tmp_path, hop.url, model)
+    hop = FaultyHop(base, [None, None] + [503] * 40)
+    cfg = _cfg(demo_cfg, tmp_path, hop.url, model, concurrency=1, max_retries=2)
     store = ArtifactStore(cfg.artifact_root)
     k = generate.key(cfg, {})
     try:
-        with pytest.raises(Exception, match=r"the step raised for 2 of 4 inputs; the 2 finished are in the row cache"):
+        with pytest.raises(GenerationError, match=r"the teacher gave up on 2 of 4 requests after retries \(more than "
+                                                  r"generate.max_failed_share=0.05\); first: HTTP 503"):
             generate.run(cfg, store)
         assert store.ref("generate", k) is None and hop.posts == 2
         assert RowCache(f"{generate.cache_url(store)}/answers").size() == 2
@@ -81,12 +86,100 @@ def test_finished_batches_are_not_redone_after_a_failure(demo_cfg, tmp_path, ser
         ref = generate.run(cfg, store)
     finally:
         hop.close()
-    assert hop.posts == 2  # only the failed batch was asked again
+    assert hop.posts == 2  # only the unanswered requests were asked again
     data = pd.read_parquet(f"{ref.uri}/data.parquet")
     answers = {f["id"]: f["answer"] for f in demo_facts()}
     assert len(data) == 4 and {r.id: r.response for r in data.itertuples()} == {i: answers[i] for i in data["id"]}
     assert list(data["id"]) == [f["id"] for f in demo_facts()[:4]]  # seed order, whichever attempt made a row
     assert (ref.summary["rows"]["reused"], ref.summary["rows"]["generated"]) == (2, 2)
+
+
+# ---------------------------------------------------------------- the window, against a latency-controlled server
+
+
+@pytest.fixture(scope="module")
+def latency():
+    from tests.support.latency_server import latency_server
+
+    with latency_server(0.2) as server:
+        yield server
+
+
+def _window_cfg(demo_cfg, tmp_path, server, n: int, **update):
+    from tests.support.latency_server import MODEL
+
+    seeds = tmp_path / "seeds.jsonl"
+    seeds.write_text("".join(json.dumps({"id": f"s{i}", "prompt": f"Question {i} about Vardon?"}) + "\n"
+                             for i in range(n)))
+    gen = demo_cfg.generate.model_copy(update={"teacher_kind": "openai", "teacher": MODEL, "base_url": server.url,
+                                               "seeds": str(seeds), "timeout_s": 5.0, **update})
+    return demo_cfg.model_copy(update={"generate": gen})
+
+
+def test_the_window_keeps_k_requests_in_flight_and_never_more(demo_cfg, tmp_path, latency):
+    latency.control(reset=True, latency=0.2)
+    cfg = _window_cfg(demo_cfg, tmp_path, latency, 60, concurrency=8, batch_size=4)
+    ref = generate.run(cfg, ArtifactStore(cfg.artifact_root))
+    seen = latency.stats()
+    assert seen["max_in_flight"] == 8 and seen["requests"] == 60 and not seen["asked_twice"]
+    assert ref.summary["rows"]["output"] == 60 and ref.summary["rows"]["requests"] == 60
+    data = pd.read_parquet(f"{ref.uri}/data.parquet")
+    assert list(data["id"]) == [f"s{i}" for i in range(60)]  # rows in seed order, whatever order answers came in
+
+
+def test_a_burst_of_429s_with_retry_after_is_honoured_and_every_row_arrives(demo_cfg, tmp_path, latency):
+    latency.control(reset=True, latency=0.05, throttle=12, retry_after=1.0)
+    cfg = _window_cfg(demo_cfg, tmp_path, latency, 30, concurrency=8)
+    started = time.monotonic()
+    ref = generate.run(cfg, ArtifactStore(cfg.artifact_root))
+    seen = latency.stats()
+    assert seen["throttled"] == 12 and ref.summary["rows"]["output"] == 30 and ref.summary["rows"]["retries"] >= 12
+    assert time.monotonic() - started > 1.0  # nothing went out again before Retry-After said
+    assert ref.summary["rows"]["failed"] == 0 and seen["requests"] == 30 + 12  # each throttled one asked once more
+
+
+def test_a_request_that_always_fails_is_quarantined_by_name(demo_cfg, tmp_path, latency):
+    latency.control(reset=True, latency=0.02, fail_marker="Question 7 ")
+    cfg = _window_cfg(demo_cfg, tmp_path, latency, 40, concurrency=4, max_retries=2, max_failed_share=0.1)
+    ref = generate.run(cfg, ArtifactStore(cfg.artifact_root))
+    quarantined = pd.read_parquet(f"{ref.uri}/quarantine.parquet")
+    [poison] = quarantined[quarantined["id"] == "s7"].itertuples()
+    assert "gave up: HTTP 500" in poison.reason and "(after 3 attempts)" in poison.reason, poison.reason
+    assert ref.summary["rows"]["output"] == 39 and ref.summary["rows"]["failed"] == 1
+    assert latency.stats()["failed"] == 3  # asked three times, then given up; the window went on
+
+
+def test_a_crash_loses_at_most_the_unfinished_window(demo_cfg, tmp_path, latency):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from synthtune.rowcache import RowCache
+
+    latency.control(reset=True, latency=0.2)
+    n, k, shard = 200, 8, 4
+    cfg = _window_cfg(demo_cfg, tmp_path, latency, n, concurrency=k, batch_size=shard)
+    store = ArtifactStore(cfg.artifact_root)
+    script = ("from synthtune.config import PipelineConfig; from synthtune.stages import generate; "
+              "from synthtune.store import ArtifactStore\n"
+              f"cfg = PipelineConfig.model_validate_json({cfg.model_dump_json()!r})\n"
+              "generate.run(cfg, ArtifactStore(cfg.artifact_root))\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while latency.stats()["requests"] < n // 2:
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # mid-stage, requests in flight
+    proc.wait()
+    asked = latency.stats()["requests"]
+    cached = RowCache(f"{generate.cache_url(store)}/answers").size()
+    latency.control(reset=True)
+    ref = generate.run(cfg, store)  # the retry
+    again = latency.stats()["requests"]
+    assert again == n - cached and asked - cached <= k + shard  # lost: the window in flight and one shard at most
+    assert (ref.summary["rows"]["reused"], ref.summary["rows"]["generated"]) == (cached, n - cached)
 
 
 @pytest.mark.flows
@@ -124,7 +217,7 @@ def test_key_from_a_prefect_secret_block_reaches_the_teacher_and_nothing_else(de
         hop.close()
     assert state.is_completed(), state
     assert hop.auth and all(a == f"Bearer {SECRET}" for a in hop.auth)  # the key was sent, from the block
-    assert any(log.message.startswith("[distilabel.") for log in logs) and len(logs) > 10
+    assert any(log.message.startswith(("[distilabel.", "[synthtune.generate]")) for log in logs) and len(logs) > 10
     out, err = capfd.readouterr()
     texts = [log.message for log in logs] + [str(a.data) + str(a.description) for a in artifacts]
     texts += [json.dumps(run.parameters, default=str), out, err]

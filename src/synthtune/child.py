@@ -108,7 +108,9 @@ def _entry(conn, fn, args, kwargs, log_queue=None, log_name=None) -> None:
     if log_queue is not None:  # forward this logger's records (and its children's) to the parent
         import logging.handlers
 
-        logging.getLogger(log_name).addHandler(logging.handlers.QueueHandler(log_queue))
+        forwarded = logging.getLogger(log_name)
+        forwarded.addHandler(logging.handlers.QueueHandler(log_queue))
+        forwarded.setLevel(min(forwarded.getEffectiveLevel(), logging.INFO))  # the root's WARNING would drop them
     try:
         conn.send(("ok", fn(*args, **kwargs)))
     except BaseException as e:  # report everything, including KeyboardInterrupt, to the parent

@@ -8,11 +8,15 @@ models. What changed is how requests reach them:
 
 - an HTTP teacher or judge (`teacher_kind: openai`): a steady window of `concurrency` requests in
   flight (synthtune.window), in this process, one event loop; a finished request frees its slot at
-  once, and finished answers reach the row cache every `batch_size` rows or `FLUSH_S` seconds, so a
-  crash loses at most the unfinished window. The tasks are driven without distilabel's Pipeline:
-  no batch barrier, no step processes, and none of its per-batch `_cache()` (distilabel 1.5.3
-  re-saves the pipeline and recomputes its signature after every batch, even with its cache off:
-  15.5 of 23.6 CPU-seconds of a 4,000-row run);
+  once, and finished answers reach the row cache every `batch_size` rows or half a second, so a
+  crash loses at most the unfinished window. distilabel's task builds each request's messages and
+  parses each reply; the OpenAI-compatible request itself goes out over one aiohttp session (0.3 ms
+  of CPU a request; the openai SDK's client costs 4 ms, and 21 ms with a kept-alive connection per
+  request in flight, which leaves a 2-core machine CPU-bound far below the teacher's speed:
+  bench/generate.py). The tasks are driven without distilabel's Pipeline: no batch barrier, no step
+  processes, and none of its per-batch `_cache()` (distilabel 1.5.3 re-saves the pipeline and
+  recomputes its signature after every batch, even with its cache off: 15.5 of 23.6 CPU-seconds of
+  a 4,000-row run);
 - a local transformers model: batched generation (`batch_size` rows a call), the task driven batch by
   batch in a spawned child (stages/_distilabel_run.py), each batch written to the row cache;
 - engine=ray: `replicas` Ray actors, the misses split between them, each an HTTP window of its own
@@ -22,7 +26,6 @@ models. What changed is how requests reach them:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import threading
 import time
@@ -37,7 +40,7 @@ from synthtune.rowcache import RowCache
 from synthtune.teacher import GenerationError, answer_key, env_api_key, generation_kwargs, magpie_key, rating_key
 
 log = logging.getLogger("synthtune.generate")
-FLUSH_S = 2.0  # finished answers reach the row cache at least this often
+FLUSH_S = 0.5  # finished answers reach the row cache at least this often
 
 
 @dataclass
@@ -55,9 +58,10 @@ class Tally:
     requests: int = 0
     fresh: set[str] = field(default_factory=set)  # answer keys produced now
     failures: dict[str, str] = field(default_factory=dict)  # request key -> why it was given up
+    replicas: list[int] = field(default_factory=list)  # engine=ray: requests each replica was given
 
     def counts(self) -> dict[str, int]:
-        return {k: v for k, v in vars(self).items() if k not in ("fresh", "failures")}
+        return {k: v for k, v in vars(self).items() if k not in ("fresh", "failures", "replicas")}
 
 
 @dataclass(frozen=True)
@@ -77,23 +81,17 @@ class Pass:
     max_new_tokens: int | None = None
 
 
-def make_llm(gen: GenerateConfig, p: Pass, api_key: SecretStr | None = None, concurrency: int | None = None):
-    """The distilabel LLM of a pass, loaded. An HTTP one's client takes the window's size of connections
-    and retries nothing itself (the window does, honouring Retry-After and shrinking when throttled)."""
+def make_llm(gen: GenerateConfig, p: Pass, api_key: SecretStr | None = None):
+    """The distilabel LLM of a pass, loaded. For an HTTP model it only serves the task (which loads it);
+    its requests go through the window (`http_pass`)."""
     if p.max_new_tokens:
         gen = gen.model_copy(update={"max_new_tokens": p.max_new_tokens})
     if p.http:
-        import httpx
         from distilabel.models.llms import OpenAILLM
 
-        key = api_key or env_api_key(gen) or SecretStr("not-needed")
-        llm = OpenAILLM(model=p.model, base_url=gen.base_url, api_key=key, max_retries=0, timeout=int(gen.timeout_s),
+        llm = OpenAILLM(model=p.model, base_url=gen.base_url, api_key=SecretStr("not-used"), max_retries=0,
                         generation_kwargs=generation_kwargs(gen))
         llm.load()
-        n = concurrency or gen.concurrency
-        # distilabel's client keeps openai's pool (1000 connections, 100 kept alive): the window needs K of each
-        llm._aclient = llm._aclient.with_options(max_retries=0, http_client=httpx.AsyncClient(
-            limits=httpx.Limits(max_connections=n, max_keepalive_connections=n), timeout=gen.timeout_s))
         return llm
     import torch
     from distilabel.models.llms import TransformersLLM
@@ -186,11 +184,17 @@ def http_pass(gen: GenerateConfig, p: Pass, cache_url: str, api_key: SecretStr |
 
 async def _http_pass(gen: GenerateConfig, p: Pass, cache_url: str, api_key: SecretStr | None,
                      concurrency: int | None, on_progress) -> tuple[dict[str, dict], Any]:
+    import aiohttp
+
     from synthtune import window
 
-    llm = make_llm(gen, p, api_key, concurrency)
-    task = make_task(gen, p, llm)
-    kwargs = llm.get_generation_kwargs()
+    k = concurrency or gen.concurrency
+    log.info("%s: asking %s for %d answers the cache does not hold, %d in flight", p.what, p.model, len(p.inputs), k)
+    task = make_task(gen, p, make_llm(gen, p))
+    settings = generation_kwargs(gen.model_copy(update={"max_new_tokens": p.max_new_tokens or gen.max_new_tokens}))
+    key = api_key or env_api_key(gen)
+    headers = {"Authorization": f"Bearer {key.get_secret_value()}"} if key else {}
+    url = gen.base_url.rstrip("/") + "/chat/completions"
     cache = RowCache(f"{cache_url}/{p.cache}")
     writer = CacheWriter(cache, p.fields, gen.batch_size)
     found: dict[str, dict] = {}
@@ -203,45 +207,69 @@ async def _http_pass(gen: GenerateConfig, p: Pass, cache_url: str, api_key: Secr
             writes.add(t)
             t.add_done_callback(writes.discard)
 
-    async def call(item: dict) -> dict:
-        reply = await llm.agenerate(input=task.format_input(item), num_generations=1, **kwargs)
-        row = task.format_output(reply["generations"][0], item)
-        row["model_name"] = p.model
-        row["statistics"] = reply.get("statistics")
-        return row
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=k, limit_per_host=k),
+                                     timeout=aiohttp.ClientTimeout(total=gen.timeout_s)) as session:
+        async def call(item: dict) -> dict:
+            body = {"model": p.model, "messages": task.format_input(item), "max_tokens": settings["max_new_tokens"],
+                    "temperature": settings["temperature"], "top_p": settings["top_p"]}
+            try:
+                async with session.post(url, json=body, headers=headers) as response:
+                    if response.status >= 300:
+                        raise _http_error(response.status, response.headers.get("Retry-After"),
+                                          (await response.text())[:300])
+                    reply = await response.json(content_type=None)
+            except (aiohttp.ClientError, TimeoutError) as e:
+                raise window.Retryable(f"{type(e).__name__}: {e}"[:300]) from None
+            choices = reply.get("choices") or [{}]
+            row = task.format_output((choices[0].get("message") or {}).get("content"), item)
+            usage = reply.get("usage") or {}
+            row.update(model_name=p.model, statistics={"input_tokens": usage.get("prompt_tokens"),
+                                                       "output_tokens": usage.get("completion_tokens")})
+            return row
 
-    def on_done(index: int, row: dict) -> None:
-        key = p.inputs[index]["id"]
-        if usable(row, p.required):
-            found[key] = {f: row.get(f) for f in p.fields}
-            write(writer.add(key, row))
-        else:  # an empty or unparsable reply: kept out of the cache, asked again next time
-            found[key] = {f: row.get(f) for f in p.fields}
+        def on_done(index: int, row: dict) -> None:
+            key_ = p.inputs[index]["id"]
+            found[key_] = {f: row.get(f) for f in p.fields}
+            if usable(row, p.required):  # an empty or unparsable reply stays out of the cache: asked again
+                write(writer.add(key_, row))
 
-    def on_fail(index: int, reason: str) -> None:
-        failures[p.inputs[index]["id"]] = reason
+        def on_fail(index: int, reason: str) -> None:
+            failures[p.inputs[index]["id"]] = reason
 
-    async def flusher() -> None:
-        while True:
-            await asyncio.sleep(FLUSH_S / 4)
-            write(writer.flush_due())
+        async def flusher() -> None:
+            while True:
+                await asyncio.sleep(FLUSH_S / 4)
+                write(writer.flush_due())
 
-    ticker = asyncio.create_task(flusher())
-    try:
-        stats = await window.drive(p.inputs, call, concurrency=concurrency or gen.concurrency,
-                                   max_retries=gen.max_retries, on_done=on_done, on_fail=on_fail,
-                                   on_progress=on_progress, max_requests_per_s=gen.max_requests_per_s,
-                                   max_tokens_per_min=gen.max_tokens_per_min,
-                                   tokens_of=lambda item: len(str(item)) // 4 + gen.max_new_tokens)
-    finally:
-        ticker.cancel()
-        write(writer.take())
-        if writes:
-            await asyncio.gather(*writes)
-        with contextlib.suppress(Exception):
-            await llm._aclient.close()
+        ticker = asyncio.create_task(flusher())
+        try:
+            stats = await window.drive(p.inputs, call, concurrency=k, max_retries=gen.max_retries, on_done=on_done,
+                                       on_fail=on_fail, on_progress=on_progress,
+                                       max_requests_per_s=gen.max_requests_per_s,
+                                       max_tokens_per_min=gen.max_tokens_per_min,
+                                       tokens_of=lambda item: len(str(item)) // 4 + settings["max_new_tokens"])
+        finally:
+            ticker.cancel()
+            write(writer.take())
+            if writes:
+                await asyncio.gather(*writes)
     stats.failures = failures
     return found, stats
+
+
+def _http_error(status: int, retry_after: str | None, text: str) -> Exception:
+    """An HTTP error status as what the window does with it."""
+    from synthtune import window
+
+    if status in window.THROTTLED:
+        try:
+            seconds = max(0.0, float(retry_after)) if retry_after is not None else None
+        except ValueError:
+            seconds = None
+        return window.Throttled(f"HTTP {status}", seconds)
+    if 400 <= status < 500 and status not in window.RETRYABLE:
+        return window.Refused(f"HTTP {status}: {text}")
+    return window.Retryable(f"HTTP {status}: {text}")
 
 
 # ---------------------------------------------------------------- the passes a mode needs

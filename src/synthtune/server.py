@@ -48,6 +48,7 @@ def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 1
     """Wait until `url` answers (any status below 500); raises, with the end of `log`, when `proc`
     exits first or `timeout` seconds pass."""
     import urllib.error
+    import urllib.request
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

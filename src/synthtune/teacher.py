@@ -1,14 +1,10 @@
-"""What the generate stage and its child process share about talking to a teacher: the generation
-settings sent, the row-cache key of each answer and rating, the API key, and the guard around
-distilabel. Kept out of the stage module so the child never imports the stage (no import cycle)."""
+"""What the generate stage, synthtune.generation and the stage's child process share about talking to
+a teacher: the generation settings sent, the row-cache key of each answer and rating, and the API key.
+Kept out of the stage module so the child never imports the stage (no import cycle)."""
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import os
-import signal
-import threading
 
 from pydantic import SecretStr
 
@@ -18,24 +14,6 @@ from synthtune.rowcache import entry_key
 
 class GenerationError(RuntimeError):
     pass
-
-
-@contextlib.contextmanager
-def distilabel_guard():
-    """distilabel replaces the root logger's handlers during `run()` and installs a SIGINT handler,
-    which raises off the main thread (Prefect runs tasks in worker threads). Restore logging after,
-    and skip the handler where it cannot be installed."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    original_signal = signal.signal
-    if threading.current_thread() is not threading.main_thread():
-        signal.signal = lambda sig, handler: signal.getsignal(sig)  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        signal.signal = original_signal
-        root.handlers[:] = handlers
-        root.setLevel(level)
 
 
 def generation_kwargs(gen: GenerateConfig) -> dict:

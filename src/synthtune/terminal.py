@@ -183,7 +183,7 @@ class RunView:
                 if not self.tty:
                     self.console.print(escape(f"{event['step']:<18} {view.state:<9} {view.elapsed()}  {view.detail}"),
                                        highlight=False)
-            elif kind in ("train", "evaluate") and self.current in self.steps:
+            elif kind in ("train", "evaluate", "generate") and self.current in self.steps:
                 self.steps[self.current].progress = event
             if self.live is not None:
                 self.live.update(self.render())
@@ -207,6 +207,9 @@ class RunView:
                     loss = p.get("loss")
                     detail = (f"step {done}/{p['total']}  loss {f'{loss:.4f}' if isinstance(loss, float) else '-'}"
                               f"  {p.get('tokens_per_s') or '-'} tok/s")
+                elif p["kind"] == "generate":
+                    detail = (f"{p.get('what')}: {done}/{p['total']} rows  {p.get('rows_per_s')} rows/s  "
+                              f"{p.get('in_flight')} in flight  {p.get('retries')} retries")
                 else:
                     detail = f"requests {done}/{p['total']}"
             table.add_row(escape(name), f"[{colours.get(view.state, 'white')}]{view.state}[/]", view.elapsed(), bar,

@@ -52,8 +52,10 @@ class GenerateConfig(Section):
         "api_key_env). Needs the Prefect engine.", affects_output=False)
     timeout_s: float = field(120, "Seconds before an HTTP request to the teacher times out (then retried).", gt=0,
                              affects_output=False)
-    max_retries: int = field(6, "Retries with exponential backoff on HTTP 429/5xx and timeouts.", ge=0,
-                             affects_output=False)
+    max_retries: int = field(
+        6, "Retries of a request with exponential backoff on HTTP 5xx, timeouts and dropped connections; 429 and 503 "
+        "wait as long as their Retry-After says. A request still failing is quarantined with its reason.", ge=0,
+        affects_output=False)
     seeds: SeedSource | None = field(
         None, "Seed rows: a JSONL or parquet file, a folder of them, a glob (`data/seeds/*.jsonl`) or any fsspec URL "
         "(`s3://bucket/seeds/date=*/part-*.parquet`), or a `datasets` folder (save_to_disk); each row needs an `id` and "
@@ -63,19 +65,37 @@ class GenerateConfig(Section):
     max_new_tokens: int = field(128, "Most tokens the teacher may write per answer.", ge=1, le=32768)
     temperature: float = field(0.0, "Sampling temperature; 0 means greedy decoding.", ge=0, le=5)
     num_generations: int = field(1, "Answers generated per seed.", ge=1, le=64)
-    batch_size: int = field(8, "Seeds sent to the teacher per batch (an HTTP teacher gets a batch's requests "
-                            "at once). Changes no answer: not in the cache key.", ge=1, le=4096, affects_output=False)
+    batch_size: int = field(
+        8, "A local teacher: seeds per generate() call (batched generation). An HTTP teacher: finished answers per "
+        "row-cache shard (they are also written every 2 s, so a crash loses at most the requests in flight). Changes "
+        "no answer: not in the cache key.", ge=1, le=4096, affects_output=False)
+    concurrency: int = field(
+        64, "An HTTP teacher: requests in flight at once, from one process and one event loop; a finished request "
+        "frees its slot at once. Throttling (429/503) halves it for a while. Per replica with engine=ray. A local "
+        "teacher ignores it (batch_size sets its batches).", ge=1, le=4096, affects_output=False)
+    replicas: int = field(
+        1, "engine=ray: teacher replicas, each a Ray actor working on its share of the seeds: an HTTP teacher's "
+        "window of `concurrency` requests (requests in flight = replicas x concurrency), or a local teacher's own "
+        "copy of the model (with ray_gpus_per_replica GPUs). engine=local: 1.", ge=1, le=256, affects_output=False)
+    max_requests_per_s: float | None = field(
+        None, "An HTTP teacher's published request limit: at most this many requests start per second. Empty: no "
+        "limit but the server's own 429s.", gt=0, affects_output=False)
+    max_tokens_per_min: int | None = field(
+        None, "An HTTP teacher's published token limit per minute (prompt + max_new_tokens estimated per request). "
+        "Empty: no limit.", gt=0, affects_output=False)
+    max_failed_share: float = field(
+        0.05, "Requests the teacher still fails after max_retries (or refuses as malformed) are quarantined with "
+        "their reason, up to this share of a run's requests; above it the stage fails (the teacher is down, not "
+        "one prompt), keeping every finished answer in the row cache for the retry.", ge=0, le=1,
+        affects_output=False)
     engine: Literal["local", "ray"] = field(
-        "local", "Where distilabel runs: `local` (processes on this machine) or `ray` (the same pipeline as a "
-        "RayPipeline: each teacher replica a Ray actor; pip install 'synthtune[ray]').", affects_output=False)
+        "local", "Where the teacher is driven: `local` (this machine) or `ray` (`replicas` Ray actors; pip install "
+        "'synthtune[ray]').", affects_output=False)
     ray_address: str = field(
         "", "engine=ray: the cluster to use (`ray://head:10001`, or `auto` on a cluster node). Empty: start a local "
         "Ray cluster for the run.", affects_output=False)
     ray_gpus_per_replica: int = field(0, "engine=ray: GPUs each teacher replica asks Ray for (0: none).", ge=0,
                                       affects_output=False)
-    concurrency: int = field(1, "Batches in flight at once (distilabel replicas of the step): more load on an HTTP "
-                             "teacher; a local teacher loads one copy of the model per replica.", ge=1, le=64,
-                             affects_output=False)
     seed: int = field(0, "Random seed for sampling.")
     max_prompt_tokens: int | None = field(
         None, "Longest seed prompt, in teacher tokens. Empty: a local teacher's context minus max_new_tokens; an HTTP "

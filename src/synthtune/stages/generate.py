@@ -19,12 +19,14 @@ Run as: synthtune generate configs/demo.yaml
 
 from __future__ import annotations
 
-import shutil
+import contextlib
+import logging
 from typing import TYPE_CHECKING
 
 from pydantic import SecretStr
 
 from synthtune.configs import GenerateConfig
+from synthtune.generation import Pass, Tally, assemble, http_pass, too_many_failed
 from synthtune.keys import key_payload, stage_key
 from synthtune.models import fingerprint, identity, resolve, revision_kw
 from synthtune.rowcache import RowCache
@@ -39,6 +41,7 @@ if TYPE_CHECKING:
 __all__ = ["GenerateConfig", "GenerationError", "key", "load_seeds", "run"]
 
 STAGE = "generate"
+log = logging.getLogger("synthtune.generate")
 VERSION = "4"
 
 
@@ -199,23 +202,67 @@ def _generate(cfg: PipelineConfig, store: ArtifactStore, staging: Staging, on_lo
         identities["rejected"] = fingerprint(gen.rejected_model)
     if gen.judge:
         identities["judge"] = identity(gen.judge, gen.teacher_kind, gen.base_url, gen.judge_revision)
-    # distilabel forks its workers: run it from a clean spawned process (see synthtune.child)
-    from synthtune.child import call_in_child
-    from synthtune.stages._distilabel_run import run_distilabel
-
-    rows, dropped, counts = call_in_child(run_distilabel, gen, seeds.rows, identities, cache_url(store),
-                                          str(staging.path / ".distilabel"), api_key, on_log=on_log,
-                                          log_name="distilabel")
-    _write(gen, staging, rows, seeds, dropped, {**counts, **lengths})
+    api_key = api_key or (env_api_key(gen) if gen.teacher_kind == "openai" else None)
+    rows, dropped, tally = assemble(gen, seeds.rows, identities, cache_url(store),
+                                    executor(gen, cache_url(store), api_key, on_log))
+    if why := too_many_failed(tally, tally.requests, gen.max_failed_share):
+        raise GenerationError(why)
+    _write(gen, staging, rows, seeds, dropped, {**tally.counts(), **lengths})
+    if tally.replicas:
+        staging.extra["replica_requests"] = tally.replicas
     for kind in ("answers", "magpie", "ratings"):  # many nights of small shards -> one per kind
         RowCache(f"{cache_url(store)}/{kind}").compact()
+
+
+def executor(gen: GenerateConfig, cache_url: str, api_key: SecretStr | None, on_log=None):
+    """How a pass's misses are asked for: an HTTP model through the window in this process (no child:
+    the first request leaves within seconds), a local model in a spawned child, anything on Ray through
+    the replicas (synthtune.generation)."""
+    from synthtune.child import call_in_child
+    from synthtune.stages._distilabel_run import local_pass, ray_pass
+
+    def execute(p: Pass, tally: Tally) -> dict[str, dict]:
+        if gen.engine == "ray":
+            found, stats = call_in_child(ray_pass, gen, p, cache_url, api_key, on_log=on_log, log_name="distilabel")
+        elif p.http:
+            found, window = http_pass(gen, p, cache_url, api_key, on_progress=_progress(p))
+            stats = {"failed": window.failed, "retries": window.retries, "failures": window.failures}
+        else:
+            found, stats = call_in_child(local_pass, gen, p, cache_url, on_log=on_log, log_name="distilabel")
+        tally.requests += len(p.inputs)
+        tally.failed += stats["failed"]
+        tally.retries += stats["retries"]
+        tally.failures.update(stats["failures"])
+        tally.replicas += stats.get("per_replica", [])
+        for key, reason in stats["failures"].items():
+            log.warning("%s: gave up on a request (%s...): %s", p.what, key[:12], reason)
+        return found
+
+    return execute
+
+
+def _progress(p: Pass):
+    """The window's progress as `generate` events (the terminal's live line), four a second at most."""
+    import time
+
+    from synthtune import progress
+
+    last = [0.0]
+
+    def report(stats) -> None:
+        now = time.monotonic()
+        if now - last[0] > 0.25 or stats.done + stats.failed == stats.total:
+            last[0] = now
+            progress.emit("generate", what=p.what, done=stats.done, total=stats.total, in_flight=stats.in_flight,
+                          retries=stats.retries, rows_per_s=round(stats.rows_per_s, 1))
+
+    return report
 
 
 def _write(gen: GenerateConfig, staging: Staging, rows: list[dict], seeds: SeedSet, dropped: list[dict],
            counts: dict[str, int]) -> None:
     import pandas as pd
 
-    shutil.rmtree(staging.path / ".distilabel", ignore_errors=True)
     asked = len(seeds.rows) or gen.magpie_rows
     where = {r["id"]: {"file": r["seed_file"], "line": r["seed_line"]} for r in seeds.rows}
     quarantined = seeds.quarantined + [{**where.get(d["id"], {}), **d} for d in dropped]
@@ -240,5 +287,35 @@ def run(cfg: PipelineConfig, store: ArtifactStore, upstream: dict[str, ArtifactR
     (only `distilabel.*`: forwarding everything would loop through whoever listens). `api_key`, when
     given, wins over `$api_key_env` (the Prefect task passes a Secret block's value)."""
     k = output_key or key(cfg, {})
-    return produce(store, STAGE, k, {}, key_payload(cfg.generate), lambda st: _generate(cfg, store, st, on_log, api_key),
-                   rebuild)
+
+    def build(staging: Staging) -> None:
+        with _forwarding(on_log):
+            _generate(cfg, store, staging, on_log, api_key)
+
+    return produce(store, STAGE, k, {}, key_payload(cfg.generate), build, rebuild)
+
+
+@contextlib.contextmanager
+def _forwarding(on_log):
+    """The stage's own log records (and distilabel's, made in this process) to `on_log` as well: the
+    HTTP window runs here, not in a child whose records are forwarded already."""
+    if on_log is None:
+        yield
+        return
+
+    class Forward(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            with contextlib.suppress(Exception):
+                on_log(record)
+
+    handler, loggers = Forward(level=logging.INFO), [logging.getLogger(n) for n in ("synthtune.generate", "distilabel")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.addHandler(handler)
+        lg.setLevel(min(lg.getEffectiveLevel(), logging.INFO))
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.removeHandler(handler)
+            lg.setLevel(level)
