@@ -18,7 +18,7 @@ def test_tuned_beats_base_by_a_clear_margin(demo_run):
     tuned = refs["evaluate[tuned]"].summary["scores"]["demo_facts"]["acc"]
     assert tuned - base >= 0.3, (base, tuned)
     assert refs["promote"].summary["promoted"] is True
-    latest = json.loads(open(os.path.join(cfg.artifact_root, "latest.json")).read())
+    latest = json.loads(open(os.path.join(cfg.artifact_root, "registry", cfg.name, "latest.json")).read())
     assert latest["train_key"] == refs["train"].key
 
 

@@ -82,7 +82,7 @@ def test_deployments_schedule_and_a_scheduled_run_pulled_forward(stack):
     assert run.state.type.value == "COMPLETED", (run.state, stack.log("worker-gpu")[-4000:])
     assert run.parameters == nightly.parameters
     assert set(states(run.id, 8).values()) <= {"Completed", "Cached"}
-    assert (Path(stack.artifact_root) / "latest.json").is_file()
+    assert (Path(stack.artifact_root) / "registry" / run.parameters["config"]["name"] / "latest.json").is_file()
 
 
 def test_split_mode_runs_train_and_evaluate_on_the_gpu_pool(stack):
@@ -184,7 +184,7 @@ def test_s3_artifact_root_and_a_retry_in_another_process_finds_finished_stages(s
     latest = latest_attempt(run_id)
     assert {latest[n] for n in DATA_STEPS} == {"Cached"}
     assert latest["train"] == "Completed"
-    assert fs.exists(f"{root}/latest.json") and fs.exists(f"{root}/train")
+    assert fs.exists(f"{root}/registry/{config['name']}/latest.json") and fs.exists(f"{root}/train")
 
 
 class WebhookReceiver:

@@ -360,6 +360,15 @@ def work_dir(store: ArtifactStore, k: str) -> Path:
     return cache_root() / "work" / STAGE / k
 
 
+def drop_work(store: ArtifactStore, k: str) -> None:
+    """Run `k`'s work folder removed (committed: its checkpoints are no longer needed), and the
+    `.work` folder above it once no other run uses it."""
+    work = work_dir(store, k)
+    shutil.rmtree(work, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        work.parent.rmdir()
+
+
 def run_child(cmd: list[str], progress_file: Path | None = None) -> int:
     """Run the training child in its own process group; whatever happens here, the group dies. It is
     tracked, so an interrupted command (Ctrl-C) stops it at once (synthtune.child.stop_all). Its
@@ -489,10 +498,7 @@ def run(cfg: PipelineConfig, store: ArtifactStore, upstream: dict[str, ArtifactR
             _train(cfg, store, staging, folder, k, src.key)
 
     ref = produce(store, STAGE, k, {"template": src.key}, key_payload(cfg.train), build, rebuild)
-    work = work_dir(store, k)
-    shutil.rmtree(work, ignore_errors=True)  # committed: checkpoints no longer needed
-    with contextlib.suppress(OSError):  # and the .work folder itself once no other run uses it
-        work.parent.rmdir()
+    drop_work(store, k)
     if cfg.train.merge:
         ref = export_merged(cfg, store, ref, src)
     return ref
@@ -534,6 +540,6 @@ def export_merged(cfg: PipelineConfig, store: ArtifactStore, ref: ArtifactRef, d
             store.amend(STAGE, ref.key, held=True, folders={MERGED: work / MERGED},
                         texts={"adapter/README.md": cards.with_serving(card, serving)}, metrics={"serving": serving})
         finally:
-            shutil.rmtree(work, ignore_errors=True)
+            drop_work(store, ref.key)
     log.info("train/%s: merged export added (%d held prompts identical)", ref.key, parity["identical"])
     return store.ref(STAGE, ref.key)
