@@ -41,6 +41,7 @@ def test_editing_the_eval_data_reruns_filter_but_not_training(copied, tmp_path):
 def test_fields_that_change_no_output_are_in_no_key(demo_cfg):
     base = plan(demo_cfg)
     for section, field, value in (("generate", "batch_size", 99), ("generate", "concurrency", 8),
+                                  ("generate", "replicas", 2), ("generate", "max_requests_per_s", 5.0),
                                   ("train", "merge", True), ("train", "save_steps", 7), ("train", "logging_steps", 1)):
         part = getattr(demo_cfg, section).model_copy(update={field: value})
         assert plan(demo_cfg.model_copy(update={section: part})) == base, f"{section}.{field} moved a key"
