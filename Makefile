@@ -33,7 +33,7 @@ demo: install
 	$(VENV)/bin/synthtune run
 
 test: install
-	$(VENV)/bin/pytest -m "not gpu and not soak" -q
+	$(VENV)/bin/pytest -m "not gpu and not soak" -q --durations=25
 
 soak: install
 	$(VENV)/bin/pytest -m soak -s -q
