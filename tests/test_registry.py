@@ -380,3 +380,13 @@ def test_flat_registry_of_a_root_from_before_is_migrated_per_pipeline(tmp_path, 
         assert registry.champion()["train_key"] == derive(mine)["train_key"]
         assert registry.champion()["adapter"] == f"train/{registry.champion()['train_key']}/adapter"
     assert demo.champion()["train_key"] != Registry(store, "support-bot").champion()["train_key"]
+
+
+def test_a_decision_or_rollback_applied_as_recorded_logs_no_repair(demo_cfg, caplog):
+    """champion.json following a decision just recorded is the normal path: no 'rebuilt' warning."""
+    store = ArtifactStore(demo_cfg.artifact_root)
+    with caplog.at_level(logging.WARNING, logger="synthtune.registry"):
+        _promote(store, "night1", 0.6)
+        _promote(store, "night2", 0.9)
+        Registry(store, "demo").rollback(to="night1")
+    assert "rebuilt" not in caplog.text and Registry(store, "demo").champion()["train_key"] == "night1"

@@ -34,7 +34,22 @@ def command() -> str:
     return os.environ.get("SYNTHTUNE_COMMAND") or "synthtune (library call)"
 
 
-def train_card(cfg, train_key: str, data_keys: dict[str, str], metrics: dict, config_yaml: str) -> str:
+def lineage_section(chain: list[dict]) -> str:
+    """The adapters behind this one, newest first, back to the one trained from base."""
+    lines = []
+    for link in chain:
+        if link.get("gone"):
+            lines.append(f"- `{link['key']}`: removed (gc); the chain goes on beyond it")
+            continue
+        rows = link.get("rows") or {}
+        what = f"{rows.get('train')} rows" + (f" ({rows['new']} new, {rows['replay']} replayed)" if "new" in rows else "")
+        origin = "trained from base" if link.get("init", "base") == "base" else f"continues `{link['init']}`"
+        lines.append(f"- `{link['key']}` ({link.get('created_at')}): {origin}, on {what}")
+    return "\n".join(lines) + "\n"
+
+
+def train_card(cfg, train_key: str, data_keys: dict[str, str], metrics: dict, config_yaml: str,
+               chain: list[dict] | None = None) -> str:
     tc = cfg.train
     meta = {
         "base_model": cfg.student,
@@ -49,11 +64,13 @@ def train_card(cfg, train_key: str, data_keys: dict[str, str], metrics: dict, co
         f"{metrics.get('tokens_per_s')} tokens/s on {metrics.get('device')} "
         f"(quantization {metrics.get('quantization')}, micro-batch {metrics.get('micro_batch')} x "
         f"{metrics.get('gradient_accumulation_steps')})\n"
-        f"- train key `{train_key}`; data: " + ", ".join(f"{s} `{k}`" for s, k in data_keys.items()))
+        f"- train key `{train_key}`; data: " + ", ".join(f"{s} `{k}`" for s, k in data_keys.items())
+        + (f"\n- starts {metrics['start']}" if metrics.get("start") else ""))
     reproduce = (f"Produced by `{command()}`. The resolved config (save it as `pipeline.yaml`, then "
                  f"`synthtune run pipeline.yaml`):\n\n```yaml\n{config_yaml}```")
     return render(meta, f"{cfg.name}: {tc.mode} LoRA adapter for {cfg.student}", {
-        "Training": training, "Serving checks": serving_checks(metrics.get("serving") or {}), "Evaluation": PENDING,
+        "Training": training, **({"Lineage": lineage_section(chain)} if chain else {}),
+        "Serving checks": serving_checks(metrics.get("serving") or {}), "Evaluation": PENDING,
         "Reproduce": reproduce})
 
 

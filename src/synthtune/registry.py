@@ -158,19 +158,20 @@ class Registry:
                 derived = self._sync(derive(self.history()))
         return derived
 
-    def _sync(self, derived: dict | None) -> dict | None:
-        """champion.json and latest.json made equal to `derived` (under the lock)."""
+    def _sync(self, derived: dict | None, repair: bool = True) -> dict | None:
+        """champion.json and latest.json made equal to `derived` (under the lock); a file found wrong is
+        logged when this repairs it (`repair`), not when it applies a decision or rollback just recorded."""
         if derived is None:
             return None
         data = json.dumps(derived, indent=2, default=str).encode()
         for path, name in ((self.champion_path, "champion.json"), (self.latest_path, "latest.json")):
             stored = self._stored(path)
             if stored != derived:
-                if stored is not None:
+                if repair and stored is not None:
                     why = "is corrupt" if isinstance(stored, str) else f"says {stored.get('train_key')}"
                     log.warning("%s %s; the history says %s is in service: rebuilt from the history", self.uri(name),
                                 why, derived["train_key"])
-                elif name == "champion.json":
+                elif repair and name == "champion.json":
                     log.warning("%s is missing; rebuilt from the history (%s is in service)", self.uri(name),
                                 derived["train_key"])
                 write_bytes(self.fs, path, data)
@@ -246,7 +247,7 @@ class Registry:
             else:
                 history = self._append(history, {"event": "decision", "time": now(), "pipeline": self.pipeline,
                                                   **event})
-            after = self._sync(derive(history))
+            after = self._sync(derive(history), repair=known)  # known: a retry repairing a crash's leftovers
         return not known, before, after
 
     def rollback(self, to: str | None = None, run_id: str | None = None) -> dict:
@@ -288,7 +289,7 @@ class Registry:
                 "adapter": adapter_path(target["train_key"]), "from_train_key": current and current["train_key"],
                 "scores": target.get("scores"), "promoted": True,
                 "reasons": [f"rolled back from {current and current['train_key']}"]})
-            return self._sync(derive(history))
+            return self._sync(derive(history), repair=False)
 
     def record_source(self, source: str) -> str | None:
         """Remember the config file this pipeline runs from; returns the one recorded before when it was

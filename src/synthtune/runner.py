@@ -8,9 +8,11 @@ it was already done. `local` runs the stage in this process (the CLI's `--engine
 per-stage commands, the GPU scripts); the Prefect flow's executor runs it as the stage's task
 (flows/pipeline.py). Progress events are emitted here, so both engines show the same lines.
 
-One step's input is not made by this run: `evaluate[champion]` evaluates the adapter in service
-(the registry's champion) under this run's evaluation config. On the first night, or when tonight's
-candidate is the champion already, there is nothing to compare with and the step is skipped.
+Two inputs are not made by this run. `evaluate[champion]` evaluates the adapter in service (the
+registry's champion) under this run's evaluation config; on the first night, or when tonight's
+candidate is the champion already, there is nothing to compare with and the step is skipped. And
+with `train.init: champion`, train's `parent` is the adapter it continues (synthtune.lineage.start);
+without one the input is left out, so a night from base keeps the key it always had.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from types import ModuleType
 
-from synthtune import progress, runs
+from synthtune import lineage, progress, runs
 from synthtune.configs import PipelineConfig
 from synthtune.keys import pending
 from synthtune.registry import Registry, RegistryError
@@ -27,6 +29,7 @@ from synthtune.stages import evaluate, filter, generate, preflight, promote, tem
 from synthtune.store import PIPELINE, ArtifactRef, ArtifactStore
 
 CHAMPION = "champion"  # the input name that stands for the registry's champion, not a step of this run
+PARENT = "parent"  # ... and for the adapter a continued night starts from (train.init: champion)
 NO_CHAMPION = "no other champion to compare with"
 
 
@@ -34,7 +37,7 @@ NO_CHAMPION = "no other champion to compare with"
 class Step:
     name: str  # unique within the DAG; the stage's name, or stage[variant]
     stage: ModuleType  # a module of synthtune.stages (the contract: synthtune.stages.Stage)
-    inputs: dict[str, str] = field(default_factory=dict)  # upstream argument name -> step name (or CHAMPION)
+    inputs: dict[str, str] = field(default_factory=dict)  # upstream argument name -> step name (or CHAMPION, PARENT)
 
 
 DAG: tuple[Step, ...] = (
@@ -42,7 +45,7 @@ DAG: tuple[Step, ...] = (
     Step("generate", generate),
     Step("filter", filter, {"generate": "generate"}),
     Step("template", template, {"filter": "filter"}),
-    Step("train", train, {"template": "template"}),
+    Step("train", train, {"template": "template", "parent": PARENT}),
     # `filter` feeds evaluate's in-domain task; without evaluate.in_domain it is not in the key
     Step("evaluate[base]", evaluate, {"filter": "filter"}),
     Step("evaluate[tuned]", evaluate, {"train": "train", "filter": "filter"}),
@@ -91,17 +94,22 @@ def step_config(cfg: PipelineConfig, step: Step, store: ArtifactStore) -> Pipeli
     return cfg if student == cfg.student else cfg.model_copy(update={"student": student})
 
 
-def step_inputs(step: Step, done: dict[str, ArtifactRef], champion: ArtifactRef | None
-                ) -> dict[str, ArtifactRef] | None:
+def step_inputs(step: Step, done: dict[str, ArtifactRef], champion: ArtifactRef | None,
+                parent: ArtifactRef | None = None) -> dict[str, ArtifactRef] | None:
     """A step's upstream references; None when the step has nothing to do (no champion to evaluate)."""
     if CHAMPION in step.inputs.values() and champion is None:
         return None
     out = {}
     for arg, src in step.inputs.items():
-        ref = champion if src == CHAMPION else done.get(src)
+        ref = {CHAMPION: champion, PARENT: parent}.get(src) if src in (CHAMPION, PARENT) else done.get(src)
         if ref is not None:
             out[arg] = ref
     return out
+
+
+def parent_train(cfg: PipelineConfig, store: ArtifactStore, template_key: str | None) -> ArtifactRef | None:
+    """The adapter tonight's training continues (train.init: champion), None from base."""
+    return lineage.start(cfg, store, template_key).parent
 
 
 def downstream(names: Iterable[str]) -> set[str]:
@@ -132,7 +140,10 @@ def walk(cfg: PipelineConfig, execute: Executor, steps: Iterable[Step] = DAG, re
         check_registry(cfg, store)
     for step in steps:
         champion = champion_train(cfg, store, refs["train"].key) if CHAMPION in step.inputs.values() else None
-        inputs = step_inputs(step, refs, champion)
+        parent = parent_train(cfg, store, refs["template"].key) if PARENT in step.inputs.values() else None
+        if parent is not None:
+            runs.using(store, parent.stage, parent.key)  # what it continues stays until it is trained
+        inputs = step_inputs(step, refs, champion, parent)
         if inputs is None:  # no champion to compare with (the first night, or the candidate is the champion)
             progress.emit("step_end", step=step.name, state="Skipped", summary={"note": NO_CHAMPION})
             continue
@@ -165,13 +176,16 @@ def plan(cfg: PipelineConfig) -> dict[str, str]:
     keys: dict[str, str] = {}
     digests: dict[str, str] = {}
     for step in DAG:
-        champion = None
+        champion = parent = None
         if CHAMPION in step.inputs.values():
             champion = champion_train(cfg, store, keys.get("train"))
             if champion is None:
                 continue
-        ups = {arg: (champion.digest if src == CHAMPION else digests[src]) for arg, src in step.inputs.items()
-               if src == CHAMPION or src in digests}
+        if PARENT in step.inputs.values():
+            parent = parent_train(cfg, store, keys.get("template"))
+        special = {CHAMPION: champion, PARENT: parent}
+        ups = {arg: (special[src].digest if src in special else digests[src]) for arg, src in step.inputs.items()
+               if special.get(src) is not None or src in digests}
         keys[step.name] = step.stage.key(step_config(cfg, step, store), ups)
         ref = store.ref(step.stage.STAGE, keys[step.name])
         digests[step.name] = ref.digest if ref else pending(step.stage.STAGE, keys[step.name])

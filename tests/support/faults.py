@@ -67,3 +67,17 @@ def inject(monkeypatch, folder: Path, code: str) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "sitecustomize.py").write_text(code)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(folder), os.environ.get("PYTHONPATH")) if p))
+
+# the training child dies as it starts, before any step (a crashed night: nothing committed)
+CRASH_AT_START = """
+import os
+
+import synthtune.stages.train as _train
+
+
+def load_student(*args, **kwargs):
+    os._exit(9)
+
+
+_train.load_student = load_student
+"""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Literal
 
+from pydantic import model_validator
+
 from synthtune.fields import Section, field
 
 
@@ -29,6 +31,22 @@ class TrainConfig(Section):
         "auto", "`nf4`: QLoRA (4-bit NF4 base). `none`: LoRA on a full-precision base. `auto`: nf4 when CUDA is present.",
         resolved=True)
     lora: LoraParams = field(default_factory=LoraParams, description="LoRA adapter settings.")
+    init: Literal["base", "champion"] = field(
+        "base", "Where a night's training starts. `base`: a fresh adapter on the base model. `champion`: the adapter "
+        "in service, loaded as trainable weights and trained further (its LoRA shape and base model must match this "
+        "config; with no champion yet it starts from base and says so). For DPO the reference model is then the "
+        "starting policy, base + champion adapter, not the bare base.")
+    data: Literal["all", "new"] = field(
+        "all", "What a night trains on. `all`: every templated row. `new` (needs init: champion): the rows the "
+        "starting adapter's chain never trained on (an edited seed counts as new), plus a replay sample of those it "
+        "did (`replay`).")
+    replay: int | float = field(
+        0.5, "With data: new, rows already trained on that are trained again, drawn from the whole history and "
+        "seeded by the night's train key (a retry reads the same rows): a float is a share of the new rows' count, "
+        "an integer a number of rows.", ge=0)
+    rebase_every: int = field(
+        0, "With init: champion, at most this many adapters in a chain: every rebase_every-th night starts from "
+        "base on all rows again (2 alternates base and continued). 0: never.", ge=0)
     learning_rate: float = field(2e-4, "Peak learning rate.", gt=0, le=1)
     epochs: float = field(1.0, "Passes over the training data (ignored when max_steps > 0).", gt=0)
     max_steps: int = field(-1, "Optimizer steps to run; -1 runs `epochs` instead.", ge=-1)
@@ -56,3 +74,10 @@ class TrainConfig(Section):
     num_processes: int = field(
         1, "GPUs to train on: above 1 the child is started with `accelerate launch` (DDP; FSDP for QLoRA).",
         ge=1, affects_output=False)
+
+    @model_validator(mode="after")
+    def _lineage(self) -> TrainConfig:
+        if self.data == "new" and self.init != "champion":
+            raise ValueError("train.data: new trains on what the starting adapter has not seen, so it needs "
+                             f"train.init: champion (train.init is {self.init})")
+        return self

@@ -132,6 +132,7 @@ class Finished:
     accum: int
     work: Path
     data: Path
+    continued: bool = False  # started from a parent adapter (train.init: champion)
 
 
 def _serving_checks(run: Finished, adapter: Path) -> dict:
@@ -207,7 +208,7 @@ def _finish(run: Finished) -> None:
     mfu = tokens_per_s * 4 * n_params / peak if peak and tokens_per_s else None
     final = run.work / "final"
     adapter = final / "adapter"
-    model.save_pretrained(adapter)
+    model.save_pretrained(adapter, selected_adapters=["default"])  # not DPO's frozen "ref" copy
     run.tokenizer.save_pretrained(adapter)
     serving = _serving_checks(run, adapter)
     metrics = {
@@ -224,6 +225,11 @@ def _finish(run: Finished) -> None:
         "activation_checkpointing": bool(trainer.args.activation_checkpointing),
         "trainable_params": len(run.before), "trainable_params_changed": changed,
         "cpu_4bit_layers_fixed": run.cpu_4bit_layers_fixed, "serving": serving,
+        "tokens_per_epoch": tokens_per_epoch, "epochs": trainer.state.epoch,
+        # DPO's reference: TRL copies the starting adapter into a frozen "ref" adapter (base + champion
+        # when continuing; a fresh adapter is zero, so base), or uses the base when there is none
+        "reference": (("base + the adapter it continues" if run.continued else "base")
+                      if "ref" in getattr(model, "peft_config", {}) else "base") if tc.mode == "dpo" else None,
     }
     (final / "loss_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
     (final / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -251,7 +257,13 @@ def main(spec_path: str) -> int:
         tokenizer = AutoTokenizer.from_pretrained(resolve(cfg.student), **revision_kw(cfg.student_revision))
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        model = get_peft_model(load_student(cfg.student, runtime, revision=cfg.student_revision), lora_config(tc))
+        base = load_student(cfg.student, runtime, revision=cfg.student_revision)
+        if spec.get("parent_adapter"):  # train.init: champion: its adapter, trainable, is where training starts
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(base, spec["parent_adapter"], is_trainable=True)
+        else:
+            model = get_peft_model(base, lora_config(tc))
         fixed = fix_cpu_4bit(model) if runtime.four_bit and runtime.device == "cpu" else 0
         before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         args = trainer_args(cfg, str(work / "checkpoints"), batch, accum, runtime, spec.get("activation_checkpointing", False))
@@ -278,7 +290,7 @@ def main(spec_path: str) -> int:
         _finish(Finished(cfg=cfg, runtime=runtime, trainer=trainer, model=model, tokenizer=tokenizer,
                          dataset=dataset, before=before, result=result, seconds=seconds, resumed=resumed,
                          first_step=first_step.step, cpu_4bit_layers_fixed=fixed, batch=batch, accum=accum,
-                         work=work, data=Path(spec["data"])))
+                         work=work, data=Path(spec["data"]), continued=bool(spec.get("parent_adapter"))))
     return 0
 
 

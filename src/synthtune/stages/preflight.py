@@ -47,6 +47,11 @@ def key(cfg: PipelineConfig, upstream: dict[str, str]) -> str:
                    *(fingerprint(m) for m in (cfg.generate.rejected_model,) if m and cfg.generate.mode == "preference")],
         "artifact_root": cfg.artifact_root,
     }
+    if cfg.train.init == "champion":  # the champion it continues must match the LoRA shape: checked again when either moves
+        from synthtune.registry import Registry
+
+        payload["continues"] = {"champion": (Registry(ArtifactStore(cfg.artifact_root), cfg.name).champion() or {}).get(
+            "train_key"), "lora": key_payload(cfg.train)["lora"], "student": cfg.student}
     return stage_key(STAGE, VERSION, payload, upstream)
 
 
@@ -104,6 +109,21 @@ def registry_problems(cfg: PipelineConfig, store: ArtifactStore) -> tuple[list[s
     return Registry(store, cfg.name, migrate=False).problems()
 
 
+def lineage_problems(cfg: PipelineConfig, store: ArtifactStore) -> list[str]:
+    """train.init: champion: the champion is intact, and its LoRA shape and base model are this config's."""
+    if cfg.train.init != "champion":
+        return []
+    from synthtune import lineage
+
+    try:
+        start = lineage.start(cfg, store)
+        if start.parent is not None:
+            lineage.check_shape(cfg, store, start.parent.key)
+    except ValueError as e:  # RegistryError included
+        return [str(e)]
+    return []
+
+
 def checks(cfg: PipelineConfig, store: ArtifactStore) -> tuple[list[str], dict]:
     problems = check_model(cfg.student, "student", cfg.preflight.allow_remote_code, cfg.student_revision)
     gen = cfg.generate
@@ -117,6 +137,7 @@ def checks(cfg: PipelineConfig, store: ArtifactStore) -> tuple[list[str], dict]:
         problems += check_tokenizer(cfg.student, cfg.student_revision)
     problems += task_problems(cfg)
     problems += registry_problems(cfg, store)[0]
+    problems += lineage_problems(cfg, store)
     problems += tracking.check(cfg)
     if gen.engine == "ray" and importlib.util.find_spec("ray") is None:
         problems.append("generate.engine=ray: ray is not installed here (pip install 'synthtune[ray]')")

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from synthtune import cards
+from synthtune import cards, lineage
 from synthtune.configs import LoraParams, TrainConfig
 from synthtune.keys import key_payload, stage_key
 from synthtune.models import fingerprint, resolve, revision_kw
@@ -93,13 +93,23 @@ def resolve_runtime(tc: TrainConfig) -> Runtime:
     )
 
 
+LINEAGE_FIELDS = ("init", "data", "replay", "rebase_every")
+
+
 def key(cfg: PipelineConfig, upstream: dict[str, str]) -> str:
     """The train settings (quantization, packing and liger by what they resolve to on this machine),
     the student, trl/peft/transformers/bitsandbytes major.minor, and the templated rows' digest
     (max_length is the template stage's, in that digest). `train.merge` is not in it: the merged
-    export is added to a finished adapter without retraining (`export_merged`)."""
-    payload = {"train": key_payload(cfg.train), "libs": stage_libs(STAGE),
-               "student": fingerprint(cfg.student, cfg.student_revision),
+    export is added to a finished adapter without retraining (`export_merged`).
+
+    A continued night has a `parent` upstream (the adapter it starts from, by digest: a rollback
+    changes it), and `data` / `replay` in its key. A night from base has neither: `init`, `data`,
+    `replay` and `rebase_every` change nothing it trains, so it shares its key with a plain night."""
+    settings = key_payload(cfg.train)
+    lineage = {f: settings.pop(f) for f in LINEAGE_FIELDS}
+    if "parent" in upstream:
+        settings["lineage"] = {"data": lineage["data"], "replay": lineage["replay"]}
+    payload = {"train": settings, "libs": stage_libs(STAGE), "student": fingerprint(cfg.student, cfg.student_revision),
                "runtime": asdict(resolve_runtime(cfg.train))}
     return stage_key(STAGE, VERSION, payload, upstream)
 
@@ -432,7 +442,49 @@ def loss_curve(history: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def _train(cfg: PipelineConfig, store: ArtifactStore, staging: Staging, data_dir: Path, k: str, data_key: str) -> None:
+def _select(cfg: PipelineConfig, store: ArtifactStore, staging: Staging, data: Path, work: Path, k: str,
+            parent: ArtifactRef | None) -> tuple[Path, int]:
+    """The rows tonight trains on (train.data: new reads what `parent`'s chain never trained on, plus a
+    replay sample seeded by the key `k`); writes `trained.parquet` (the chain's rows, with tonight's)
+    and the row counts. Returns the rows' parquet and how many there are."""
+    import pandas as pd
+
+    tc = cfg.train
+    rows = pd.read_parquet(data)
+    before: set[tuple[str, str]] = set()
+    if parent is not None:
+        try:
+            before = lineage.trained_rows(store, parent.key)
+        except FileNotFoundError:  # an adapter made before lineage was recorded: everything counts as new
+            log.warning("train/%s records no trained rows (%s): every row counts as new", parent.key, lineage.TRAINED)
+    selecting = parent is not None and tc.data == "new"
+    chosen, new, replayed = lineage.select(rows, before if selecting else None, tc.replay, seed=k)
+    after = before | set(zip(chosen["id"].astype(str), chosen["row_hash"], strict=True))
+    pd.DataFrame(sorted(after), columns=["id", "row_hash"]).to_parquet(staging.path / lineage.TRAINED, index=False)
+    staging.rows.update(train=len(chosen), **({"new": new, "replay": replayed} if selecting else {}))
+    if not selecting:
+        return data, len(chosen)
+    out = work / "rows.parquet"
+    chosen.drop(columns=["row_hash"]).to_parquet(out, index=False)
+    log.info("train: %d new rows and %d replayed of %d trained before (train.data: new, replay %s)", new, replayed,
+             len(before), tc.replay)
+    return out, len(chosen)
+
+
+def _unchanged(staging: Staging, store: ArtifactStore, parent: ArtifactRef, start: dict) -> None:
+    """Nothing new since `parent`: tonight's adapter is the parent's, unchanged."""
+    with store.local_copy(parent) as folder:
+        shutil.copytree(folder / "adapter", staging.path / "adapter")
+        metrics = json.loads((folder / "metrics.json").read_text())
+    metrics.update(steps=0, optimizer_steps=0, tokens_trained=0, first_loss=None, last_loss=None, seconds=0.0,
+                   note=f"nothing new since {parent.key}: its adapter, unchanged", **start)
+    (staging.path / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (staging.path / "loss_history.json").write_text("[]")
+    staging.metrics.update(metrics)
+
+
+def _train(cfg: PipelineConfig, store: ArtifactStore, staging: Staging, data_dir: Path, k: str, data_key: str,
+           parent: ArtifactRef | None = None) -> None:
     import pyarrow.parquet as pq
 
     tc = cfg.train
@@ -445,6 +497,16 @@ def _train(cfg: PipelineConfig, store: ArtifactStore, staging: Staging, data_dir
         kind = "preference (prompt/chosen/rejected)" if tc.mode == "dpo" else "SFT (messages or prompt/response)"
         raise ValueError(f"train.mode={tc.mode} needs {kind} rows from the template stage; {data} has "
                          f"{columns}")
+    if parent is not None:
+        lineage.check_shape(cfg, store, parent.key)
+    planned = lineage.start(cfg, store, data_key) if tc.init == "champion" else None
+    same = planned is not None and (planned.parent and planned.parent.key) == (parent and parent.key)
+    start = {"init": parent.key if parent else "base", "student": cfg.student,
+             "start": planned.why if same else (f"continues {parent.key}" if parent else "from base")}
+    staging.extra.update(start)
+    data, n_rows = _select(cfg, store, staging, data, work, k, parent)
+    if n_rows == 0 and parent is not None:
+        return _unchanged(staging, store, parent, start)
     runtime = resolve_runtime(tc)
     base_params, lora_params, hidden, layers = _shape(cfg)
     check_disk(work, disk_needed(cfg, runtime, base_params, lora_params, data.stat().st_size))
@@ -453,51 +515,60 @@ def _train(cfg: PipelineConfig, store: ArtifactStore, staging: Staging, data_dir
     if (batch, accum) != (tc.batch_size, tc.gradient_accumulation_steps) or checkpointing:
         log.info("memory plan: micro-batch %d x accumulation %d%s (estimate %.1f GiB)", batch, accum,
                  ", activation checkpointing" if checkpointing else "", plan.estimate_gib)
-    for attempt in range(MAX_OOM_RETRIES + 1):
-        spec = work / "spec.json"
-        spec.write_text(json.dumps({"cfg": cfg.model_dump(mode="json"), "work": str(work), "data": str(data),
-                                    "batch_size": batch, "gradient_accumulation_steps": accum,
-                                    "activation_checkpointing": checkpointing, "runtime": asdict(runtime)}))
-        (work / "progress.jsonl").unlink(missing_ok=True)
-        (work / "error.txt").unlink(missing_ok=True)
-        rc = run_child(launch_command(spec, tc.num_processes, runtime.four_bit), work / "progress.jsonl")
-        if rc == 0:
-            break
-        if rc == OOM_EXIT and attempt < MAX_OOM_RETRIES and (plan := next_batch_plan(batch, accum)):
-            log.warning("out of memory at micro-batch %d: retrying with micro-batch %d x accumulation %d",
-                        batch, *plan)
-            batch, accum = plan
-            continue
-        raise RuntimeError(training_failed(rc, work, tc))
+    with contextlib.ExitStack() as stack:  # the adapter it continues, on local disk for the child
+        parent_dir = stack.enter_context(store.local_copy(parent)) if parent is not None else None
+        for attempt in range(MAX_OOM_RETRIES + 1):
+            spec = work / "spec.json"
+            spec.write_text(json.dumps({"cfg": cfg.model_dump(mode="json"), "work": str(work), "data": str(data),
+                                        "batch_size": batch, "gradient_accumulation_steps": accum,
+                                        "activation_checkpointing": checkpointing, "runtime": asdict(runtime),
+                                        "parent_adapter": str(parent_dir / "adapter") if parent_dir else None}))
+            (work / "progress.jsonl").unlink(missing_ok=True)
+            (work / "error.txt").unlink(missing_ok=True)
+            rc = run_child(launch_command(spec, tc.num_processes, runtime.four_bit), work / "progress.jsonl")
+            if rc == 0:
+                break
+            if rc == OOM_EXIT and attempt < MAX_OOM_RETRIES and (plan := next_batch_plan(batch, accum)):
+                log.warning("out of memory at micro-batch %d: retrying with micro-batch %d x accumulation %d",
+                            batch, *plan)
+                batch, accum = plan
+                continue
+            raise RuntimeError(training_failed(rc, work, tc))
     final = work / "final"
     metrics = json.loads((final / "metrics.json").read_text())
+    metrics.update(start, optimizer_steps=metrics["steps"],
+                   tokens_trained=round(metrics["tokens_per_epoch"] * (metrics.get("epochs") or tc.epochs)))
     history = json.loads((final / "loss_history.json").read_text())
     shutil.copytree(final / "adapter", staging.path / "adapter")
-    lineage = {"template": data_key, **store.lineage("template", data_key, ("filter", "generate"))}
+    data_keys = {"template": data_key, **store.lineage("template", data_key, ("filter", "generate"))}
+    chain = [{"key": k, "rows": staging.rows, "created_at": "this adapter", "init": start["init"]},
+             *(lineage.chain(store, parent.key) if parent else [])]
     from synthtune.config import to_yaml
 
-    (staging.path / "adapter" / "README.md").write_text(cards.train_card(cfg, k, lineage, metrics, to_yaml(cfg)))
+    (staging.path / "adapter" / "README.md").write_text(
+        cards.train_card(cfg, k, data_keys, metrics, to_yaml(cfg), chain))
     for problem in [p for part in ("adapter", "stops") for p in metrics["serving"][part]["problems"]]:
         log.warning("serving: %s", problem)
     (staging.path / "loss_history.json").write_text(json.dumps(history, indent=2))
     (staging.path / "metrics.json").write_text(json.dumps(metrics, indent=2))
     loss_curve(history, staging.path / "loss.png", f"{cfg.name}: {tc.mode} loss")
-    staging.rows.update(train=pq.read_metadata(data).num_rows)
     staging.metrics.update(metrics, base_params=base_params, lora_params=lora_params)
 
 
 def run(cfg: PipelineConfig, store: ArtifactStore, upstream: dict[str, ArtifactRef], output_key: str | None = None,
         rebuild: bool = False) -> ArtifactRef:
-    """Train an adapter on `upstream['template']`'s rows (or reuse the output of the same key; a retry
-    resumes from the newest valid checkpoint), then, with train.merge, add the merged export."""
-    src = upstream["template"]
-    k = output_key or key(cfg, {"template": src.digest})
+    """Train an adapter on `upstream['template']`'s rows, from base or continuing `upstream['parent']`
+    (train.init: champion), or reuse the output of the same key (a retry resumes from the newest valid
+    checkpoint and reads the same rows); then, with train.merge, add the merged export."""
+    src, parent = upstream["template"], upstream.get("parent")
+    ups = {"template": src, **({"parent": parent} if parent is not None else {})}
+    k = output_key or key(cfg, {name: ref.digest for name, ref in ups.items()})
 
     def build(staging: Staging) -> None:
         with store.local_copy(src) as folder:
-            _train(cfg, store, staging, folder, k, src.key)
+            _train(cfg, store, staging, folder, k, src.key, parent)
 
-    ref = produce(store, STAGE, k, {"template": src.key}, key_payload(cfg.train), build, rebuild)
+    ref = produce(store, STAGE, k, {name: ref.key for name, ref in ups.items()}, key_payload(cfg.train), build, rebuild)
     drop_work(store, k)
     if cfg.train.merge:
         ref = export_merged(cfg, store, ref, src)
