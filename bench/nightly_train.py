@@ -56,10 +56,10 @@ def one_night(policy: list[str], root: Path, seeds: Path, seen: set[str]) -> dic
 
     cfg = load_config(ROOT / "configs" / "demo.yaml", [f"artifact_root={root}", f"generate.seeds={seeds}", *policy])
     refs = run_all(cfg)
-    train = refs["train"].summary
-    metrics, rows = train["metrics"], train["rows"]
+    metrics = refs["train"].summary  # the manifest's summary: its rows and its metrics
+    rows = metrics["rows"]
     return {"start": "base" if metrics.get("init", "base") == "base" else "champion",
-            "rows": rows.get("train"), "new": rows.get("new"), "replay": rows.get("replay"),
+            "rows": rows["trained"], "new": rows.get("new"), "replay": rows.get("replay"),
             "steps": metrics["optimizer_steps"], "tokens": metrics["tokens_trained"],
             "seconds": metrics["seconds"], "promoted": refs["promote"].summary.get("promoted"),
             "acc": seen_accuracy(ArtifactStore(cfg.artifact_root), refs["evaluate[tuned]"].key, seen)}
@@ -68,6 +68,8 @@ def one_night(policy: list[str], root: Path, seeds: Path, seen: set[str]) -> dic
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nights", type=int, default=4)
+    parser.add_argument("--continued", nargs="*", default=[], metavar="FIELD=VALUE",
+                        help="extra overrides for the continued policy (to tune it)")
     args = parser.parse_args()
     import logging
 
@@ -77,8 +79,9 @@ def main() -> None:
         tmp = Path(tmp)
         for night in range(1, args.nights + 1):
             seen = set(night_seeds(tmp / "seeds", night, args.nights))
-            for name, policy in (("full", FULL), ("continued", CONTINUED)):
+            for name, policy in (("full", FULL), ("continued", [*CONTINUED, *args.continued])):
                 results[name].append(one_night(policy, tmp / name, tmp / "seeds", seen))
+    print(f"continued policy: {' '.join([*CONTINUED, *args.continued])}")
     print(f"{'policy':<11}{'night':>6}{'start':>10}{'rows':>6}{'new':>5}{'replay':>7}{'steps':>7}{'tokens':>9}"
           f"{'train s':>9}{'seen acc':>10}{'promoted':>10}")
     for name, nights in results.items():

@@ -54,11 +54,22 @@ def copied(demo_run, tmp_path):
 
 
 @pytest.fixture(scope="session")
-def prefect_server():
-    """One real Prefect server (SQLite) for the whole flows tier; this process's client points at it."""
+def _prefect_harness():
+    """One real Prefect server (SQLite) for the whole flows tier: its API URL."""
+    from prefect.settings import PREFECT_API_URL
     from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=120):
+        yield PREFECT_API_URL.value()
+
+
+@pytest.fixture
+def prefect_server(_prefect_harness):
+    """The flows tier's server, and this test's client pointed at it. Per test, not per session: the ops
+    tier's stack (its own server) is set up in between, and each test talks to the server it asked for."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: _prefect_harness}):
         yield
 
 
@@ -86,7 +97,7 @@ def s3_root(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="session")
-def stack(tmp_path_factory):
+def _stack(tmp_path_factory):
     """A real Prefect server on PostgreSQL, pools, process workers and the deployments of
     deployments/prefect.yaml, with an S3-compatible server the flow runs can reach (the ops and ui
     tiers share it)."""
@@ -98,6 +109,16 @@ def stack(tmp_path_factory):
         os.environ.update(aws)  # this process (s3fs in the tests) and the workers see the same S3
         with prefect_stack(home, str(home / "artifacts"), aws) as s:
             yield s
+
+
+@pytest.fixture
+def stack(_stack):
+    """The ops stack, and this test's Prefect client pointed at its server (for this test only: a flows
+    test after it talks to the flows tier's server again)."""
+    from tests.support.stack import client_env
+
+    with client_env(_stack):
+        yield _stack
 
 
 @pytest.fixture(scope="session")

@@ -55,9 +55,34 @@ def _tensors(path):
     return load_file(f"{path}/adapter_model.safetensors")
 
 
-pytestmark = pytest.mark.integration
+def test_with_no_champion_a_continued_night_starts_from_base_and_says_so(demo_cfg):
+    cfg = load_config(DEMO, [f"artifact_root={demo_cfg.artifact_root}", *CONTINUED])
+    start = lineage.start(cfg, ArtifactStore(cfg.artifact_root))
+    assert start.parent is None and start.why == "from base: no champion yet to continue"
+    with pytest.raises(ValueError, match="train.data: new .* needs train.init: champion"):
+        load_config(DEMO, ["train.data=new"])
 
 
+def test_replay_is_seeded_by_the_key_covers_all_history_and_an_edited_row_is_new():
+    rows = pd.DataFrame({"id": [f"s{i}" for i in range(40)], "input_ids": [[i, i + 1] for i in range(40)],
+                         "assistant_masks": [[0, 1]] * 40})
+    hashes = lineage.row_hashes(rows)
+    trained = set(zip(rows["id"][:30], hashes[:30], strict=True))  # s0..s29 trained before
+    rows.loc[3, "input_ids"] = [99, 100]  # s3 edited: same id, other tokens
+    picked, new, replayed = lineage.select(rows, trained, 0.5, seed="key-a")
+    assert new == 11 and replayed == 6 and len(picked) == 17  # s30..s39 and the edited s3; half as many replayed
+    again, _, _ = lineage.select(rows, trained, 0.5, seed="key-a")
+    other, _, _ = lineage.select(rows, trained, 0.5, seed="key-b")
+    assert list(again["id"]) == list(picked["id"]) and list(other["id"]) != list(picked["id"])
+    assert "s3" in set(picked["id"])
+    ids = [int(i[1:]) for i in picked["id"]]
+    assert lineage.select(rows, trained, 4, seed="key-a")[2] == 4  # an integer is a row count
+    draws = {int(i[1:]) for seed in range(20) for i in lineage.select(rows, trained, 0.5, seed=str(seed))[0]["id"]}
+    assert min(draws) == 0 and {i for i in range(30) if i != 3} <= draws  # from the whole history, not the last rows
+    assert ids == sorted(ids)  # in the rows' order
+
+
+@pytest.mark.integration
 def test_a_continued_night_trains_the_champion_on_new_and_replayed_rows(night2, demo_run):
     import torch
 
@@ -69,7 +94,7 @@ def test_a_continued_night_trains_the_champion_on_new_and_replayed_rows(night2, 
     rows = manifest["rows"]
     new = rows["new"]
     assert new == len(EDITED)  # the edited seeds, and nothing else, are new
-    assert rows["replay"] == round(0.5 * new) and rows["train"] == new + rows["replay"]
+    assert rows["replay"] == round(0.5 * new) and rows["trained"] == new + rows["replay"]
     trained = lineage.trained_rows(store, ref.key)
     assert len(trained) == 32 + new and lineage.trained_rows(store, night1) < trained  # the chain's rows, and tonight's
     assert {i for i, _ in trained - lineage.trained_rows(store, night1)} == set(EDITED)
@@ -97,10 +122,20 @@ def test_a_continued_night_trains_the_champion_on_new_and_replayed_rows(night2, 
     card = store.fs.cat_file(store.path("train", ref.key, "adapter", "README.md")).decode()
     assert "## Lineage" in card and f"`{night1}`" in card and f"{new} new, {rows['replay']} replayed" in card
 
+    from typer.testing import CliRunner
+
+    from synthtune.cli import app
+
+    shown = CliRunner().invoke(app, ["show", str(DEMO), f"artifact_root={cfg.artifact_root}"])
+    assert f"{ref.key} ({new} new + {rows['replay']} replayed) <- {night1} (32 rows) <- base" in shown.output
+    listed = CliRunner().invoke(app, ["models", str(DEMO), f"artifact_root={cfg.artifact_root}"])
+    assert listed.output.count("continues") == 1  # the start column: night 2's row
+
     assert plan(cfg)["train"] == ref.key  # a rerun of the night: the same key (it starts where it started)
     assert run_all(cfg, until="train")["train"].reused
 
 
+@pytest.mark.integration
 def test_a_different_lora_shape_fails_before_training_naming_the_field(night2):
     from synthtune.stages import preflight
 
@@ -119,6 +154,7 @@ def test_a_different_lora_shape_fails_before_training_naming_the_field(night2):
     assert not (train.work_dir(store, k) / "spec.json").exists()  # no child was started
 
 
+@pytest.mark.integration
 def test_rollback_then_the_next_night_continues_the_restored_champion(night2, tmp_path):
     cfg, night1, refs = night2
     root = tmp_path / "artifacts"
@@ -138,6 +174,7 @@ def test_rollback_then_the_next_night_continues_the_restored_champion(night2, tm
     assert manifest["rows"]["new"] == len(EDITED) + 1  # night 1's chain never saw any edited seed
 
 
+@pytest.mark.integration
 def test_rebase_every_two_alternates_base_and_continued(night2, tmp_path):
     cfg, night1, refs = night2
     store = ArtifactStore(cfg.artifact_root)
@@ -161,6 +198,7 @@ def test_rebase_every_two_alternates_base_and_continued(night2, tmp_path):
         Registry(store, "demo").rollback(to=night2_key)
 
 
+@pytest.mark.integration
 def test_a_crashed_continued_night_retries_on_the_same_rows(night2, monkeypatch, tmp_path):
     cfg, night1, refs = night2
     root = tmp_path / "artifacts"
@@ -176,7 +214,7 @@ def test_a_crashed_continued_night_retries_on_the_same_rows(night2, monkeypatch,
     given = pd.read_parquet(train.work_dir(store, k) / "rows.parquet")  # what the crashed child was to train on
     monkeypatch.undo()  # the fault is gone: the retry
     ref = run_all(cfg, until="train")["train"]
-    assert ref.key == k and ref.summary["rows"] == {"train": len(EDITED) + 10, "new": len(EDITED), "replay": 10}
+    assert ref.key == k and ref.summary["rows"] == {"trained": len(EDITED) + 10, "new": len(EDITED), "replay": 10}
     tonight = lineage.trained_rows(store, k) - lineage.trained_rows(store, night1)
     assert {i for i, _ in tonight} == set(EDITED)
     replayed = set(given["id"]) - set(EDITED)
@@ -186,6 +224,7 @@ def test_a_crashed_continued_night_retries_on_the_same_rows(night2, monkeypatch,
     assert list(retried["id"]) == list(given["id"])  # the same rows, in the same order
 
 
+@pytest.mark.integration
 def test_dpo_continued_from_the_champion_uses_it_as_reference(demo_cfg):
     from synthtune.stages import template
     from synthtune.tiny import demo_facts

@@ -42,8 +42,10 @@ def lineage_section(chain: list[dict]) -> str:
             lines.append(f"- `{link['key']}`: removed (gc); the chain goes on beyond it")
             continue
         rows = link.get("rows") or {}
-        what = f"{rows.get('train')} rows" + (f" ({rows['new']} new, {rows['replay']} replayed)" if "new" in rows else "")
-        origin = "trained from base" if link.get("init", "base") == "base" else f"continues `{link['init']}`"
+        continued = link.get("init", "base") != "base"
+        what = f"{rows.get('trained', rows.get('train'))} rows" + (
+            f" ({rows['new']} new, {rows['replay']} replayed)" if continued and "new" in rows else "")
+        origin = f"continues `{link['init']}`" if continued else "trained from base"
         lines.append(f"- `{link['key']}` ({link.get('created_at')}): {origin}, on {what}")
     return "\n".join(lines) + "\n"
 

@@ -118,7 +118,8 @@ def describe(step: str, summary: dict) -> str:
                 f"p99 {summary.get('p99_tokens')} tokens")
     if step == "train":
         loss = [f"{v:.3f}" if isinstance(v, float) else str(v) for v in (summary.get("first_loss"), summary.get("last_loss"))]
-        return f"loss {loss[0]} -> {loss[1]} in {summary.get('steps')} steps, {summary.get('tokens_per_s')} tok/s"
+        return (f"loss {loss[0]} -> {loss[1]} in {summary.get('steps')} steps, {summary.get('tokens_per_s')} tok/s"
+                + _start(summary))
     if step.startswith("evaluate"):
         return "; ".join(f"{t} " + ", ".join(f"{m} {v:.3f}" for m, v in ms.items() if not m.endswith("stderr"))
                          for t, ms in summary.get("scores", {}).items())
@@ -251,7 +252,7 @@ def print_summary(console, cfg, refs: dict, seconds: float) -> None:
             result = f"answers: {r.get('reused')} reused, {r.get('generated')} generated"
         elif name == "train":
             result = (f"loss {_fmt(s.get('first_loss'))} -> {_fmt(s.get('last_loss'))} in {s.get('steps')} steps "
-                      f"({s.get('quantization')}, {s.get('tokens_per_s')} tok/s)")
+                      f"({s.get('quantization')}, {s.get('tokens_per_s')} tok/s)" + _start(s))
         elif name.startswith("evaluate"):
             result = "; ".join(f"{t} " + ", ".join(f"{m} {_fmt(v)}" for m, v in ms.items() if not m.endswith("stderr"))
                                for t, ms in s.get("scores", {}).items())
@@ -291,3 +292,8 @@ def print_preview(console, rows, report: dict, tty: bool) -> None:
     for warning in report["warnings"]:
         console.print(f"[yellow]warning:[/yellow] {escape(warning)}", highlight=False)
 
+
+def _start(summary: dict) -> str:
+    """Where a night's training started, when it is not a plain night from base (train.init)."""
+    start = summary.get("note") or summary.get("start")
+    return f"; {start}" if start and start != "from base" else ""

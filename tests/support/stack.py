@@ -91,7 +91,7 @@ class Stack:
 
 @contextlib.contextmanager
 def prefect_stack(home: Path, artifact_root: str, extra_env: dict[str, str] | None = None) -> Iterator[Stack]:
-    """Server, pools, workers and deployments; the test process's own Prefect client points at it."""
+    """Server, pools, workers and deployments (point this process's Prefect client at it with `client_env`)."""
     from synthtune.server import SERVER_ENV
 
     stack = Stack(home=home, artifact_root=artifact_root, port=free_port())
@@ -121,14 +121,13 @@ def prefect_stack(home: Path, artifact_root: str, extra_env: dict[str, str] | No
             stack.cli("deploy", "--prefect-file", "deployments/prefect.yaml", "--all", unset=("SYNTHTUNE_HOME",))
             for pool in ("gpu", "cpu"):
                 stack.start_worker(pool)
-            with _client_env(stack):
-                yield stack
+            yield stack
         finally:
             stack.stop()
 
 
 @contextlib.contextmanager
-def _client_env(stack: Stack) -> Iterator[None]:
+def client_env(stack: Stack) -> Iterator[None]:
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     with temporary_settings({PREFECT_API_URL: stack.api_url}):

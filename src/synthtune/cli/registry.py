@@ -57,6 +57,27 @@ def _pipelines(root: str) -> None:
         console.print("no pipeline has a registry here yet: run one (`synthtune run CONFIG`)")
 
 
+def _lineage(store, train_key: str) -> str:
+    """'k3 <- k2 <- k1 <- base' with each adapter's rows (new + replayed for a continued night)."""
+    from synthtune import lineage
+
+    parts = []
+    for link in lineage.chain(store, train_key):
+        rows = link.get("rows") or {}
+        continued = link.get("init", "base") != "base"
+        what = "gone (gc)" if link.get("gone") else (f"{rows.get('new')} new + {rows.get('replay')} replayed"
+                                                      if continued else f"{rows.get('trained', rows.get('train'))} rows")
+        parts.append(f"{link['key']} ({what})")
+    return " <- ".join([*parts, *([] if parts and parts[-1].endswith("(gone (gc))") else ["base"])])
+
+
+def _start(store, train_key: str | None) -> str:
+    """Where a candidate's training started: base, or the adapter it continued."""
+    manifest = store.manifest("train", train_key) if train_key else None
+    init = (manifest or {}).get("init", "base")
+    return "base" if manifest is None or init == "base" else f"continues {init}"
+
+
 @app.command()
 def models(config: ConfigArg = None, overrides: Overrides = None,
            root: Annotated[str | None, typer.Option(help="List the pipelines on this artifact root (any fsspec URL).")]
@@ -75,7 +96,7 @@ def models(config: ConfigArg = None, overrides: Overrides = None,
         raise fail(str(e)) from None
     task, metric = cfg.promote.target_task, cfg.promote.metric
     table = Table(title=f"'{cfg.name}' models ({registry.uri('history.jsonl')})")
-    for col in ("when", "event", "candidate", f"{task} {metric}", "champion", "base", "promoted", "why"):
+    for col in ("when", "event", "candidate", "start", f"{task} {metric}", "champion", "base", "promoted", "why"):
         table.add_column(col, overflow="fold")
     for e in history:
         if e.get("event") == "rollback":
@@ -86,7 +107,8 @@ def models(config: ConfigArg = None, overrides: Overrides = None,
             why = next((r for r in e.get("reasons", []) if "FAILED" in r), "; ".join(e.get("reasons", [])))
         mark = " (in service)" if champion and e.get("id") == champion.get("event_id") else ""
         table.add_row(e.get("time", ""), e.get("event", ""), f"{e.get('train_key')}{mark}",
-                      _score(e.get("scores"), task, metric), _score(e.get("champion_scores"), task, metric),
+                      _start(registry.store, e.get("train_key")), _score(e.get("scores"), task, metric),
+                      _score(e.get("champion_scores"), task, metric),
                       _score(e.get("base_scores"), task, metric), "yes" if e.get("promoted") else "no", escape(why))
     console.print(table)
     if not history:
@@ -151,6 +173,7 @@ def show(config: ConfigArg = None, overrides: Overrides = None) -> None:
                         ("config_sha256", record.get("config_sha256"))):
         table.add_row(name, str(value))
     table.add_row("data keys", ", ".join(f"{k} {v}" for k, v in (record.get("data_keys") or {}).items()))
+    table.add_row("lineage", _lineage(registry.store, record["train_key"]))
     for label, scores in (("scores", record.get("scores")), ("base scores", record.get("base_scores"))):
         table.add_row(label, "; ".join(f"{t} " + ", ".join(f"{m} {v:.3f}" for m, v in ms.items() if "stderr" not in m)
                                        for t, ms in (scores or {}).items()))

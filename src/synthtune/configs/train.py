@@ -44,6 +44,12 @@ class TrainConfig(Section):
         0.5, "With data: new, rows already trained on that are trained again, drawn from the whole history and "
         "seeded by the night's train key (a retry reads the same rows): a float is a share of the new rows' count, "
         "an integer a number of rows.", ge=0)
+    continue_learning_rate: float | None = field(
+        None, "Peak learning rate of a continued night (one that starts from the champion). None: learning_rate. "
+        "Lower than a fresh adapter's: the adapter already holds what it learned, and a high rate on a few new "
+        "rows overwrites it.", gt=0, le=1)
+    continue_epochs: float | None = field(
+        None, "Passes over a continued night's rows (new plus replay). None: epochs.", gt=0)
     rebase_every: int = field(
         0, "With init: champion, at most this many adapters in a chain: every rebase_every-th night starts from "
         "base on all rows again (2 alternates base and continued). 0: never.", ge=0)

@@ -93,7 +93,8 @@ def resolve_runtime(tc: TrainConfig) -> Runtime:
     )
 
 
-LINEAGE_FIELDS = ("init", "data", "replay", "rebase_every")
+LINEAGE_FIELDS = ("init", "data", "replay", "rebase_every", "continue_learning_rate", "continue_epochs")
+CONTINUED_FIELDS = ("data", "replay", "continue_learning_rate", "continue_epochs")  # in a continued night's key
 
 
 def key(cfg: PipelineConfig, upstream: dict[str, str]) -> str:
@@ -108,7 +109,7 @@ def key(cfg: PipelineConfig, upstream: dict[str, str]) -> str:
     settings = key_payload(cfg.train)
     lineage = {f: settings.pop(f) for f in LINEAGE_FIELDS}
     if "parent" in upstream:
-        settings["lineage"] = {"data": lineage["data"], "replay": lineage["replay"]}
+        settings["lineage"] = {f: lineage[f] for f in CONTINUED_FIELDS}
     payload = {"train": settings, "libs": stage_libs(STAGE), "student": fingerprint(cfg.student, cfg.student_revision),
                "runtime": asdict(resolve_runtime(cfg.train))}
     return stage_key(STAGE, VERSION, payload, upstream)
@@ -461,7 +462,12 @@ def _select(cfg: PipelineConfig, store: ArtifactStore, staging: Staging, data: P
     chosen, new, replayed = lineage.select(rows, before if selecting else None, tc.replay, seed=k)
     after = before | set(zip(chosen["id"].astype(str), chosen["row_hash"], strict=True))
     pd.DataFrame(sorted(after), columns=["id", "row_hash"]).to_parquet(staging.path / lineage.TRAINED, index=False)
-    staging.rows.update(train=len(chosen), **({"new": new, "replay": replayed} if selecting else {}))
+    if selecting:
+        counts = {"new": new, "replay": replayed}
+    else:  # every row: those the chain never trained on are new, the others trained again
+        again = sum(k in before for k in zip(chosen["id"].astype(str), chosen["row_hash"], strict=True))
+        counts = {"new": len(chosen) - again, "replay": again}
+    staging.rows.update(trained=len(chosen), **counts)
     if not selecting:
         return data, len(chosen)
     out = work / "rows.parquet"
@@ -478,6 +484,7 @@ def _unchanged(staging: Staging, store: ArtifactStore, parent: ArtifactRef, star
         metrics = json.loads((folder / "metrics.json").read_text())
     metrics.update(steps=0, optimizer_steps=0, tokens_trained=0, first_loss=None, last_loss=None, seconds=0.0,
                    note=f"nothing new since {parent.key}: its adapter, unchanged", **start)
+    staging.extra.update(optimizer_steps=0, tokens_trained=0)
     (staging.path / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (staging.path / "loss_history.json").write_text("[]")
     staging.metrics.update(metrics)
@@ -515,11 +522,15 @@ def _train(cfg: PipelineConfig, store: ArtifactStore, staging: Staging, data_dir
     if (batch, accum) != (tc.batch_size, tc.gradient_accumulation_steps) or checkpointing:
         log.info("memory plan: micro-batch %d x accumulation %d%s (estimate %.1f GiB)", batch, accum,
                  ", activation checkpointing" if checkpointing else "", plan.estimate_gib)
+    run_cfg = cfg  # what the child trains with: a continued night has its own schedule
+    if parent is not None:
+        run_cfg = cfg.model_copy(update={"train": tc.model_copy(update={
+            "learning_rate": tc.continue_learning_rate or tc.learning_rate, "epochs": tc.continue_epochs or tc.epochs})})
     with contextlib.ExitStack() as stack:  # the adapter it continues, on local disk for the child
         parent_dir = stack.enter_context(store.local_copy(parent)) if parent is not None else None
         for attempt in range(MAX_OOM_RETRIES + 1):
             spec = work / "spec.json"
-            spec.write_text(json.dumps({"cfg": cfg.model_dump(mode="json"), "work": str(work), "data": str(data),
+            spec.write_text(json.dumps({"cfg": run_cfg.model_dump(mode="json"), "work": str(work), "data": str(data),
                                         "batch_size": batch, "gradient_accumulation_steps": accum,
                                         "activation_checkpointing": checkpointing, "runtime": asdict(runtime),
                                         "parent_adapter": str(parent_dir / "adapter") if parent_dir else None}))
@@ -536,8 +547,10 @@ def _train(cfg: PipelineConfig, store: ArtifactStore, staging: Staging, data_dir
             raise RuntimeError(training_failed(rc, work, tc))
     final = work / "final"
     metrics = json.loads((final / "metrics.json").read_text())
-    metrics.update(start, optimizer_steps=metrics["steps"],
-                   tokens_trained=round(metrics["tokens_per_epoch"] * (metrics.get("epochs") or tc.epochs)))
+    counted = {"optimizer_steps": metrics["steps"],
+               "tokens_trained": round(metrics["tokens_per_epoch"] * (metrics.get("epochs") or run_cfg.train.epochs))}
+    metrics.update(start, learning_rate=run_cfg.train.learning_rate, **counted)
+    staging.extra.update(counted)
     history = json.loads((final / "loss_history.json").read_text())
     shutil.copytree(final / "adapter", staging.path / "adapter")
     data_keys = {"template": data_key, **store.lineage("template", data_key, ("filter", "generate"))}
