@@ -4,7 +4,8 @@ from synthtune.stages import train as stage
 from synthtune.store import ArtifactRef, ArtifactStore
 from tasks._common import inline_png, stage_task
 
-RUN_FIELDS = ("mode", "quantization", "steps", "resumed_from_step", "micro_batch", "gradient_accumulation_steps",
+RUN_FIELDS = ("start", "init", "rows", "optimizer_steps", "tokens_trained",  # where it started, what it read
+              "mode", "quantization", "steps", "resumed_from_step", "micro_batch", "gradient_accumulation_steps",
               "tokens_per_s", "step_time_s", "mfu", "peak_gpu_memory_gib", "device", "packing", "liger",
               "first_loss", "last_loss")
 

@@ -155,6 +155,21 @@ def test_a_different_lora_shape_fails_before_training_naming_the_field(night2):
 
 
 @pytest.mark.integration
+def test_a_night_with_nothing_new_keeps_the_parent_s_adapter(night2, demo_run):
+    cfg, night1, _ = night2
+    store = ArtifactStore(cfg.artifact_root)
+    rows = demo_run[1]["template"]  # night 1's own rows: all trained already
+    ref = train.run(cfg, store, {"template": store.ref("template", rows.key), "parent": store.ref("train", night1)})
+    assert ref.summary["rows"] == {"trained": 0, "new": 0, "replay": 0} and ref.summary["optimizer_steps"] == 0
+    assert ref.summary["note"] == f"nothing new since {night1}: its adapter, unchanged"
+    assert _tensors(f"{ref.uri}/adapter").keys() == _tensors(store.path("train", night1, "adapter")).keys()
+    import torch
+
+    ours, theirs = _tensors(f"{ref.uri}/adapter"), _tensors(store.path("train", night1, "adapter"))
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+@pytest.mark.integration
 def test_rollback_then_the_next_night_continues_the_restored_champion(night2, tmp_path):
     cfg, night1, refs = night2
     root = tmp_path / "artifacts"

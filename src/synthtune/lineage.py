@@ -47,7 +47,7 @@ def depth(store: ArtifactStore, train_key: str) -> int:
 
 def chain(store: ArtifactStore, train_key: str) -> list[dict]:
     """The adapters from `train_key` back to the one trained from base, newest first: each one's key,
-    when it was made, and the rows it trained on ({train, new, replay}); an ancestor removed by gc ends
+    when it was made, and the rows it trained on ({trained, new, replay}); an ancestor removed by gc ends
     the chain with `gone` set."""
     out, key = [], train_key
     while key != "base":

@@ -41,9 +41,10 @@ class TrainConfig(Section):
         "starting adapter's chain never trained on (an edited seed counts as new), plus a replay sample of those it "
         "did (`replay`).")
     replay: int | float = field(
-        0.5, "With data: new, rows already trained on that are trained again, drawn from the whole history and "
+        2.0, "With data: new, rows already trained on that are trained again, drawn from the whole history and "
         "seeded by the night's train key (a retry reads the same rows): a float is a share of the new rows' count, "
-        "an integer a number of rows.", ge=0)
+        "an integer a number of rows. The default, twice the new rows, is what bench/nightly_train.py found to forget "
+        "least for its cost (half as many forgot most of what was not replayed within two nights).", ge=0)
     continue_learning_rate: float | None = field(
         None, "Peak learning rate of a continued night (one that starts from the champion). None: learning_rate. "
         "Lower than a fresh adapter's: the adapter already holds what it learned, and a high rate on a few new "

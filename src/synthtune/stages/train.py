@@ -104,12 +104,13 @@ def key(cfg: PipelineConfig, upstream: dict[str, str]) -> str:
     export is added to a finished adapter without retraining (`export_merged`).
 
     A continued night has a `parent` upstream (the adapter it starts from, by digest: a rollback
-    changes it), and `data` / `replay` in its key. A night from base has neither: `init`, `data`,
-    `replay` and `rebase_every` change nothing it trains, so it shares its key with a plain night."""
+    changes it), and `data`, `replay` and its own schedule (`continue_*`) in its key. A night from
+    base has neither: those fields, `init` and `rebase_every` change nothing it trains, so it shares
+    its key with a plain night."""
     settings = key_payload(cfg.train)
-    lineage = {f: settings.pop(f) for f in LINEAGE_FIELDS}
+    policy = {f: settings.pop(f) for f in LINEAGE_FIELDS}
     if "parent" in upstream:
-        settings["lineage"] = {f: lineage[f] for f in CONTINUED_FIELDS}
+        settings["lineage"] = {f: policy[f] for f in CONTINUED_FIELDS}
     payload = {"train": settings, "libs": stage_libs(STAGE), "student": fingerprint(cfg.student, cfg.student_revision),
                "runtime": asdict(resolve_runtime(cfg.train))}
     return stage_key(STAGE, VERSION, payload, upstream)
@@ -465,7 +466,7 @@ def _select(cfg: PipelineConfig, store: ArtifactStore, staging: Staging, data: P
     if selecting:
         counts = {"new": new, "replay": replayed}
     else:  # every row: those the chain never trained on are new, the others trained again
-        again = sum(k in before for k in zip(chosen["id"].astype(str), chosen["row_hash"], strict=True))
+        again = sum(row in before for row in zip(chosen["id"].astype(str), chosen["row_hash"], strict=True))
         counts = {"new": len(chosen) - again, "replay": again}
     staging.rows.update(trained=len(chosen), **counts)
     if not selecting:
@@ -481,6 +482,7 @@ def _unchanged(staging: Staging, store: ArtifactStore, parent: ArtifactRef, star
     """Nothing new since `parent`: tonight's adapter is the parent's, unchanged."""
     with store.local_copy(parent) as folder:
         shutil.copytree(folder / "adapter", staging.path / "adapter")
+        shutil.copy(folder / "loss.png", staging.path / "loss.png")
         metrics = json.loads((folder / "metrics.json").read_text())
     metrics.update(steps=0, optimizer_steps=0, tokens_trained=0, first_loss=None, last_loss=None, seconds=0.0,
                    note=f"nothing new since {parent.key}: its adapter, unchanged", **start)
