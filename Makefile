@@ -2,7 +2,8 @@
 #   make demo    creates .venv, installs synthtune, runs the whole loop on the CPU (embedded Prefect)
 #   make test    creates .venv, installs synthtune[dev], runs every CPU test tier: unit, integration (real
 #                libraries on tiny models), flows (a Prefect server on SQLite), ops and ui (a Prefect server on
-#                PostgreSQL, process workers, Chromium); not soak (make soak) nor gpu (pytest -m gpu)
+#                PostgreSQL, process workers, Chromium); not soak (make soak), the longest drills (make drills)
+#                nor gpu (pytest -m gpu)
 
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -17,7 +18,7 @@ export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-unit soak lint bench clean
+.PHONY: install demo test test-unit soak drills lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -33,10 +34,13 @@ demo: install
 	$(VENV)/bin/synthtune run
 
 test: install
-	$(VENV)/bin/pytest -m "not gpu and not soak" -q --durations=25
+	$(VENV)/bin/pytest -m "not gpu and not soak and not drill" -q --durations=25
 
 soak: install
 	$(VENV)/bin/pytest -m soak -s -q
+
+drills: install
+	$(VENV)/bin/pytest -m drill -q
 
 test-unit: install
 	$(VENV)/bin/pytest -q

@@ -81,6 +81,7 @@ def gone(procs: list[psutil.Process], timeout: float = 30) -> bool:
     return True
 
 
+@pytest.mark.drill
 def test_a_killed_worker_crashes_its_run_frees_the_slot_and_a_retry_resumes_from_the_checkpoint(stack):
     config, key, run_id = long_training(stack, seed=301)
     step = wait_for_checkpoint(stack, key, run_id)
@@ -112,6 +113,7 @@ def test_a_killed_worker_crashes_its_run_frees_the_slot_and_a_retry_resumes_from
           f"resumed from step {summary['resumed_from_step']}")
 
 
+@pytest.mark.drill
 def test_a_machine_that_vanishes_mid_train_is_marked_crashed_by_the_shipped_automation(stack):
     """Worker and flow-run process gone at once, nothing reporting: only the missing heartbeats tell
     (the job template sends one every 30 s; the automation's window here is 45 s, 120 s as shipped)."""
@@ -149,6 +151,7 @@ def _train_summary(stack, key: str) -> dict:
     return json.loads((Path(stack.artifact_root) / "train" / key / "manifest.json").read_text())["summary"]
 
 
+@pytest.mark.drill
 def test_cancelling_a_split_run_cancels_its_gpu_child_and_frees_the_gpu(stack):
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
     from prefect.states import Cancelling
@@ -169,6 +172,7 @@ def test_cancelling_a_split_run_cancels_its_gpu_child_and_frees_the_gpu(stack):
     assert not settled(), settled(0)  # neither flow-run process outlived its run
 
 
+@pytest.mark.drill
 def test_a_server_restart_mid_train_leaves_the_run_to_finish_and_be_recorded(stack):
     config, key, run_id = long_training(stack, seed=303)
     wait_for_checkpoint(stack, key, run_id)

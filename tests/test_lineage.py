@@ -22,7 +22,7 @@ from tests.support import DEMO
 from tests.support.faults import CRASH_AT_START, inject
 
 EDITED = ("f03", "f09", "f17", "f28")  # seeds whose prompt night 2 rewrites
-CONTINUED = ["train.init=champion", "train.data=new", "train.replay=0.5", "train.epochs=20",
+CONTINUED = ["train.init=champion", "train.data=new", "train.replay=0.5", "train.continue_epochs=20",
              "promote.min_delta_vs_champion=-1.0"]  # the tests need it in service whatever it scores
 
 
@@ -175,7 +175,8 @@ def test_rollback_then_the_next_night_continues_the_restored_champion(night2, tm
     root = tmp_path / "artifacts"
     shutil.copytree(cfg.artifact_root, root, ignore=shutil.ignore_patterns(".prefect-results", ".locks"))
     night3 = cfg.model_copy(update={"artifact_root": str(root), "generate": cfg.generate.model_copy(
-        update={"seeds": str(_seeds(tmp_path / "seeds", (*EDITED, "f30")))})})  # one more seed edited
+        update={"seeds": str(_seeds(tmp_path / "seeds", (*EDITED, "f30")))}),  # one more seed edited
+        "train": cfg.train.model_copy(update={"continue_epochs": 1.0})})  # where it starts is what counts here
     registry = Registry(ArtifactStore(str(root)), "demo")
     assert registry.champion()["train_key"] == refs["train"].key  # night 2 is in service
     run_all(night3, until="template")  # tonight's rows exist: the keys planned are final
@@ -220,7 +221,7 @@ def test_a_crashed_continued_night_retries_on_the_same_rows(night2, monkeypatch,
     shutil.copytree(cfg.artifact_root, root, ignore=shutil.ignore_patterns(".prefect-results", ".locks"))
     Registry(ArtifactStore(str(root)), "demo").rollback(to=night1)
     cfg = cfg.model_copy(update={"artifact_root": str(root),
-                                 "train": cfg.train.model_copy(update={"replay": 10, "seed": 3})})
+                                 "train": cfg.train.model_copy(update={"replay": 10, "seed": 3, "continue_epochs": 1.0})})
     store = ArtifactStore(str(root))
     k = plan(cfg)["train"]
     inject(monkeypatch, tmp_path / "site", CRASH_AT_START)

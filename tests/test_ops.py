@@ -136,6 +136,7 @@ holder()
 """
 
 
+@pytest.mark.drill
 def test_a_crashed_holder_gives_the_gpu_slot_back_when_its_lease_runs_out(stack):
     import subprocess
     import sys
