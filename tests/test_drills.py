@@ -332,6 +332,7 @@ def soak(stack, n: int) -> dict:
     return report
 
 
+@pytest.mark.drill
 def test_soak_small(stack):
     """The CI-sized soak: three runs."""
     soak(stack, 3)

@@ -138,6 +138,7 @@ def test_ctrl_c_during_training_stops_it_in_seconds_and_says_where_the_checkpoin
     laptop["pids"]["interrupted"], laptop["step"] = proc.pid, step
 
 
+@pytest.mark.drill
 def test_kill_9_leaves_no_server_trainer_or_staging_and_the_next_run_takes_the_slot_at_once(laptop):
     if "interrupted" not in laptop["pids"]:
         pytest.skip("needs the Ctrl-C drill's checkpoints")

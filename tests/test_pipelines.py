@@ -45,7 +45,7 @@ def _lineage_intact(store: ArtifactStore, train_key: str) -> list[str]:
     return out
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.drill)])
 def shared_root(request, tmp_path):
     if request.param == "local":
         return str(tmp_path / "root")
@@ -155,6 +155,7 @@ def _agree(store: ArtifactStore, mlflow_uri: str, said: str) -> str:
 
 
 @pytest.mark.integration
+@pytest.mark.drill
 def test_a_kill_at_every_registry_write_leaves_what_the_next_run_makes_consistent(copied, tmp_path, monkeypatch):
     from tests.support.faults import inject
 

@@ -98,7 +98,7 @@ def test_the_demo_adapter_is_checked_and_its_card_completed_by_promote(demo_run)
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("wrong_dtype", [None, "float8_e4m3fn"])
+@pytest.mark.parametrize("wrong_dtype", [None, pytest.param("float8_e4m3fn", marks=pytest.mark.drill)])
 def test_a_merged_export_must_generate_what_the_adapter_generates(demo_run, tmp_path, monkeypatch, wrong_dtype):
     cfg, refs = demo_run
     root = tmp_path / "root"
