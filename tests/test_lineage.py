@@ -17,8 +17,8 @@ from synthtune.config import load_config
 from synthtune.registry import Registry
 from synthtune.runner import plan, run_all
 from synthtune.stages import train
-from synthtune.store import ArtifactStore, produce
-from tests.support import DEMO
+from synthtune.store import ArtifactStore
+from tests.support import DEMO, demo_preference_pairs
 from tests.support.faults import CRASH_AT_START, inject
 
 EDITED = ("f03", "f09", "f17", "f28")  # seeds whose prompt night 2 rewrites
@@ -242,14 +242,8 @@ def test_a_crashed_continued_night_retries_on_the_same_rows(night2, monkeypatch,
 
 @pytest.mark.integration
 def test_dpo_continued_from_the_champion_uses_it_as_reference(demo_cfg):
-    from synthtune.stages import template
-    from synthtune.tiny import demo_facts
-
-    rows = [{"id": f["id"], "prompt": f["question"], "chosen": f["answer"],
-             "rejected": next(c for c in f["choices"] if c != f["answer"])} for f in demo_facts()]
     store = ArtifactStore(demo_cfg.artifact_root)
-    pairs = produce(store, "filter", "pairs", {}, {}, lambda st: pd.DataFrame(rows).to_parquet(st.path / "data.parquet"))
-    templated = template.run(demo_cfg, store, {"filter": pairs})
+    templated = demo_preference_pairs(demo_cfg)
     dpo = demo_cfg.train.model_copy(update={"mode": "dpo", "epochs": 10.0, "learning_rate": 0.005, "beta": 1.0,
                                             "logging_steps": 1})
     champion = train.run(demo_cfg.model_copy(update={"train": dpo}), store, {"template": templated})

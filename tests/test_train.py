@@ -23,6 +23,7 @@ from synthtune.stages.train import (
     work_dir,
 )
 from synthtune.store import ArtifactStore, produce
+from tests.support import demo_preference_pairs
 from tests.support.faults import OOM_ABOVE_BATCH, inject
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -170,13 +171,8 @@ def test_qlora_nf4_path_on_cpu(demo_run):
 
 @pytest.mark.integration
 def test_dpo_on_learnable_preference_pairs(demo_cfg):
-    from synthtune.tiny import demo_facts
-
-    rows = [{"id": f["id"], "prompt": f["question"], "chosen": f["answer"],
-             "rejected": next(c for c in f["choices"] if c != f["answer"])} for f in demo_facts()]
     store = ArtifactStore(demo_cfg.artifact_root)
-    pairs = produce(store, "filter", "pairs", {}, {}, lambda st: pd.DataFrame(rows).to_parquet(st.path / "data.parquet"))
-    templated = template.run(demo_cfg, store, {"filter": pairs})
+    templated = demo_preference_pairs(demo_cfg)
     cfg = _with_train(demo_cfg, mode="dpo", epochs=10.0, learning_rate=0.005, beta=1.0, logging_steps=4)
     ref = train.run(cfg, store, {"template": templated})
     _check_trained(ref)

@@ -13,3 +13,19 @@ OFFLINE = {
     "DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "TOKENIZERS_PARALLELISM": "false",
     "PREFECT_TASK_DEFAULT_RETRY_DELAY_SECONDS": "0",
 }
+
+
+def demo_preference_pairs(cfg):
+    """The demo's facts as DPO pairs (the right answer chosen, a wrong choice rejected), templated on
+    `cfg`'s artifact root: the template stage's output."""
+    import pandas as pd
+
+    from synthtune.stages import template
+    from synthtune.store import ArtifactStore, produce
+    from synthtune.tiny import demo_facts
+
+    rows = [{"id": f["id"], "prompt": f["question"], "chosen": f["answer"],
+             "rejected": next(c for c in f["choices"] if c != f["answer"])} for f in demo_facts()]
+    store = ArtifactStore(cfg.artifact_root)
+    pairs = produce(store, "filter", "pairs", {}, {}, lambda st: pd.DataFrame(rows).to_parquet(st.path / "data.parquet"))
+    return template.run(cfg, store, {"filter": pairs})
