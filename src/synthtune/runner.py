@@ -94,22 +94,31 @@ def step_config(cfg: PipelineConfig, step: Step, store: ArtifactStore) -> Pipeli
     return cfg if student == cfg.student else cfg.model_copy(update={"student": student})
 
 
-def step_inputs(step: Step, done: dict[str, ArtifactRef], champion: ArtifactRef | None,
-                parent: ArtifactRef | None = None) -> dict[str, ArtifactRef] | None:
-    """A step's upstream references; None when the step has nothing to do (no champion to evaluate)."""
-    if CHAMPION in step.inputs.values() and champion is None:
-        return None
-    out = {}
-    for arg, src in step.inputs.items():
-        ref = {CHAMPION: champion, PARENT: parent}.get(src) if src in (CHAMPION, PARENT) else done.get(src)
-        if ref is not None:
-            out[arg] = ref
+def outside_inputs(cfg: PipelineConfig, store: ArtifactStore, step: Step, keys: dict[str, str]
+                   ) -> dict[str, ArtifactRef | None]:
+    """The step's inputs this run does not make, by source name ({CHAMPION: ..., PARENT: ...}, the
+    ones it takes), from this run's keys so far (`keys`: step name -> key): the champion to compare
+    with (None on the first night or when the candidate is the champion), the adapter a continued
+    night starts from (None from base)."""
+    out: dict[str, ArtifactRef | None] = {}
+    if CHAMPION in step.inputs.values():
+        out[CHAMPION] = champion_train(cfg, store, keys.get("train"))
+    if PARENT in step.inputs.values():
+        out[PARENT] = lineage.start(cfg, store, keys.get("template")).parent
     return out
 
 
-def parent_train(cfg: PipelineConfig, store: ArtifactStore, template_key: str | None) -> ArtifactRef | None:
-    """The adapter tonight's training continues (train.init: champion), None from base."""
-    return lineage.start(cfg, store, template_key).parent
+def step_inputs(step: Step, done: dict[str, ArtifactRef], outside: dict[str, ArtifactRef | None]
+                ) -> dict[str, ArtifactRef] | None:
+    """A step's upstream references; None when the step has nothing to do (no champion to evaluate)."""
+    if CHAMPION in outside and outside[CHAMPION] is None:
+        return None
+    out = {}
+    for arg, src in step.inputs.items():
+        ref = outside.get(src) if src in outside else done.get(src)
+        if ref is not None:
+            out[arg] = ref
+    return out
 
 
 def downstream(names: Iterable[str]) -> set[str]:
@@ -139,11 +148,10 @@ def walk(cfg: PipelineConfig, execute: Executor, steps: Iterable[Step] = DAG, re
     if steps and steps[0] is DAG[0]:  # the start of a run: registry problems surface before any stage
         check_registry(cfg, store)
     for step in steps:
-        champion = champion_train(cfg, store, refs["train"].key) if CHAMPION in step.inputs.values() else None
-        parent = parent_train(cfg, store, refs["template"].key) if PARENT in step.inputs.values() else None
-        if parent is not None:
+        outside = outside_inputs(cfg, store, step, {name: ref.key for name, ref in refs.items()})
+        if (parent := outside.get(PARENT)) is not None:
             runs.using(store, parent.stage, parent.key)  # what it continues stays until it is trained
-        inputs = step_inputs(step, refs, champion, parent)
+        inputs = step_inputs(step, refs, outside)
         if inputs is None:  # no champion to compare with (the first night, or the candidate is the champion)
             progress.emit("step_end", step=step.name, state="Skipped", summary={"note": NO_CHAMPION})
             continue
@@ -176,16 +184,11 @@ def plan(cfg: PipelineConfig) -> dict[str, str]:
     keys: dict[str, str] = {}
     digests: dict[str, str] = {}
     for step in DAG:
-        champion = parent = None
-        if CHAMPION in step.inputs.values():
-            champion = champion_train(cfg, store, keys.get("train"))
-            if champion is None:
-                continue
-        if PARENT in step.inputs.values():
-            parent = parent_train(cfg, store, keys.get("template"))
-        special = {CHAMPION: champion, PARENT: parent}
-        ups = {arg: (special[src].digest if src in special else digests[src]) for arg, src in step.inputs.items()
-               if special.get(src) is not None or src in digests}
+        outside = outside_inputs(cfg, store, step, keys)
+        if CHAMPION in outside and outside[CHAMPION] is None:
+            continue
+        ups = {arg: (outside[src].digest if src in outside else digests[src]) for arg, src in step.inputs.items()
+               if outside.get(src) is not None or src in digests}
         keys[step.name] = step.stage.key(step_config(cfg, step, store), ups)
         ref = store.ref(step.stage.STAGE, keys[step.name])
         digests[step.name] = ref.digest if ref else pending(step.stage.STAGE, keys[step.name])

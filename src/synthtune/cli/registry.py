@@ -61,14 +61,15 @@ def _lineage(store, train_key: str) -> str:
     """'k3 <- k2 <- k1 <- base' with each adapter's rows (new + replayed for a continued night)."""
     from synthtune import lineage
 
+    links = lineage.chain(store, train_key)
     parts = []
-    for link in lineage.chain(store, train_key):
+    for link in links:
         rows = link.get("rows") or {}
         continued = link.get("init", "base") != "base"
         what = "gone (gc)" if link.get("gone") else (f"{rows.get('new')} new + {rows.get('replay')} replayed"
                                                       if continued else f"{rows.get('trained', rows.get('train'))} rows")
         parts.append(f"{link['key']} ({what})")
-    return " <- ".join([*parts, *([] if parts and parts[-1].endswith("(gone (gc))") else ["base"])])
+    return " <- ".join([*parts, *([] if links and links[-1].get("gone") else ["base"])])
 
 
 def _start(store, train_key: str | None) -> str:
