@@ -21,7 +21,7 @@ def test_target_rule_vs_base_on_the_first_night():
     ok, reasons = decide(PC, BASE, TUNED)
     assert ok and reasons[0] == "no champion yet: the gate is vs base only"
     ok, reasons = decide(PC.model_copy(update={"min_delta": 0.6}), BASE, TUNED)
-    assert not ok and "needs >= +0.6000) FAILED" in reasons[1]
+    assert not ok and "needs > +0.6000) FAILED: no better than base" in reasons[1]
     ok, reasons = decide(PC.model_copy(update={"metric": "acc_norm"}), BASE, TUNED)
     assert not ok and "missing" in reasons[1]
 
@@ -30,10 +30,29 @@ def test_a_candidate_that_beats_base_but_not_the_champion_is_refused_naming_both
     ok, reasons = decide(PC, BASE, TUNED, CHAMPION, "abc123")
     assert not ok
     assert reasons[0].endswith("ok")  # still beats base
-    assert reasons[1] == ("target demo_facts/acc: tuned 0.7500 vs champion abc123 0.9000 (-0.1500; needs >= +0.0000) "
-                          "FAILED")
+    assert reasons[1] == ("target demo_facts/acc: tuned 0.7500 vs champion abc123 0.9000 (-0.1500; needs > +0.0050) "
+                          "FAILED: worse than the champion")
     tolerant = PC.model_copy(update={"min_delta_vs_champion": -0.2})  # a tolerance
     assert decide(tolerant, BASE, TUNED, CHAMPION, "abc123")[0]
+
+
+def test_a_tie_is_not_promoted_and_the_model_in_service_stays():
+    """A candidate that learned nothing (0.1 = base = champion, as a fresh `synthtune init` project
+    scored) is no evidence: it is refused against base on the first night and against the champion later."""
+    flat = {"demo_facts": {"acc": 0.1}}
+    ok, reasons = decide(PC, flat, flat)
+    assert not ok and reasons[1] == ("target demo_facts/acc: tuned 0.1000 vs base 0.1000 (+0.0000; needs > +0.0050) "
+                                     "FAILED: no better than base")
+    better = {"demo_facts": {"acc": 0.2}}
+    ok, reasons = decide(PC, flat, better, better, "abc")
+    assert not ok and reasons[0].endswith("ok")
+    assert reasons[1].endswith("(+0.0000; needs > +0.0050) FAILED: no better than the champion")
+    assert PC.min_delta == 0.005 and PC.champion_delta == 0.005
+    # a gain inside the margin is no evidence either; one past it is
+    assert not decide(PC, flat, {"demo_facts": {"acc": 0.104}}, flat, "abc")[0]
+    assert decide(PC, flat, {"demo_facts": {"acc": 0.106}}, flat, "abc")[0]
+    with pytest.raises(ValueError, match="min_delta"):
+        PromoteConfig(target_task="t", min_delta=-0.1)
 
 
 def test_guards_are_judged_against_the_champion_once_there_is_one():

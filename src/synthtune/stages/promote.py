@@ -1,9 +1,10 @@
 """promote: does tonight's candidate beat the model in service? Record the decision in the registry.
 
 The gate, on the same evaluation under identical flags:
-- the target task's metric must beat the base model by `min_delta` (as it always did), and the
-  champion (the adapter in service, re-scored tonight as `evaluate[champion]`) by
-  `min_delta_vs_champion` (0: at least as good; negative: a tolerance);
+- the target task's metric must beat the base model and the champion (the adapter in service,
+  re-scored tonight as `evaluate[champion]`) by strictly more than `promote.min_delta` (default
+  0.005; `min_delta_vs_champion` overrides it for the champion, a negative value being an opt-in
+  tolerance): a tie is no evidence, so it keeps the model in service ("no better than the champion");
 - no guard task may drop by more than `max_guard_drop` against the champion (against base on the
   first night, when there is no champion: the gate says so);
 - a paired McNemar test on per-item correctness of the target task (candidate vs champion, or vs
@@ -102,15 +103,19 @@ def decide(pc: PromoteConfig, base: dict, tuned: dict, champion: dict | None = N
             lines.append(f"{role} {task}/{pc.metric}: missing ({ref_name}={r}, tuned={t}) FAILED")
             return
         passed = passes(t - r)
-        lines.append(f"{role} {task}/{pc.metric}: tuned {t:.4f} vs {ref_name} {r:.4f} ({t - r:+.4f}; {needs}) "
-                     f"{'ok' if passed else 'FAILED'}")
+        verdict = "ok" if passed else "FAILED"
+        if not passed and role == "target":
+            who = "base" if ref_name == "base" else "the champion"
+            verdict += f": {'worse than' if t < r else 'no better than'} {who}"
+        lines.append(f"{role} {task}/{pc.metric}: tuned {t:.4f} vs {ref_name} {r:.4f} ({t - r:+.4f}; {needs}) {verdict}")
         ok = ok and passed
 
-    rule("target", pc.target_task, "base", base, f"needs >= {pc.min_delta:+.4f}", lambda d: d >= pc.min_delta)
+    # strictly more than the margin: a tie (or a gain within it) is no evidence, the model in service stays
+    rule("target", pc.target_task, "base", base, f"needs > {pc.min_delta:+.4f}", lambda d: d > pc.min_delta)
     champ = f"champion {champion_key}" if champion_key else "champion"
     if champion is not None:
-        rule("target", pc.target_task, champ, champion, f"needs >= {pc.min_delta_vs_champion:+.4f}",
-             lambda d: d >= pc.min_delta_vs_champion)
+        rule("target", pc.target_task, champ, champion, f"needs > {pc.champion_delta:+.4f}",
+             lambda d: d > pc.champion_delta)
     ref_name, ref = (champ, champion) if champion is not None else ("base", base)
     for g in pc.guard_tasks:
         rule("guard", g, ref_name, ref, f"may drop at most {pc.max_guard_drop:.4f}", lambda d: -d <= pc.max_guard_drop)
