@@ -63,6 +63,8 @@ def _mutations(model: BaseModel, tmp: Path, prefix: str = ""):
             yield path, next(c for c in choices if c != value), affects
         elif isinstance(value, list):
             yield path, [*value, "extra_task"], affects
+        elif isinstance(value, dict):
+            yield path, {**value, "extra_variable": True}, affects
         elif value is None and int in get_args(info.annotation):
             yield path, 5, affects
         elif value is None and float in get_args(info.annotation):
@@ -93,6 +95,8 @@ def test_every_output_relevant_field_changes_its_stage_key(demo_cfg, tmp_path):
                 pref = _set(demo_cfg, "generate.mode", "preference")
                 assert plan(_set(pref, path, "tiny:student"))["generate"] != plan(_set(pref, path, "tiny:teacher"))[
                     "generate"]
+            elif path == "evaluate.allow_format_difference":  # preflight's format verdict only, no score changes
+                assert {k for k in keys if keys[k] != base[k]} == {"preflight"}
             elif path in tuple(f"train.{f}" for f in train.LINEAGE_FIELDS):
                 # no champion yet: every night starts from base, as a plain one (keys with one: test_lineage)
                 assert keys["train"] == base["train"], path

@@ -64,7 +64,7 @@ def test_three_nights_a_rollback_and_the_night_after(prefect_server, demo_cfg):
     reasons = refs["promote"].summary["reasons"]
     assert reasons[0].startswith("target demo_facts/acc: tuned") and reasons[0].endswith("ok")  # beats base
     assert reasons[1] == (f"target demo_facts/acc: tuned {weaker:.4f} vs champion {night1} {champion_acc:.4f} "
-                          f"({weaker - champion_acc:+.4f}; needs >= +0.0000) FAILED")
+                          f"({weaker - champion_acc:+.4f}; needs > +0.0050) FAILED: worse than the champion")
     assert states["evaluate[champion]"] == "Cached"  # the champion's evaluation under these flags is its own night's
     assert registry.champion()["train_key"] == night1
 

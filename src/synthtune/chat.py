@@ -136,7 +136,8 @@ class ChatEncoder:
         return _render_with_assistant_indices(compiled_template=self._compiled, messages=messages, tools=None,
                                               documents=None, add_generation_prompt=False, **self._template_vars)
 
-    def _supports_system(self) -> bool:
+    def supports_system(self) -> bool:
+        """Whether the template accepts a system turn (else it is folded into the first user turn)."""
         if self._system_supported is None:
             probe = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
                      {"role": "assistant", "content": "a"}]
@@ -152,7 +153,7 @@ class ChatEncoder:
         the template refuses or drops it), and their full rendering."""
         if self.system_prompt and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": self.system_prompt}, *messages]
-        if messages[0]["role"] == "system" and not self._supports_system():
+        if messages[0]["role"] == "system" and not self.supports_system():
             messages = _fold_system(messages, row_id, "the template has no system role")
             self.quirks.system_merged += 1
             self.quirks.note("the chat template rejects a system role: system turns were merged into the first "

@@ -11,8 +11,15 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
+
+from synthtune.digests import file_sha256
+from synthtune.keys import key_payload
+
+if TYPE_CHECKING:
+    from synthtune.configs import EvaluateConfig, PipelineConfig
 
 
 class _TaskYamlLoader(yaml.SafeLoader):
@@ -313,3 +320,42 @@ def portable_task_dir(task_dir: Path | None, into: Path) -> Path | None:
                 out.append(line)
         (into / path.relative_to(task_dir)).write_text("\n".join(out) + "\n")
     return into
+
+
+IN_DOMAIN_YAML = """\
+# built by synthtune from the rows the filter held out
+task: in_domain
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: loglikelihood
+doc_to_text: "{{{{prompt}}}}"
+doc_to_target: "{{{{response}}}}"
+target_delimiter: ""
+metric_list:
+  - metric: perplexity
+    aggregation: perplexity
+    higher_is_better: false
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+"""
+
+
+def task_data(ec: EvaluateConfig) -> dict[str, list[str]]:
+    """The sha256 of each local eval task's data files."""
+    return {name: [file_sha256(f) for f in data_files(path, doc) if f.is_file()]
+            for name, (path, doc) in local_tasks(ec.task_dir).items() if name in ec.tasks}
+
+
+def chat_payload(cfg: PipelineConfig) -> dict | None:
+    """What decides the template lm-eval renders with (synthtune.parity): the template file and its
+    variables. The student's own template is in its fingerprint."""
+    if not cfg.evaluate.apply_chat_template:
+        return None
+    tp = key_payload(cfg.template)
+    return {k: tp.get(k) for k in ("chat_template", "chat_template_kwargs", "date_string")}

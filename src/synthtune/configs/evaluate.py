@@ -22,6 +22,10 @@ class EvaluateConfig(Section):
     in_domain: bool = field(
         False, f"Also run `{IN_DOMAIN}`, built from the rows the filter held out (filter.holdout_fraction): the teacher's reply "
         "scored by log-likelihood (acc: the student's greedy reply is the teacher's; perplexity).")
+    allow_format_difference: bool = field(
+        False, "Accept that lm-eval renders an eval task's items differently from how training renders the same "
+        "conversation (a reasoning block on purpose, say): the difference is reported instead of stopping the run.",
+        affects_output=False)
     batch_size: int = field(16, "lm-eval batch size.", ge=1)
     limit: int | None = field(None, "Evaluate only the first N items of each task (None: all).", ge=1)
     seed: int = field(1234, "Seed passed to lm-eval (python, numpy, torch and few-shot sampling).")

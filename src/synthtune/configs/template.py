@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from synthtune.fields import InputFile, Section, field
+
+DATE_STRING = "26 Jul 2024"  # Llama 3.x templates' own fallback when no clock is given
 
 
 class TemplateConfig(Section):
@@ -23,6 +25,13 @@ class TemplateConfig(Section):
     system_prompt: str | None = field(None, "System prompt put in front of every conversation.")
     chat_template: InputFile | None = field(
         None, "A Jinja chat template file used instead of the tokenizer's (its contents are in the cache key).")
+    chat_template_kwargs: dict[str, Any] = field(
+        {}, "Variables for the chat template (e.g. {enable_thinking: false} for Qwen3), given alike to training, "
+        "evaluation and the template saved for serving (written into it as defaults).")
+    date_string: str = field(
+        DATE_STRING, "The date a template that prints today's date renders (Llama 3.x's `date_string`), pinned so a "
+        "row, a base evaluation and a served prompt render the same on every day. Only templates that read a date "
+        "get it.")
     warn_cut_share: float = field(
         0.01, "Above this share of rows cut or dropped for length, the report warns loudly.", ge=0, le=1,
         affects_output=False)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from synthtune import parity
 from synthtune.models import resolve, revision_kw
 from synthtune.stages.train import (
     OOM_EXIT,
@@ -209,6 +210,8 @@ def _finish(run: Finished) -> None:
     final = run.work / "final"
     adapter = final / "adapter"
     model.save_pretrained(adapter, selected_adapters=["default"])  # not DPO's frozen "ref" copy
+    # the template a server renders with is the one evaluated: variables pinned, a refused system role folded
+    run.tokenizer.chat_template = parity.eval_template(parity.encoder(run.cfg, run.tokenizer))
     run.tokenizer.save_pretrained(adapter)
     serving = _serving_checks(run, adapter)
     metrics = {

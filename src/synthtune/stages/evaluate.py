@@ -17,11 +17,11 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from synthtune import parity
 from synthtune.configs import IN_DOMAIN, EvaluateConfig
-from synthtune.digests import file_sha256
-from synthtune.eval_tasks import data_files, local_tasks, portable_task_dir
+from synthtune.eval_tasks import IN_DOMAIN_YAML, chat_payload, local_tasks, portable_task_dir, task_data
 from synthtune.keys import key_payload, stage_key
-from synthtune.models import fingerprint, resolve, revision_kw
+from synthtune.models import fingerprint, load_tokenizer, resolve, revision_kw
 from synthtune.store import ArtifactRef, ArtifactStore, Staging, produce
 from synthtune.versions import stage_libs
 
@@ -32,28 +32,6 @@ __all__ = ["IN_DOMAIN", "EvaluateConfig", "key", "run"]
 
 STAGE = "evaluate"
 VERSION = "2"
-IN_DOMAIN_YAML = """\
-# built by synthtune from the rows the filter held out
-task: in_domain
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: loglikelihood
-doc_to_text: "{{{{prompt}}}}"
-doc_to_target: "{{{{response}}}}"
-target_delimiter: ""
-metric_list:
-  - metric: perplexity
-    aggregation: perplexity
-    higher_is_better: false
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-metadata:
-  version: 1.0
-"""
 
 
 def key(cfg: PipelineConfig, upstream: dict[str, str]) -> str:
@@ -61,11 +39,7 @@ def key(cfg: PipelineConfig, upstream: dict[str, str]) -> str:
     the device and dtype, and the digests of the adapter's train output (`upstream['train']`; none for
     the base model) and, with evaluate.in_domain, of the filter output that holds the in-domain rows."""
     ec = cfg.evaluate
-    files = {}
-    for name, (path, doc) in local_tasks(ec.task_dir).items():
-        if name in ec.tasks:
-            files[name] = [file_sha256(f) for f in data_files(path, doc) if f.is_file()]
-    payload = {"evaluate": key_payload(ec), "data_files": files, "libs": stage_libs(STAGE),
+    payload = {"evaluate": key_payload(ec), "data_files": task_data(ec), "chat": chat_payload(cfg), "libs": stage_libs(STAGE),
                "student": fingerprint(cfg.student, cfg.student_revision), "runtime": eval_runtime()}
     if not ec.in_domain:  # base scores stay cached across nights unless they depend on the data
         upstream = {k: v for k, v in upstream.items() if k != "filter"}
@@ -87,6 +61,9 @@ def lm_eval_args(cfg: PipelineConfig, adapter: Path | None, task_dir: Path | Non
     ec = cfg.evaluate
     runtime = eval_runtime()
     model_args: dict = {"pretrained": resolve(cfg.student), "dtype": runtime["dtype"], **revision_kw(cfg.student_revision)}
+    if ec.apply_chat_template and (chat := parity.chat_template_args(cfg, load_tokenizer(cfg.student,
+                                                                                       cfg.student_revision))):
+        model_args["chat_template_args"] = chat  # the template training rendered with, its variables pinned
     if adapter is not None:
         model_args["peft"] = str(adapter)
     return {
@@ -111,6 +88,8 @@ def lm_eval_args(cfg: PipelineConfig, adapter: Path | None, task_dir: Path | Non
 def cli_command(args: dict, include_path: str | None, output_path: str) -> list[str]:
     """The `lm_eval` CLI call equivalent to `simple_evaluate(**args)`: same model, tasks and flags.
     Used by the parity test and the benchmark, so 'the harness itself' is never hand-typed."""
+    if "chat_template_args" in args["model_args"]:
+        raise ValueError("the lm_eval CLI's --model_args cannot carry chat_template_args")
     cmd = ["lm_eval", "run", "--model", args["model"],
            "--model_args", ",".join(f"{k}={v}" for k, v in args["model_args"].items()),
            "--tasks", ",".join(args["tasks"]), "--num_fewshot", str(args["num_fewshot"]),
@@ -146,16 +125,27 @@ def scores(results: dict) -> dict[str, dict[str, float]]:
     return out
 
 
-def in_domain_task(heldout: Path, into: Path) -> None:
-    """Write the in-domain task (YAML + JSONL of held-out prompt/response pairs) into `into`."""
+def in_domain_task(heldout: Path, into: Path, delimiter: str = "") -> None:
+    """Write the in-domain task (YAML + JSONL of held-out prompt/response pairs) into `into`. Each reply
+    starts with `delimiter`, what the chat template puts between the prompt and a reply (lm-eval's
+    loglikelihood requests ignore target_delimiter): it is scored as it was trained."""
     import pandas as pd
 
     rows = pd.read_parquet(heldout)
     if rows.empty:
         raise ValueError("evaluate.in_domain found no held-out rows: raise filter.holdout_fraction")
     into.mkdir(parents=True, exist_ok=True)
-    rows[["id", "prompt", "response"]].to_json(into / "in_domain.jsonl", orient="records", lines=True)
+    rows = rows[["id", "prompt", "response"]].assign(response=delimiter + rows["response"])
+    rows.to_json(into / "in_domain.jsonl", orient="records", lines=True)
     (into / "in_domain.yaml").write_text(IN_DOMAIN_YAML.format(data=into / "in_domain.jsonl"))
+
+
+def in_domain_delimiter(cfg: PipelineConfig) -> str:
+    """The in-domain reply is scored after what the template puts before a reply, as it was trained."""
+    if not cfg.evaluate.apply_chat_template:
+        return ""
+    enc = parity.encoder(cfg, load_tokenizer(cfg.student, cfg.student_revision))
+    return parity.reply_delimiter(enc, parity.eval_template(enc)) or ""
 
 
 class _Requests:
@@ -204,7 +194,7 @@ def _evaluate(cfg: PipelineConfig, staging: Staging, adapter: Path | None, heldo
     with tempfile.TemporaryDirectory(prefix=f"synthtune-tasks-{os.getpid()}-") as tmp:
         task_dir = portable_task_dir(cfg.evaluate.task_dir, Path(tmp) / "tasks") or Path(tmp) / "tasks"
         if heldout is not None:
-            in_domain_task(heldout, task_dir / "synthtune_in_domain")
+            in_domain_task(heldout, task_dir / "synthtune_in_domain", in_domain_delimiter(cfg))
         # include_defaults=False skips indexing lm-eval's ~10k bundled YAMLs (~12 s) when all are local
         local = set(local_tasks(cfg.evaluate.task_dir))
         manager = TaskManager(include_path=str(task_dir) if task_dir.exists() else None,

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 from typing import TYPE_CHECKING
 
 from synthtune import tracking
 from synthtune.configs import PreflightConfig
-from synthtune.eval_tasks import check_tasks
+from synthtune.eval_tasks import chat_payload, check_tasks, task_data
 from synthtune.keys import key_payload, stage_key
 from synthtune.models import fingerprint, identity, resolve, revision_kw
 from synthtune.store import ArtifactRef, ArtifactStore, Staging, produce
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
 __all__ = ["PreflightConfig", "PreflightError", "key", "run"]
 
 STAGE = "preflight"
+log = logging.getLogger("synthtune.preflight")
 VERSION = "1"
 GiB = 1 << 30
 
@@ -46,6 +48,9 @@ def key(cfg: PipelineConfig, upstream: dict[str, str]) -> str:
                    *(identity(m, gen.teacher_kind, gen.base_url, gen.judge_revision) for m in (gen.judge,) if m),
                    *(fingerprint(m) for m in (cfg.generate.rejected_model,) if m and cfg.generate.mode == "preference")],
         "artifact_root": cfg.artifact_root,
+        # format parity: the template and its variables, the eval flags and the local tasks' items
+        "format": {"chat": chat_payload(cfg), "system_prompt": cfg.template.system_prompt,
+                   "data_files": task_data(cfg.evaluate), "allow": cfg.evaluate.allow_format_difference},
     }
     if cfg.train.init == "champion":  # the champion it continues must match the LoRA shape: checked again when either moves
         from synthtune.registry import Registry
@@ -124,6 +129,26 @@ def lineage_problems(cfg: PipelineConfig, store: ArtifactStore) -> list[str]:
     return []
 
 
+def format_parity(cfg: PipelineConfig) -> tuple[list[str], dict]:
+    """(errors, report): lm-eval renders the local eval tasks' first items as training renders the same
+    conversation (synthtune.parity), or evaluate.allow_format_difference acknowledges that it does not."""
+    from synthtune import parity
+    from synthtune.models import load_tokenizer
+
+    tok = load_tokenizer(cfg.student, cfg.student_revision)
+    enc = parity.encoder(cfg, tok)
+    found = parity.check(cfg, enc, parity.eval_template(enc), cfg.evaluate.task_dir)
+    report = {"differences": [str(f) for f in found], "acknowledged": bool(found) and cfg.evaluate.allow_format_difference}
+    if not found or cfg.evaluate.allow_format_difference:
+        for f in found:
+            log.warning("format difference acknowledged (evaluate.allow_format_difference): %s", f)
+        return [], report
+    return [f"format parity: eval task {f} — lm-eval would score a format training never saw. Make the task's "
+            "prompt and target_delimiter match the template (template.chat_template_kwargs, "
+            "evaluate.system_instruction = template.system_prompt), or set evaluate.allow_format_difference: true"
+            for f in found], report
+
+
 def checks(cfg: PipelineConfig, store: ArtifactStore) -> tuple[list[str], dict]:
     problems = check_model(cfg.student, "student", cfg.preflight.allow_remote_code, cfg.student_revision)
     gen = cfg.generate
@@ -136,13 +161,17 @@ def checks(cfg: PipelineConfig, store: ArtifactStore) -> tuple[list[str], dict]:
     if not problems:
         problems += check_tokenizer(cfg.student, cfg.student_revision)
     problems += task_problems(cfg)
+    parity = {}
+    if not problems:
+        errors, parity = format_parity(cfg)
+        problems += errors
     problems += registry_problems(cfg, store)[0]
     problems += lineage_problems(cfg, store)
     problems += tracking.check(cfg)
     if gen.engine == "ray" and importlib.util.find_spec("ray") is None:
         problems.append("generate.engine=ray: ray is not installed here (pip install 'synthtune[ray]')")
     disk, free_gb = check_disk(store, cfg.preflight.min_free_gb)
-    return problems + disk, {"free_gb": free_gb}
+    return problems + disk, {"free_gb": free_gb, "format_parity": parity}
 
 
 def run(cfg: PipelineConfig, store: ArtifactStore, upstream: dict[str, ArtifactRef] | None = None,

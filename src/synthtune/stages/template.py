@@ -19,6 +19,7 @@ import logging
 import os
 from typing import TYPE_CHECKING
 
+from synthtune import parity
 from synthtune.chat import CHUNK, ChatEncoder, RowError, TemplateError, to_messages
 from synthtune.configs import TemplateConfig
 from synthtune.keys import key_payload, stage_key
@@ -199,8 +200,7 @@ def _template(cfg: PipelineConfig, staging: Staging, rows: list[dict]) -> None:
 
     tc = cfg.template
     tok = load_tokenizer(cfg.student, cfg.student_revision)
-    template_text = tc.chat_template.read_text() if tc.chat_template else None
-    enc = ChatEncoder(tok, template_text, tc.system_prompt)
+    enc = parity.encoder(cfg, tok)
     preference = bool(rows) and "chosen" in rows[0]
     out, quarantined, lengths = [], [], _Lengths()
     for row_id, encoded in encode_rows(enc, rows, preference):
