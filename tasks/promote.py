@@ -31,9 +31,19 @@ def report(store: ArtifactStore, ref: ArtifactRef) -> None:
                for item in items]
     create_table_artifact(flipped or [{"task": "-", "direction": "-", "item": "no item changed"}], key="eval-flips",
                           description="Items that flipped between base and tuned")
+    if sliced := ref.summary.get("slices"):  # sorted by delta, the worst first
+        create_table_artifact([{k: r[k] for k in ("task", "slice", "items", "reference", "tuned", "delta", "p", "p_holm")}
+                               for r in sliced], key="eval-slices",
+                              description="Per-slice scores vs the champion (base on the first night), paired test "
+                                          "with Holm correction across slices, worst first")
     verdict = ref.summary.get("outcome") or ("Promoted" if ref.summary["promoted"] else "NOT promoted")
     decided = "the gate's reasons when this verdict was reached:\n\n" if ref.reused else ""
+    forgot = ref.summary.get("forgetting")
+    forgetting = (f"\n\nGeneral-text loss (forgetting): base {forgot['base']:.4f}, champion "
+                  f"{forgot['champion'] if forgot['champion'] is None else round(forgot['champion'], 4)}, "
+                  f"tuned {forgot['tuned']:.4f} ({forgot['rise']:+.1%} over base)" if forgot and forgot.get("rise")
+                  is not None else "")
     create_markdown_artifact(
-        f"## {verdict}\n\n{decided}" + "\n".join(f"- {r}" for r in ref.summary["reasons"])
+        f"## {verdict}\n\n{decided}" + "\n".join(f"- {r}" for r in ref.summary["reasons"]) + forgetting
         + f"\n\n{png}\n\nVerdict: `{ref.uri}/verdict.json`",
         key="promotion-verdict", description="Promotion gate")

@@ -359,3 +359,40 @@ def chat_payload(cfg: PipelineConfig) -> dict | None:
         return None
     tp = key_payload(cfg.template)
     return {k: tp.get(k) for k in ("chat_template", "chat_template_kwargs", "date_string")}
+
+
+FORGETTING_YAML = """\
+# built by synthtune from evaluate.forgetting: the general-text sample, scored as plain text
+task: forgetting
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{{{text}}}}"
+metric_list:
+  - metric: word_perplexity
+  - metric: byte_perplexity
+  - metric: bits_per_byte
+metadata:
+  version: 1.0
+"""
+
+
+def paragraphs(sample: Path) -> list[str]:
+    """The paragraphs of a general-text sample: blank-line separated, '#' lines skipped."""
+    lines = [line for line in Path(sample).read_text(encoding="utf-8").splitlines() if not line.startswith("#")]
+    return [p.strip() for p in "\n".join(lines).split("\n\n") if p.strip()]
+
+
+def forgetting_task(sample: Path, into: Path) -> list[str]:
+    """Write the forgetting task (YAML + JSONL of the sample's paragraphs) into `into`; its paragraphs."""
+    texts = paragraphs(sample)
+    if not texts:
+        raise ValueError(f"evaluate.forgetting: {sample} holds no text")
+    into.mkdir(parents=True, exist_ok=True)
+    (into / "forgetting.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    (into / "forgetting.yaml").write_text(FORGETTING_YAML.format(data=into / "forgetting.jsonl"))
+    return texts

@@ -25,9 +25,16 @@ def field_flags(info) -> dict:
     return info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
 
 
+PACKAGED = "synthtune:"
+
+
 def _resolve_existing(kind: str):
     def check(path: Path, info: ValidationInfo) -> Path:
         base = base_dir(info)
+        if str(path).startswith(PACKAGED):  # a file shipped with synthtune (synthtune/data/)
+            from importlib import resources
+
+            path = Path(str(resources.files("synthtune.data").joinpath(str(path).removeprefix(PACKAGED))))
         path = Path(os.path.expanduser(str(path)))
         if not path.is_absolute():
             path = (base / path).resolve()

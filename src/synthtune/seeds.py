@@ -206,3 +206,16 @@ def read_seeds(source: str, prompt_field: str = "prompt", max_conflicts: int = 5
                         "answers would be paired with the wrong prompt; give each prompt its own id:\n  "
                         + "\n  ".join(conflicts[:max_conflicts]) + more)
     return out
+
+
+def field_values(source: str, name: str) -> dict[str, str]:
+    """Seed id -> the value of field `name` in that seed's row (rows without it are left out)."""
+    fs, _ = _fs(source)
+    out: dict[str, str] = {}
+    for f in list_files(source):
+        for _, row, problem in records(fs, f):
+            if not problem and row and name in row and row[name] is not None:
+                sid, _why = seed_id(row.get("id"))
+                if sid is not None:
+                    out.setdefault(sid, str(row[name]))
+    return out

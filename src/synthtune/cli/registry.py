@@ -97,7 +97,11 @@ def models(config: ConfigArg = None, overrides: Overrides = None,
         raise fail(str(e)) from None
     task, metric = cfg.promote.target_task, cfg.promote.metric
     table = Table(title=f"'{cfg.name}' models ({registry.uri('history.jsonl')})")
-    for col in ("when", "event", "candidate", "start", f"{task} {metric}", "champion", "base", "promoted", "why"):
+    # the gate's forgetting and per-slice figures, where a decision measured them
+    extra = [name for name, has in (("forgetting", any(e.get("forgetting") for e in history)),
+                                    ("worst slice", any(e.get("worst_slice") for e in history))) if has]
+    for col in ("when", "event", "candidate", "start", f"{task} {metric}", "champion", "base", *extra, "promoted",
+                "why"):
         table.add_column(col, overflow="fold")
     for e in history:
         if e.get("event") == "rollback":
@@ -110,10 +114,23 @@ def models(config: ConfigArg = None, overrides: Overrides = None,
         table.add_row(e.get("time", ""), e.get("event", ""), f"{e.get('train_key')}{mark}",
                       _start(registry.store, e.get("train_key")), _score(e.get("scores"), task, metric),
                       _score(e.get("champion_scores"), task, metric),
-                      _score(e.get("base_scores"), task, metric), "yes" if e.get("promoted") else "no", escape(why))
+                      _score(e.get("base_scores"), task, metric),
+                      *[{"forgetting": _forgetting, "worst slice": _worst_slice}[c](e) for c in extra],
+                      "yes" if e.get("promoted") else "no", escape(why))
     console.print(table)
     if not history:
         console.print("no decisions yet: run the pipeline (`synthtune run`)")
+
+
+def _forgetting(event: dict) -> str:
+    """The general-text loss's rise over base, as the gate saw it ('-' when not measured)."""
+    f = event.get("forgetting") or {}
+    return "-" if f.get("rise") is None else f"{f['rise']:+.1%} ({f['tuned']:.3f})"
+
+
+def _worst_slice(event: dict) -> str:
+    s = event.get("worst_slice")
+    return "-" if not s else escape(f"{s['task']}/{s['slice']} {s['delta']:+.3f} (p {s['p_holm']:.2g})")
 
 
 @app.command()

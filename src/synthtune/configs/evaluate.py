@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from synthtune.fields import InputDir, Section, field
+from synthtune.fields import InputDir, InputFile, Section, field
 
 IN_DOMAIN = "in_domain"
+FORGETTING = "forgetting"
 
 
 class EvaluateConfig(Section):
@@ -26,6 +27,13 @@ class EvaluateConfig(Section):
         False, "Accept that lm-eval renders an eval task's items differently from how training renders the same "
         "conversation (a reasoning block on purpose, say): the difference is reported instead of stopping the run.",
         affects_output=False)
+    slice_field: str | None = field(
+        None, "Slices for the per-slice gate: the in-domain task's rows by this seed field (default: by seed file), "
+        "and local tasks' items by this field where they carry it. Group subtasks are always slices.")
+    forgetting: InputFile | None = field(
+        None, f"A fixed general-text sample (paragraphs separated by blank lines; '#' lines skipped) scored as `{FORGETTING}`: "
+        "mean token loss of base, champion and candidate, so forgetting shows on every verdict "
+        "(promote.max_forgetting gates it). synthtune:general_text.txt is the sample synthtune ships.")
     batch_size: int = field(16, "lm-eval batch size.", ge=1)
     limit: int | None = field(None, "Evaluate only the first N items of each task (None: all).", ge=1)
     seed: int = field(1234, "Seed passed to lm-eval (python, numpy, torch and few-shot sampling).")

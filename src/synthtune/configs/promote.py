@@ -25,6 +25,9 @@ class PromoteConfig(Section):
     guard_tasks: list[str] = field([], "Tasks that must not get worse: each may drop by at most max_guard_drop "
                                    "against the champion (against base before the first promotion).")
     max_guard_drop: float = field(0.02, "Largest drop (reference minus tuned) allowed on any guard task.", ge=0)
+    max_forgetting: float | None = field(
+        0.1, "Largest relative rise of the general-text loss (evaluate.forgetting) over base: 0.1 rejects a candidate "
+        "whose loss is more than 10% above base's. None: report only.", ge=0)
     require_significance: bool = field(
         False, "Promote only when a paired McNemar test on the target task's items says the candidate's difference "
         "from the champion (from base before the first promotion) is significant.")

@@ -18,10 +18,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from synthtune import parity
-from synthtune.configs import IN_DOMAIN, EvaluateConfig
-from synthtune.eval_tasks import IN_DOMAIN_YAML, chat_payload, local_tasks, portable_task_dir, task_data
+from synthtune.configs import FORGETTING, IN_DOMAIN, EvaluateConfig
+from synthtune.eval_tasks import (
+    IN_DOMAIN_YAML,
+    chat_payload,
+    forgetting_task,
+    local_tasks,
+    portable_task_dir,
+    task_data,
+)
 from synthtune.keys import key_payload, stage_key
 from synthtune.models import fingerprint, load_tokenizer, resolve, revision_kw
+from synthtune.seeds import field_values
 from synthtune.store import ArtifactRef, ArtifactStore, Staging, produce
 from synthtune.versions import stage_libs
 
@@ -125,19 +133,36 @@ def scores(results: dict) -> dict[str, dict[str, float]]:
     return out
 
 
-def in_domain_task(heldout: Path, into: Path, delimiter: str = "") -> None:
+def in_domain_task(heldout: Path, into: Path, delimiter: str = "", slices: dict[str, str] | None = None) -> None:
     """Write the in-domain task (YAML + JSONL of held-out prompt/response pairs) into `into`. Each reply
     starts with `delimiter`, what the chat template puts between the prompt and a reply (lm-eval's
-    loglikelihood requests ignore target_delimiter): it is scored as it was trained."""
+    loglikelihood requests ignore target_delimiter): it is scored as it was trained. Each item's `slice`
+    is its seed's value in `slices` (seed id -> value), else its seed file."""
     import pandas as pd
 
     rows = pd.read_parquet(heldout)
     if rows.empty:
         raise ValueError("evaluate.in_domain found no held-out rows: raise filter.holdout_fraction")
     into.mkdir(parents=True, exist_ok=True)
-    rows = rows[["id", "prompt", "response"]].assign(response=delimiter + rows["response"])
+    files = rows["seed_file"] if "seed_file" in rows else pd.Series([None] * len(rows), index=rows.index)
+    label = [slices.get(str(i)) if slices is not None else f for i, f in zip(rows["id"], files, strict=True)]
+    rows = rows[["id", "prompt", "response"]].assign(response=delimiter + rows["response"], slice=label)
     rows.to_json(into / "in_domain.jsonl", orient="records", lines=True)
     (into / "in_domain.yaml").write_text(IN_DOMAIN_YAML.format(data=into / "in_domain.jsonl"))
+
+
+def token_loss(cfg: PipelineConfig, rows: list[dict]) -> float:
+    """Mean loss per token of the general-text sample: minus the rolling log-likelihoods summed over its
+    paragraphs, over their token count (the student's tokenizer, the same for base and adapters)."""
+    tok = load_tokenizer(cfg.student, cfg.student_revision)
+    total, tokens = 0.0, 0
+    for row in rows:
+        ll = row["filtered_resps"]
+        while isinstance(ll, (list, tuple)):
+            ll = ll[0]
+        total += float(ll)
+        tokens += len(tok(row["doc"]["text"], add_special_tokens=False)["input_ids"])
+    return round(-total / max(tokens, 1), 6)
 
 
 def in_domain_delimiter(cfg: PipelineConfig) -> str:
@@ -194,7 +219,11 @@ def _evaluate(cfg: PipelineConfig, staging: Staging, adapter: Path | None, heldo
     with tempfile.TemporaryDirectory(prefix=f"synthtune-tasks-{os.getpid()}-") as tmp:
         task_dir = portable_task_dir(cfg.evaluate.task_dir, Path(tmp) / "tasks") or Path(tmp) / "tasks"
         if heldout is not None:
-            in_domain_task(heldout, task_dir / "synthtune_in_domain", in_domain_delimiter(cfg))
+            field_ = cfg.evaluate.slice_field
+            in_domain_task(heldout, task_dir / "synthtune_in_domain", in_domain_delimiter(cfg),
+                           field_values(cfg.generate.seeds, field_) if field_ and cfg.generate.seeds else None)
+        if cfg.evaluate.forgetting is not None:
+            forgetting_task(cfg.evaluate.forgetting, task_dir / "synthtune_forgetting")
         # include_defaults=False skips indexing lm-eval's ~10k bundled YAMLs (~12 s) when all are local
         local = set(local_tasks(cfg.evaluate.task_dir))
         manager = TaskManager(include_path=str(task_dir) if task_dir.exists() else None,
@@ -202,6 +231,8 @@ def _evaluate(cfg: PipelineConfig, staging: Staging, adapter: Path | None, heldo
         args = lm_eval_args(cfg, adapter, task_dir)
         if heldout is not None:
             args["tasks"].append(IN_DOMAIN)
+        if cfg.evaluate.forgetting is not None:
+            args["tasks"].append(FORGETTING)
         bars, lm_eval.models.huggingface.tqdm = lm_eval.models.huggingface.tqdm, _Requests
         try:
             results = simple_evaluate(task_manager=manager, **args)
@@ -217,7 +248,10 @@ def _evaluate(cfg: PipelineConfig, staging: Staging, adapter: Path | None, heldo
     if adapter is not None:
         args["model_args"]["peft"] = f"train/{adapter_key}/adapter"
     (staging.path / "lm_eval_args.json").write_text(json.dumps(args, indent=2, default=str))
-    staging.metrics.update(scores=scores(results), model="tuned" if adapter else "base", adapter_key=adapter_key,
+    found = scores(results)
+    if FORGETTING in samples:
+        found.setdefault(FORGETTING, {})["loss"] = token_loss(cfg, samples[FORGETTING])
+    staging.metrics.update(scores=found, model="tuned" if adapter else "base", adapter_key=adapter_key,
                            student=cfg.student, lm_eval_version=results.get("lm_eval_version"),
                            task_versions=results.get("versions", {}))
 

@@ -7,6 +7,7 @@ The gate, on the same evaluation under identical flags:
   tolerance): a tie is no evidence, so it keeps the model in service ("no better than the champion");
 - no guard task may drop by more than `max_guard_drop` against the champion (against base on the
   first night, when there is no champion: the gate says so);
+- the general-text loss (evaluate.forgetting) may rise by at most `max_forgetting` over base's;
 - a paired McNemar test on per-item correctness of the target task (candidate vs champion, or vs
   base on the first night) reports whether the difference is significant; with
   `require_significance` the gate demands it.
@@ -27,12 +28,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from math import comb
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from synthtune import cards
-from synthtune.configs import PromoteConfig
+from synthtune import cards, slices
+from synthtune.configs import FORGETTING, PromoteConfig
 from synthtune.keys import key_payload, stage_key
 from synthtune.registry import Registry, adapter_path
 from synthtune.store import ArtifactRef, ArtifactStore, Staging, current_run_id, produce
@@ -81,15 +81,15 @@ def mcnemar(tuned_right: dict[int, bool], other_right: dict[int, bool]) -> tuple
     common = set(tuned_right) & set(other_right)
     b = sum(tuned_right[i] and not other_right[i] for i in common)
     c = sum(other_right[i] and not tuned_right[i] for i in common)
-    n = b + c
-    p = 1.0 if n == 0 else min(1.0, 2 * sum(comb(n, k) for k in range(min(b, c) + 1)) / 2**n)
-    return b, c, p
+    return b, c, slices.mcnemar(b, c)
 
 
 def decide(pc: PromoteConfig, base: dict, tuned: dict, champion: dict | None = None, champion_key: str | None = None,
-           paired: tuple[int, int, float] | None = None, in_service: str | None = None) -> tuple[bool, list[str]]:
+           paired: tuple[int, int, float] | None = None, in_service: str | None = None,
+           sliced: list[dict] | None = None) -> tuple[bool, list[str]]:
     """(promote?, one line per rule with the numbers). `paired` is the McNemar result vs the reference;
-    `in_service` names the champion when it is not re-scored because it is tonight's candidate."""
+    `in_service` names the champion when it is not re-scored because it is tonight's candidate; `sliced`
+    is the per-slice table (synthtune.slices) vs the reference."""
     lines, ok = [], True
     if champion is None:
         lines.append(f"{in_service} is already the champion: nothing else to compare with, the gate is vs base only"
@@ -119,6 +119,22 @@ def decide(pc: PromoteConfig, base: dict, tuned: dict, champion: dict | None = N
     ref_name, ref = (champ, champion) if champion is not None else ("base", base)
     for g in pc.guard_tasks:
         rule("guard", g, ref_name, ref, f"may drop at most {pc.max_guard_drop:.4f}", lambda d: -d <= pc.max_guard_drop)
+    if sliced:
+        worse = slices.regressions(sliced, pc.significance_level)
+        for r in worse:
+            lines.append(f"slice {r['task']}/{r['slice']}: tuned {r['tuned']:.4f} vs {ref_name} {r['reference']:.4f} "
+                         f"({r['delta']:+.4f}; {r['reference_only']} items right only for {ref_name}, "
+                         f"{r['tuned_only']} only for tuned; p = {r['p']:.3g}, {r['p_holm']:.3g} after Holm over "
+                         f"{len(sliced)} slices) FAILED: significant regression")
+        if not worse:
+            lines.append(f"slices: {len(sliced)} slices of {', '.join(sorted({r['task'] for r in sliced}))}, no "
+                         f"significant regression vs {ref_name} after Holm (smallest adjusted p = "
+                         f"{min(r['p_holm'] for r in sliced):.3g}) ok")
+        ok = ok and not worse
+    if (forgot := forgetting_line(pc, base, tuned, champion)) is not None:
+        line, passed = forgot
+        lines.append(line)
+        ok = ok and passed
     if paired is not None:
         b, c, p = paired
         significant = p < pc.significance_level
@@ -129,6 +145,33 @@ def decide(pc: PromoteConfig, base: dict, tuned: dict, champion: dict | None = N
             ok = ok and significant
         lines.append(line)
     return ok, lines
+
+
+def forgetting(base: dict, tuned: dict, champion: dict | None) -> dict | None:
+    """The general-text loss of base, champion and tuned, and tuned's rise over base (None: not measured)."""
+    b, t = base.get(FORGETTING, {}).get("loss"), tuned.get(FORGETTING, {}).get("loss")
+    if b is None or t is None:
+        return None
+    return {"base": b, "champion": (champion or {}).get(FORGETTING, {}).get("loss"), "tuned": t,
+            "rise": round((t - b) / b, 4) if b > 0 else None}
+
+
+def forgetting_line(pc: PromoteConfig, base: dict, tuned: dict, champion: dict | None) -> tuple[str, bool] | None:
+    """The general-text loss (evaluate.forgetting) of tuned against base, the champion's alongside: its
+    relative rise over base may be at most promote.max_forgetting. None when it was not measured."""
+    b, t = base.get(FORGETTING, {}).get("loss"), tuned.get(FORGETTING, {}).get("loss")
+    if b is None and t is None:
+        return None
+    if b is None or t is None or b <= 0:
+        return f"forgetting: general-text loss missing (base={b}, tuned={t}) FAILED", False
+    rise = (t - b) / b
+    c = (champion or {}).get(FORGETTING, {}).get("loss")
+    champ = f"; champion {c:.4f}" if c is not None else ""
+    if pc.max_forgetting is None:
+        return f"forgetting: general-text loss tuned {t:.4f} vs base {b:.4f} ({rise:+.1%}{champ}; not gated)", True
+    passed = rise <= pc.max_forgetting
+    return (f"forgetting: general-text loss tuned {t:.4f} vs base {b:.4f} ({rise:+.1%}{champ}; may rise at most "
+            f"{pc.max_forgetting:.1%}) {'ok' if passed else 'FAILED: forgot too much'}"), passed
 
 
 def correct(path: Path, metric: str) -> dict[int, tuple[bool, str]]:
@@ -215,9 +258,11 @@ def run(cfg: PipelineConfig, store: ArtifactStore, upstream: dict[str, ArtifactR
             paired = mcnemar({i: v for i, (v, _) in correct(tuned_dir / samples, pc.metric).items()},
                              {i: v for i, (v, _) in correct(ref_dir / samples, pc.metric).items()})
             flipped = flips(base_dir, tuned_dir, pc.metric)
+            sliced = slices.table([pc.target_task, *pc.guard_tasks], tuned_dir, ref_dir, pc.metric,
+                                  cfg.evaluate.slice_field)
         serving = registry.champion()
         in_service = serving["train_key"] if serving and serving["train_key"] == train.key else None
-        promoted, reasons = decide(pc, b, t, c, champion_key, paired, in_service)
+        promoted, reasons = decide(pc, b, t, c, champion_key, paired, in_service, sliced)
         rows = comparison(b, t, c)
         chart(rows, staging.path / "comparison.png", f"{cfg.name}: base vs champion vs tuned" if c else
               f"{cfg.name}: base vs tuned")
@@ -228,16 +273,19 @@ def run(cfg: PipelineConfig, store: ArtifactStore, upstream: dict[str, ArtifactR
                  "adapter": adapter_path(train.key), "data_keys": data_keys(store, train),
                  "config_sha256": config_sha256(cfg), "config": cfg.model_dump(mode="json") if promoted else None,
                  "scores": t, "base_scores": b, "champion_scores": c, "champion_train_key": champion_key,
-                 "promoted": promoted, "reasons": reasons, "p_value": paired[2]}
+                 "promoted": promoted, "reasons": reasons, "p_value": paired[2],
+                 "forgetting": forgetting(b, t, c), "worst_slice": sliced[0] if sliced else None}
         _, before, after = registry.decide(event)
         result = outcome(registry, train.key, promoted, before, after)
         verdict = {"promoted": promoted, "outcome": result, "reasons": reasons, "comparison": rows, "flips": flipped,
                    "adapter": adapter_path(train.key),
                    "train_key": train.key, "base_eval": base.key, "tuned_eval": tuned.key,
                    "champion_eval": champion_eval.key if champion_eval else None, "champion_train_key": champion_key,
-                   "mcnemar": {"tuned_only": paired[0], "reference_only": paired[1], "p_value": paired[2]}}
+                   "mcnemar": {"tuned_only": paired[0], "reference_only": paired[1], "p_value": paired[2]},
+                   "slices": sliced, "forgetting": forgetting(b, t, c)}
         (staging.path / "verdict.json").write_text(json.dumps(verdict, indent=2))
         _complete_card(store, train, cfg.name, rows, promoted, reasons)
+        staging.metrics.update(slices=sliced, forgetting=forgetting(b, t, c))
         staging.metrics.update(promoted=promoted, outcome=result, in_service=after and after["train_key"],
                                reasons=reasons, comparison=rows, champion_train_key=champion_key, p_value=paired[2],
                                train_key=train.key,
