@@ -42,16 +42,18 @@ def test_the_shipped_sample_is_general_text():
 @pytest.mark.integration
 def test_a_candidate_trained_to_forget_is_rejected_on_forgetting(tmp_path):
     """The base is the tiny teacher (it knows the demo facts); the sample is those facts as plain text. A
-    candidate trained hard on garbled answers (each answer's words shuffled) forgets them: its loss on the
+    candidate trained hard on noise for answers (strings of rare letters) forgets them: its loss on the
     sample rises far past base's, and the gate says so."""
     facts = demo_facts()
     sample = tmp_path / "what_base_knows.txt"
     sample.write_text("\n\n".join(" ".join(f["answer"] for f in facts[i:i + 4]) for i in range(0, len(facts), 4)))
     cfg = load_config(DEMO, [f"artifact_root={tmp_path / 'artifacts'}", "student=tiny:teacher",
-                             f"evaluate.forgetting={sample}", "train.learning_rate=0.01", "train.epochs=8",
+                             f"evaluate.forgetting={sample}", "train.learning_rate=0.02", "train.epochs=10",
                              "train.quantization=none"])
     rng = random.Random(0)
-    rows = [{"id": f["id"], "prompt": f["question"], "response": " ".join(rng.sample(w := f["answer"].split(), len(w)))}
+    noise = "qxzjvkwy"
+    rows = [{"id": f["id"], "prompt": f["question"],
+             "response": " ".join("".join(rng.choice(noise) for _ in range(rng.randint(3, 9))) for _ in range(12))}
             for f in facts]
     store = ArtifactStore(cfg.artifact_root)
     garbled = produce(store, "filter", "garbled", {}, {}, lambda st: pd.DataFrame(rows).to_parquet(st.path / "data.parquet"))

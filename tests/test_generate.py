@@ -141,9 +141,14 @@ def test_judge_rates_with_ultrafeedback_and_picks_pairs_with_provenance(demo_cfg
     with pytest.raises(Exception, match="judge_score"):  # every pair rated 5 < 5.5: nothing left, funnel named
         filter.run(strict, store, {"generate": ref})
 
-    sft = _small(demo_cfg, tmp_path, judge="tiny:judge")  # sft: each answer rated on its own
-    rows = pd.read_parquet(f"{generate.run(sft, store).uri}/data.parquet")
+    # sft: each answer rated on its own, after the judge rated its calibration set (tolerated here: kappa >= -1)
+    cal = _calibration(tmp_path / "labels.jsonl", [CALIBRATION[0], CALIBRATION[2], CALIBRATION[4], CALIBRATION[5]])
+    sft = _small(demo_cfg, tmp_path, judge="tiny:judge", judge_calibration=cal, judge_min_kappa=-1.0)
+    made = generate.run(sft, store)
+    rows = pd.read_parquet(f"{made.uri}/data.parquet")
     assert (rows["rating"] == 5).all() and (rows["judge"] == "tiny:judge").all() and "response" in rows
+    report = made.summary["judge_calibration"]  # in the manifest, for the funnel artifact
+    assert (report["items"], report["kappa"], report["reject_recall"], report["position"]["pairs"]) == (4, 0.0, 0.0, 0)
 
 
 def test_pair_picking_from_ratings():
@@ -195,3 +200,73 @@ def test_a_prompt_longer_than_the_teachers_context_is_never_sent_whole(demo_run,
         assert (rows["too_long"], rows["truncated"], rows["output"]) == (0, 1, 2)
         kept = data.set_index("id").loc["huge", "prompt"]
         assert kept.endswith(question) and len(kept) < 8 * limit  # the end, where the question is
+
+
+def _calibration(path, rows) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+CALIBRATION = [  # two prompts labelled with a good and a bad answer each, plus two more answers alone
+    {"prompt": "What is the capital of Vardon?", "response": "The capital of Vardon is Quellis.", "rating": 5},
+    {"prompt": "What is the capital of Vardon?", "response": "Bananas are yellow.", "rating": 1},
+    {"prompt": "What is the capital of Eskaria?", "response": "Purple.", "accept": False},
+    {"prompt": "What is the capital of Eskaria?", "response": "Eskaria's capital is Arvenport.", "accept": True},
+    {"prompt": "Who rules Tolvania?", "response": "I like trains.", "rating": 2},
+    {"prompt": "Which river crosses Quellis?", "response": "The Amber river crosses Quellis.", "rating": 4},
+]
+
+
+def test_judge_agreement_and_position_consistency():
+    import random
+
+    from synthtune import judging
+
+    rng = random.Random(7)
+    human = [rng.random() < 0.5 for _ in range(400)]
+    coin = judging.agreement(human, [rng.random() < 0.5 for _ in human])  # a judge that rates at random
+    assert abs(coin["kappa"]) < 0.15 and coin["kappa"] < 0.4
+    good = judging.agreement(human, [h if rng.random() < 0.95 else not h for h in human])
+    assert good["kappa"] > 0.8 and good["reject_precision"] > 0.9 and good["reject_recall"] > 0.9
+    assert judging.agreement([True, False], [None, False])["unrated"] == 1  # unrated: counted as disagreeing
+    # the same pair in swapped order: a fair judge prefers the same answer, a first-position judge flips
+    assert judging.consistency([[5, 1], [2, 4]], [[1, 5], [4, 2]])["share"] == 1.0
+    assert judging.consistency([[5, 1], [5, 1]], [[5, 1], [5, 1]])["share"] == 0.0
+    assert judging.consistency([[3, 3]], [[3, 3]])["share"] == 1.0 and judging.consistency([None], [[1, 2]])["share"] == 0
+
+
+def test_calibration_file_errors_name_the_line(tmp_path):
+    from synthtune import judging
+
+    bad = _calibration(tmp_path / "cal.jsonl", [CALIBRATION[0], {"prompt": "p", "response": "r"}])
+    with pytest.raises(judging.CalibrationError, match=r"cal.jsonl:2: needs a human 'rating'"):
+        judging.load(bad, 4)
+    same = _calibration(tmp_path / "same.jsonl", [CALIBRATION[0], CALIBRATION[3]])
+    with pytest.raises(judging.CalibrationError, match="every answer is accepted"):
+        judging.load(same, 4)
+    labels = judging.load(_calibration(tmp_path / "ok.jsonl", CALIBRATION), 4)
+    assert [lab.accept for lab in labels] == [True, False, False, True, False, True]
+    assert [(a.line, b.line) for a, b in judging.pairs(labels)] == [(1, 2), (3, 4)]
+
+
+@pytest.mark.integration
+def test_an_uncalibrated_judge_stops_the_run_before_any_teacher_call(demo_cfg, tmp_path):
+    """tiny:judge rates whatever it is shown first 5 and second 1: every labelled answer alone is
+    accepted (kappa 0: no better than chance), and each pair's preference flips with the order
+    (position consistency 0%). The run stops naming both figures; the teacher was never asked."""
+    from synthtune import judging
+    from synthtune.rowcache import RowCache
+    from synthtune.stages.generate import cache_url
+
+    cal = _calibration(tmp_path / "judge_labels.jsonl", CALIBRATION)
+    cfg = _small(demo_cfg, tmp_path, judge="tiny:judge", judge_calibration=cal)
+    store = ArtifactStore(cfg.artifact_root)
+    with pytest.raises(judging.CalibrationError) as failed:
+        generate.run(cfg, store)
+    message = str(failed.value)
+    assert "Cohen's kappa 0.000 < generate.judge_min_kappa 0.4" in message
+    assert "position consistency 0% (0 of 2 pairs rated alike in swapped order)" in message
+    assert "the teacher was not asked anything" in message
+    assert RowCache(f"{cache_url(store)}/answers").lookup({"any"}) == {} and not list(
+        (tmp_path / "artifacts" / "generate" / ".cache").glob("answers/**/*.parquet"))
+    assert list((tmp_path / "artifacts" / "generate" / ".cache").glob("ratings/**/*"))  # the judge's were kept

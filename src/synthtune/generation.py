@@ -391,6 +391,33 @@ def _ratings(gen: GenerateConfig, judge_id: str, items: list[dict], cache_url: s
     return {item["id"]: found.get(k["id"], {}) for item, k in zip(items, keyed, strict=True)}
 
 
+def calibrate(gen: GenerateConfig, judge_id: str, labels: list, cache_url: str, execute: Executor) -> dict:
+    """The judge rates the calibration set (synthtune.judging): each labelled answer alone, and the first
+    two answers of each prompt in both orders; its agreement with the labels and its position consistency.
+    Ratings go through the row cache under the judge's identity, like any other."""
+    from synthtune import judging
+
+    tally = Tally()
+    both = judging.pairs(labels)
+    singles = [{"id": f"label:{lab.line}", "instruction": lab.prompt, "generations": [lab.response]} for lab in labels]
+    forward = [{"id": f"ab:{a.line}:{b.line}", "instruction": a.prompt, "generations": [a.response, b.response]}
+               for a, b in both]
+    backward = [{"id": f"ba:{a.line}:{b.line}", "instruction": a.prompt, "generations": [b.response, a.response]}
+                for a, b in both]
+    rated = _ratings(gen, judge_id, singles + forward + backward, cache_url, execute, tally)
+
+    def first(item) -> float | None:
+        ratings = rated[item["id"]].get("ratings") or []
+        return ratings[0] if ratings and isinstance(ratings[0], int | float) else None
+
+    verdicts = [None if (r := first(i)) is None else r >= gen.judge_accept_rating for i in singles]
+    return {"file": str(gen.judge_calibration), "judge": gen.judge,
+            **judging.agreement([lab.accept for lab in labels], verdicts),
+            "position": judging.consistency([rated[i["id"]].get("ratings") for i in forward],
+                                            [rated[i["id"]].get("ratings") for i in backward]),
+            "requests": tally.requests, "reused": tally.ratings_reused}
+
+
 def _preference_pairs(gen: GenerateConfig, identities: dict[str, str], seeds: dict[str, dict],
                       candidates: dict[str, list[dict]], cache_url: str, execute: Executor, dropped: list[dict],
                       tally: Tally) -> list[dict]:

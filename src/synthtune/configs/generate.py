@@ -7,7 +7,7 @@ from typing import Any, Literal
 from pydantic import ValidationError, ValidationInfo, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from synthtune.fields import ModelRef, Section, SeedSource, base_dir, field, resolve_model
+from synthtune.fields import InputFile, ModelRef, Section, SeedSource, base_dir, field, resolve_model
 
 
 class GenerateConfig(Section):
@@ -36,6 +36,15 @@ class GenerateConfig(Section):
                                       le=32768)
     judge_aspect: Literal["overall-rating", "helpfulness", "honesty", "instruction-following", "truthfulness"] = field(
         "overall-rating", "UltraFeedback aspect the judge rates.")
+    judge_calibration: InputFile | None = field(
+        None, "Labelled answers ({prompt, response, rating 1-5 or accept}) the judge rates before any real row "
+        "(synthtune.judging): the run reports Cohen's kappa, the precision and recall of its rejections and its "
+        "position consistency, and stops before generation below the minimums.")
+    judge_accept_rating: float = field(4, "A rating (the judge's or a human's) at or above this accepts an answer.",
+                                       ge=1, le=5)
+    judge_min_kappa: float = field(0.4, "Least Cohen's kappa between the judge and the calibration labels.", ge=-1, le=1)
+    judge_min_position_consistency: float = field(
+        0.9, "Least share of calibration pairs the judge prefers the same way when shown in swapped order.", ge=0, le=1)
     magpie_rows: int = field(64, "Magpie mode: how many instruction/response rows to draw.", ge=1, le=1_000_000)
     magpie_pre_query_template: str | None = field(
         None, "Magpie mode: the text that opens a user turn in the teacher's chat template (`llama3`, `qwen2` or the "
@@ -124,6 +133,8 @@ class GenerateConfig(Section):
     def _mode_needs(self) -> GenerateConfig:
         if self.mode != "magpie" and self.seeds is None:
             raise ValueError(f"mode={self.mode} needs seeds (a JSONL, parquet or datasets folder of prompts)")
+        if self.judge_calibration and not self.judge:
+            raise ValueError("judge_calibration is set but there is no judge to calibrate")
         if self.mode == "preference" and not self.judge and not self.rejected_model:
             raise ValueError("mode=preference needs a judge, or a rejected_model whose answers are `rejected`")
         if self.mode == "preference" and self.judge and self.num_generations + bool(self.rejected_model) < 2:

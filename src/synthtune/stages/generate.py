@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pydantic import SecretStr
@@ -203,6 +204,8 @@ def _generate(cfg: PipelineConfig, store: ArtifactStore, staging: Staging, on_lo
     if gen.judge:
         identities["judge"] = identity(gen.judge, gen.teacher_kind, gen.base_url, gen.judge_revision)
     api_key = api_key or (env_api_key(gen) if gen.teacher_kind == "openai" else None)
+    if gen.judge and gen.judge_calibration:  # before the teacher is asked anything
+        staging.metrics["judge_calibration"] = check_judge(cfg, identities["judge"], store, api_key, on_log)
     rows, dropped, tally = assemble(gen, seeds.rows, identities, cache_url(store),
                                     executor(gen, cache_url(store), api_key, on_log))
     if why := too_many_failed(tally, tally.requests, gen.max_failed_share):
@@ -212,6 +215,35 @@ def _generate(cfg: PipelineConfig, store: ArtifactStore, staging: Staging, on_lo
         staging.extra["replica_requests"] = tally.replicas
     for kind in ("answers", "magpie", "ratings"):  # many nights of small shards -> one per kind
         RowCache(f"{cache_url(store)}/{kind}").compact()
+
+
+def check_judge(cfg: PipelineConfig, judge_id: str, store: ArtifactStore, api_key: SecretStr | None, on_log=None) -> dict:
+    """The judge's calibration report (synthtune.judging), or CalibrationError naming the figure below
+    its minimum: the run stops before generation."""
+    from synthtune import judging
+    from synthtune.generation import calibrate
+
+    gen = cfg.generate
+    labels = judging.load(gen.judge_calibration, gen.judge_accept_rating)
+    report = calibrate(gen, judge_id, labels, cache_url(store), executor(gen, cache_url(store), api_key, on_log))
+    position = report["position"]
+    failed = []
+    if report["kappa"] < gen.judge_min_kappa:
+        failed.append(f"Cohen's kappa {report['kappa']:.3f} < generate.judge_min_kappa {gen.judge_min_kappa} "
+                      f"(agreement {report['agreement']:.0%} on {report['items']} answers, {report['unrated']} unrated; "
+                      f"rejections: precision {report['reject_precision']}, recall {report['reject_recall']})")
+    if position["share"] is not None and position["share"] < gen.judge_min_position_consistency:
+        failed.append(f"position consistency {position['share']:.0%} ({position['consistent']} of {position['pairs']} "
+                      f"pairs rated alike in swapped order) < generate.judge_min_position_consistency "
+                      f"{gen.judge_min_position_consistency:.0%}")
+    share = "-" if position["share"] is None else f"{position['share']:.0%}"
+    summary = (f"judge {gen.judge} on {Path(gen.judge_calibration).name}: kappa {report['kappa']:.3f}, "
+               f"position consistency {share}")
+    if failed:
+        raise judging.CalibrationError(f"{summary}: the judge disagrees with its calibration labels; the teacher was "
+                                       "not asked anything:\n  - " + "\n  - ".join(failed))
+    log.info("%s: ok", summary)
+    return report
 
 
 def executor(gen: GenerateConfig, cache_url: str, api_key: SecretStr | None, on_log=None):
