@@ -127,3 +127,26 @@ def test_scores_keep_filters_apart():
     assert scores(results) == {"gsm8k": {"exact_match[strict-match]": 0.25, "exact_match[strict-match]_stderr": 0.01,
                                          "exact_match[flexible-extract]": 0.5},
                                "arc": {"acc": 0.7, "acc_stderr": 0.02}}
+
+
+def test_in_domain_items_carry_their_slice_and_the_templates_lead_in(tmp_path):
+    """Each held-out row's slice is its seed's `evaluate.slice_field` value (else its seed file), and its
+    reply starts with what the chat template puts before a reply (lm-eval ignores target_delimiter for
+    loglikelihood requests)."""
+    import pandas as pd
+
+    from synthtune.seeds import field_values
+    from synthtune.stages.evaluate import in_domain_task
+
+    heldout = tmp_path / "heldout.parquet"
+    pd.DataFrame([{"id": "a", "prompt": "p1", "response": "r1", "seed_file": "geo.jsonl"},
+                  {"id": "b", "prompt": "p2", "response": "r2", "seed_file": "kings.jsonl"}]).to_parquet(heldout)
+    in_domain_task(heldout, tmp_path / "by_file", " ")
+    rows = [json.loads(line) for line in (tmp_path / "by_file" / "in_domain.jsonl").read_text().splitlines()]
+    assert [(r["slice"], r["response"]) for r in rows] == [("geo.jsonl", " r1"), ("kings.jsonl", " r2")]
+    seeds = tmp_path / "seeds.jsonl"
+    seeds.write_text('{"id": "a", "prompt": "p1", "topic": "capitals"}\n{"id": "b", "prompt": "p2"}\n')
+    assert field_values(str(seeds), "topic") == {"a": "capitals"}
+    in_domain_task(heldout, tmp_path / "by_topic", "", field_values(str(seeds), "topic"))
+    rows = [json.loads(line) for line in (tmp_path / "by_topic" / "in_domain.jsonl").read_text().splitlines()]
+    assert [(r["slice"], r["response"]) for r in rows] == [("capitals", "r1"), (None, "r2")]

@@ -121,7 +121,7 @@ def test_preflight_names_the_task_and_allow_format_difference_reports_it(demo, t
     assert errors and errors[0].startswith("format parity: eval task demo_facts (item f00)")
     assert "evaluate.allow_format_difference" in errors[0] and len(report["differences"]) == 3
     errors, report = preflight.format_parity(_cfg(cfg, evaluate={"allow_format_difference": True}))
-    assert errors == [] and report["acknowledged"] and report["differences"]
+    assert errors == [] and report["acknowledged"] and report["differences"] and report["unchecked"] == []
 
 
 def test_the_demo_template_renders_training_and_evaluation_alike(demo, tiny_tokenizer):

@@ -138,7 +138,11 @@ def format_parity(cfg: PipelineConfig) -> tuple[list[str], dict]:
     tok = load_tokenizer(cfg.student, cfg.student_revision)
     enc = parity.encoder(cfg, tok)
     found = parity.check(cfg, enc, parity.eval_template(enc), cfg.evaluate.task_dir)
-    report = {"differences": [str(f) for f in found], "acknowledged": bool(found) and cfg.evaluate.allow_format_difference}
+    from synthtune.eval_tasks import local_tasks
+
+    report = {"differences": [str(f) for f in found], "acknowledged": bool(found) and cfg.evaluate.allow_format_difference,
+              # registry tasks are not on disk here: lm-eval renders them at evaluation time, unchecked
+              "unchecked": [t for t in cfg.evaluate.tasks if t not in local_tasks(cfg.evaluate.task_dir)]}
     if not found or cfg.evaluate.allow_format_difference:
         for f in found:
             log.warning("format difference acknowledged (evaluate.allow_format_difference): %s", f)
