@@ -77,6 +77,13 @@ def test_gemma_system_prompt_is_folded_for_evaluation_and_serving_as_for_trainin
     text = tok.apply_chat_template([{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Hi?"}],
                                    chat_template=served, tokenize=False, add_generation_prompt=True)
     assert f"<start_of_turn>user\n{SYSTEM}\n\nHi?<end_of_turn>" in text
+    # the adapter's saved template (what a server loads) is checked against training the same way
+    saved = make_tokenizer(SPEC["trl-gemma.jinja"], adds_bos=False)
+    saved.chat_template = served
+    assert parity.serving_check(both, saved, tok)["same_as_training"]
+    raw = make_tokenizer(SPEC["trl-gemma.jinja"], adds_bos=False)  # as published: refuses the system role
+    check = parity.serving_check(both, raw, raw)
+    assert not check["same_as_training"] and "a server would prompt the model" in check["problems"][0]
     # lm-eval's own fallback (the tokenizer's template, which refuses the role) drops the prompt: caught
     enc = parity.encoder(both, tok)
     found = parity.check(both, enc, enc.template, both.evaluate.task_dir, limit=1)

@@ -97,6 +97,27 @@ def chat_template_args(cfg: PipelineConfig, tokenizer) -> dict[str, str]:
     return {} if text == tokenizer.chat_template else {"chat_template": text}
 
 
+def serving_check(cfg: PipelineConfig, saved, tokenizer) -> dict:
+    """The template saved with the adapter (`saved`, the tokenizer a server loads) renders a probe
+    conversation, the system prompt included, exactly as the template stage trained it."""
+    from synthtune.chat import RowError, TemplateError
+
+    user, reply = PROBE
+    conversation = [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
+    system = [{"role": "system", "content": cfg.template.system_prompt}] if cfg.template.system_prompt else []
+    trained = encoder(cfg, tokenizer).layout(conversation, "probe").text
+    try:
+        served = saved.apply_chat_template(system + conversation, tokenize=False)
+    except (RowError, TemplateError, ValueError, Exception) as e:  # jinja's raise_exception included
+        served = f"<refused: {e}>"
+    if served == trained:
+        return {"same_as_training": True, "problems": []}
+    at = next((i for i, (x, y) in enumerate(zip(trained, served, strict=False)) if x != y), min(len(trained), len(served)))
+    return {"same_as_training": False, "problems": [
+        f"the chat template saved with the adapter renders {served[max(0, at - 24):at + 24]!r} where training had "
+        f"{trained[max(0, at - 24):at + 24]!r}: a server would prompt the model in a format it was not trained on"]}
+
+
 @dataclass
 class Finding:
     task: str

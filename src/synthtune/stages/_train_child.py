@@ -149,7 +149,7 @@ def _serving_checks(run: Finished, adapter: Path) -> dict:
     eos = model.generation_config.eos_token_id
     stops = serving.check_stops(saved, eos if isinstance(eos, list) else [eos] if eos is not None else [])
     return {"adapter": serving.inspect_adapter(adapter, len(base_tok), len(saved)), "stops": stops,
-            "merge_parity": None}
+            "template": parity.serving_check(cfg, saved, base_tok), "merge_parity": None}
 
 
 def merge(spec_path: str) -> int:

@@ -562,7 +562,8 @@ def _train(cfg: PipelineConfig, store: ArtifactStore, staging: Staging, data_dir
 
     (staging.path / "adapter" / "README.md").write_text(
         cards.train_card(cfg, k, data_keys, metrics, to_yaml(cfg), chain))
-    for problem in [p for part in ("adapter", "stops") for p in metrics["serving"][part]["problems"]]:
+    for problem in [p for part in ("adapter", "stops", "template") for p in metrics["serving"].get(part, {}).get(
+            "problems", [])]:
         log.warning("serving: %s", problem)
     (staging.path / "loss_history.json").write_text(json.dumps(history, indent=2))
     (staging.path / "metrics.json").write_text(json.dumps(metrics, indent=2))
