@@ -17,3 +17,18 @@ GpuDeployment = Annotated[str, Field(
                 "on a GPU pool). Empty: every stage runs here.")]
 GpuSlot = Annotated[str, Field(
     description="Concurrency slot held around the GPU stages. Empty: $SYNTHTUNE_GPU_SLOT, else gpu:<host>.")]
+
+
+def run_name(suffix: str = "") -> str:
+    """A flow run's name: `{pipeline}-{date}` (UTC), so a night's run is findable by name in the UI."""
+    import datetime as dt
+
+    from prefect.runtime import flow_run
+
+    config = flow_run.parameters.get("config")
+    name = getattr(config, "name", None) or (config.get("name") if isinstance(config, dict) else None) or "synthtune"
+    return f"{name}{suffix}-{dt.datetime.now(dt.UTC):%Y-%m-%d}"
+
+
+def gpu_run_name() -> str:
+    return run_name("-gpu")

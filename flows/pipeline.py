@@ -17,7 +17,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import deployment, flow_run
 from prefect.states import Completed
 
-from flows.parameters import FailStage, GpuDeployment, GpuSlot, Refresh
+from flows.parameters import FailStage, GpuDeployment, GpuSlot, Refresh, gpu_run_name, run_name
 from flows.split import hand_back, run_elsewhere
 from flows.tracking import tracked
 from flows.watchdog import follow_the_worker, give_back_gpu
@@ -62,7 +62,8 @@ def this_attempts_fault(fail_stage: str) -> str:
     return fail_stage if (flow_run.get_run_count() or 1) <= 1 else "none"
 
 
-@flow(name="synthtune", log_prints=False, on_crashed=[give_back_gpu], on_cancellation=[give_back_gpu])
+@flow(name="synthtune", flow_run_name=run_name, log_prints=False, on_crashed=[give_back_gpu],
+      on_cancellation=[give_back_gpu])
 def pipeline(config: PipelineConfig, gpu_deployment: GpuDeployment = "", gpu_slot: GpuSlot = "",
              fail_stage: FailStage = "none", refresh: Refresh = []) -> dict[str, ArtifactRef]:  # noqa: B006
     """preflight -> generate -> filter -> template -> train -> evaluate (base, tuned, champion) -> promote.
@@ -91,7 +92,8 @@ def pipeline(config: PipelineConfig, gpu_deployment: GpuDeployment = "", gpu_slo
     return refs
 
 
-@flow(name="synthtune-gpu", log_prints=False, on_crashed=[give_back_gpu], on_cancellation=[give_back_gpu])
+@flow(name="synthtune-gpu", flow_run_name=gpu_run_name, log_prints=False, on_crashed=[give_back_gpu],
+      on_cancellation=[give_back_gpu])
 def gpu_stages(config: PipelineConfig, upstream: dict[str, ArtifactRef], gpu_slot: GpuSlot = "",
                fail_stage: FailStage = "none", refresh: Refresh = []) -> dict[str, ArtifactRef]:  # noqa: B006
     """train and evaluate (base, tuned, champion) on a GPU worker, for a `pipeline` run in split mode;

@@ -43,6 +43,10 @@ def test_rerun_is_cached_and_one_field_reruns_only_downstream(prefect_server, de
     with get_client(sync_client=True) as client:  # ... and the run still shows every report
         cached_run_artifacts = client.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[second_id])))
+        import datetime as dt
+
+        named = client.read_flow_run(second_id).name  # findable by name: `{pipeline}-{date}`, not random words
+        assert named == f"demo-{dt.datetime.now(dt.UTC):%Y-%m-%d}", named
     assert {"data-funnel", "length-report", "loss-curve", "eval-comparison", "promotion-verdict"} <= {
         a.key for a in cached_run_artifacts}
     assert {k: v.key for k, v in again.items()} == {k: v.key for k, v in refs.items()}

@@ -95,6 +95,25 @@ def test_the_demo_adapter_is_checked_and_its_card_completed_by_promote(demo_run)
     assert f"synthtune:template/{refs['template'].key}" in meta["datasets"]
     assert yaml.safe_load(sections["Reproduce"].split("```yaml\n")[1].split("```")[0])["train"]["epochs"] == 60
     assert store.problems("train", refs["train"].key) == []  # the annotated card is in the manifest
+    assert s["template"] == {"same_as_training": True, "problems": []}  # the saved template renders as trained
+
+
+@pytest.mark.integration
+def test_chat_answers_with_the_champion_adapter(demo_run):
+    """`synthtune chat`: base + the champion's adapter, prompted with the template saved with it."""
+    from typer.testing import CliRunner
+
+    from synthtune.cli import app
+    from tests.conftest import DEMO
+
+    cfg, _ = demo_run
+    args = ["chat", str(DEMO), f"artifact_root={cfg.artifact_root}"]
+    once = CliRunner().invoke(app, [*args, "--prompt", "What is the capital of Vardon?"])
+    assert once.exit_code == 0 and "The capital of Vardon is Quellis." in once.output, once.output
+    loop = CliRunner().invoke(app, args, input="What is the capital of Eskaria?\n\n")  # interactive: until an empty line
+    assert loop.exit_code == 0 and "The capital of Eskaria is Arvenport." in loop.output, loop.output
+    missing = CliRunner().invoke(app, [*args, "--adapter", "nope", "--prompt", "hi"])
+    assert missing.exit_code == 1 and "chat: adapter nope: no finished train output" in missing.output
 
 
 @pytest.mark.integration

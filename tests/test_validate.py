@@ -64,6 +64,33 @@ def test_a_malformed_eval_data_file_names_its_line(configs):
     assert f"evaluate task 'demo_facts': {data}:33: not JSON" in one_line(result.output)
 
 
+def test_an_eval_label_out_of_range_for_its_choices_names_the_line(configs):
+    import json
+
+    data = configs / "eval_tasks" / "demo_facts.jsonl"
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    rows[4]["label"] = 4  # four choices: 0..3
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = validate(str(configs / "demo.yaml"))
+    assert result.exit_code == 2
+    assert f"{data}:5: label 4 is out of range for its 4 choices (0..3)" in one_line(result.output)
+
+
+def test_a_wrong_base_url_fails_validate_within_seconds_naming_the_field(configs):
+    import socket
+    import time
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    started = time.monotonic()
+    result = validate(str(configs / "demo.yaml"), "generate.teacher_kind=openai",
+                      f"generate.base_url=http://127.0.0.1:{port}/v1", "generate.teacher=some/model")
+    assert time.monotonic() - started < 10
+    assert result.exit_code == 2
+    assert f"generate.base_url: http://127.0.0.1:{port}/v1 is not answering" in one_line(result.output)
+
+
 def test_two_task_yamls_defining_one_task_are_refused(configs):
     shutil.copy(configs / "eval_tasks" / "demo_facts.yaml", configs / "eval_tasks" / "copy.yaml")
     result = validate(str(configs / "demo.yaml"))
@@ -160,3 +187,67 @@ def test_a_registry_task_missing_offline_is_a_warning_naming_its_dataset(configs
                       "promote.target_task=hellaswag", "promote.metric=exact_match", env={"HF_DATASETS_OFFLINE": "1"})
     assert result.exit_code == 2
     assert "task 'hellaswag' reports ['acc', 'acc_norm']" in one_line(result.output)
+
+
+def test_the_endpoint_check_names_a_model_it_does_not_serve_and_a_refused_key(configs, monkeypatch):
+    """What vLLM answers on /models (the served model, 401 without the key), from a small HTTP server."""
+    import http.server
+    import json
+    import threading
+
+    class Models(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            ok = self.headers.get("Authorization") == "Bearer right-key"
+            body = json.dumps({"data": [{"id": "org/served-model"}]} if ok else {"error": "bad key"}).encode()
+            self.send_response(200 if ok else 401)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Models)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+        args = [str(configs / "demo.yaml"), "generate.teacher_kind=openai", f"generate.base_url={url}",
+                "generate.teacher=org/other-model", "generate.api_key_env=SYNTHTUNE_TEST_KEY"]
+        monkeypatch.setenv("SYNTHTUNE_TEST_KEY", "wrong-key")
+        out = one_line(validate(*args).output)
+        assert f"generate.base_url: {url} refused the API key (HTTP 401" in out and "$SYNTHTUNE_TEST_KEY" in out
+        monkeypatch.setenv("SYNTHTUNE_TEST_KEY", "right-key")
+        result = validate(*args)
+        assert result.exit_code == 2
+        assert (f"generate.teacher: 'org/other-model' is not served at generate.base_url {url} (it serves: "
+                "org/served-model)") in one_line(result.output)
+        assert validate(*args[:-2], "generate.teacher=org/served-model", args[-1]).exit_code == 0
+    finally:
+        server.shutdown()
+
+
+def test_fields_lists_every_field_with_type_default_and_description(monkeypatch):
+    from synthtune.cli.common import console
+
+    monkeypatch.setattr(console, "width", 400)  # one line per field
+    result = CliRunner().invoke(app, ["fields", "train"])
+    assert result.exit_code == 0, result.output
+    lines = {line.split("│")[1].strip(): line for line in result.output.splitlines() if line.startswith("│")}
+    assert {"train.beta", "train.mode", "train.lora.r"} <= set(lines)
+    assert "'sft' | 'dpo'" in lines["train.mode"] and "`sft` on conversations" in lines["train.mode"]
+    assert "│ int " in lines["train.lora.r"] and "LoRA rank." in lines["train.lora.r"]
+    assert not any(name.startswith("generate.") for name in lines)
+    everything = CliRunner().invoke(app, ["fields"])
+    assert "generate.judge_calibration" in everything.output and "promote.max_forgetting" in everything.output
+    unknown = CliRunner().invoke(app, ["fields", "trian"])
+    assert unknown.exit_code == 2 and "no field under 'trian'" in one_line(unknown.output)
+
+
+def test_tiny_teacher_on_seeds_it_does_not_know_is_a_warning(configs):
+    seeds = configs / "data" / "seeds" / "demo.jsonl"
+    seeds.write_text(seeds.read_text() + '{"id": "mine", "prompt": "How do I reset my router?"}\n')
+    result = validate(str(configs / "demo.yaml"))
+    assert result.exit_code == 0, result.output  # a warning, not an error
+    assert ("tiny:teacher, which knows only the demo's 32 facts, but 1 of 36 seed prompts are not among them "
+            "(first: 'How do I reset my router?')") in one_line(result.output)
+    assert "knows only" not in one_line(validate(str(ROOT / "configs" / "demo.yaml")).output)

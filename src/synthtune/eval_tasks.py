@@ -185,6 +185,7 @@ def check_data(name: str, path: Path, cfg: dict) -> list[str]:
             continue
         if "process_docs" in cfg:
             continue
+        problems += [f"evaluate task '{name}' ({path}): {p}" for p in label_problems(cfg, rows, file)]
         for key, used in fields.items():
             lacking = [(i, sorted(used - set(row))) for i, row in enumerate(rows, 1) if used - set(row)]
             if lacking:
@@ -194,6 +195,38 @@ def check_data(name: str, path: Path, cfg: dict) -> list[str]:
                                 + ", ".join("{{" + m + "}}" for m in missing)
                                 + f", which {file}:{line} lacks{more}")
     return problems
+
+
+def _field_ref(value) -> str | None:
+    """The row field a `doc_to_*` setting names as such: `label` or `{{label}}`, else None."""
+    import re
+
+    if not isinstance(value, str):
+        return None
+    m = re.fullmatch(r"\s*(?:\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}|([A-Za-z_][A-Za-z0-9_]*))\s*", value)
+    return (m.group(1) or m.group(2)) if m else None
+
+
+def label_problems(cfg: dict, rows: list[dict], file: Path, most: int = 3) -> list[str]:
+    """Multiple choice: a row whose target index is not one of its choices (lm-eval would fail or
+    score it wrong after training), named by file:line."""
+    if cfg.get("output_type") != "multiple_choice":
+        return []
+    target, choice = _field_ref(cfg.get("doc_to_target")), cfg.get("doc_to_choice")
+    fixed = choice if isinstance(choice, list) else None
+    choice_field = None if fixed is not None else _field_ref(choice)
+    if target is None or (fixed is None and choice_field is None):
+        return []
+    out = []
+    for line, row in enumerate(rows, 1):
+        label = row.get(target)
+        choices = fixed if fixed is not None else row.get(choice_field)
+        if isinstance(label, bool) or not isinstance(label, int) or not isinstance(choices, list):
+            continue
+        if not 0 <= label < len(choices):
+            out.append(f"{file}:{line}: {target} {label} is out of range for its {len(choices)} choices "
+                       f"(0..{len(choices) - 1})")
+    return out[:most] + ([f"... and {len(out) - most} more rows"] if len(out) > most else [])
 
 
 def hub_dataset_cached(dataset: str) -> bool:

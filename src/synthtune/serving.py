@@ -144,3 +144,26 @@ def parity(tokenizer, prompts: list[list[int]], adapter_out: list[list[int]], me
                 f"differ from generated token {at}: adapter {tokenizer.decode(a)!r}, merged {tokenizer.decode(m)!r}. "
                 "The merged export would not serve what was evaluated (merge dtype?): use the adapter")
     return {"prompts": len(prompts), "identical": len(prompts), "new_tokens": sum(len(a) for a in adapter_out)}
+
+
+def answer(student: str, revision: str | None, adapter: Path, prompts, max_new_tokens: int = 128,
+           system: str | None = None):
+    """Greedy replies of base + `adapter`, each prompt rendered with the chat template saved next to the
+    adapter (the one it was trained and evaluated with) and stopped at its end-of-turn token. Yields
+    (prompt, reply) one at a time, so an interactive loop can print as it goes."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from synthtune.models import resolve, revision_kw
+
+    tokenizer = AutoTokenizer.from_pretrained(adapter)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(resolve(student), **revision_kw(revision)),
+                                      adapter).eval()
+    eot, _ = end_of_turn(tokenizer)
+    stops = sorted({i for i in (eot, tokenizer.eos_token_id) if i is not None})
+    for prompt in prompts:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                            return_tensors="pt")
+        [reply] = greedy(model, [ids["input_ids"][0].tolist()], stops, max_new_tokens)
+        yield prompt, tokenizer.decode([t for t in reply if t not in stops], skip_special_tokens=True).strip()

@@ -50,3 +50,37 @@ def rating_key(gen: GenerateConfig, judge: str, instruction: str, generations: l
 def env_api_key(gen: GenerateConfig) -> SecretStr | None:
     value = os.environ.get(gen.api_key_env)
     return SecretStr(value) if value else None
+
+
+def endpoint_problems(gen: GenerateConfig, api_key: SecretStr | None = None, timeout: float = 5.0) -> list[str]:
+    """One `GET {base_url}/models`, no retries: an endpoint that is down, refuses the key or does not
+    serve the teacher (or judge) is an error within seconds, naming the field, before any run starts
+    (generation itself retries for minutes). Nothing for a local teacher."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    if gen.teacher_kind != "openai" or not gen.base_url:
+        return []
+    base = gen.base_url.rstrip("/")
+    api_key = api_key or env_api_key(gen)
+    headers = {"Authorization": f"Bearer {api_key.get_secret_value()}"} if api_key else {}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(f"{base}/models", headers=headers), timeout=timeout) as r:
+            listed = json.loads(r.read() or b"{}").get("data") or []
+    except urllib.error.HTTPError as e:
+        if e.code in (401, 403):
+            if api_key is None and gen.api_key_secret:  # the Secret block is read by the Prefect task only
+                return []
+            return [f"generate.base_url: {base} refused the API key (HTTP {e.code} {e.reason}): set "
+                    f"${gen.api_key_env}" + (" (or generate.api_key_secret)" if not gen.api_key_secret else "")]
+        return [f"generate.base_url: {base}/models answered HTTP {e.code} {e.reason}: is this an OpenAI-compatible "
+                "endpoint (the URL usually ends in /v1)?"]
+    except (urllib.error.URLError, TimeoutError, OSError, ValueError) as e:
+        why = getattr(e, "reason", None) or e
+        return [f"generate.base_url: {base} is not answering ({type(e).__name__}: {why}); is the server up and the URL "
+                "right (it usually ends in /v1)?"]
+    served = [m.get("id") for m in listed if isinstance(m, dict) and m.get("id")]
+    return [f"generate.{role}: '{model}' is not served at generate.base_url {base} (it serves: "
+            f"{', '.join(served[:5])}{' ...' if len(served) > 5 else ''})"
+            for role, model in (("teacher", gen.teacher), ("judge", gen.judge)) if model and served and model not in served]

@@ -245,3 +245,19 @@ def resolve_model(spec: str) -> str:
     if spec.startswith("tiny:"):
         return str(ensure(spec.removeprefix("tiny:")))
     return spec
+
+
+def teacher_warning(teacher: str, prompts: list[str]) -> str | None:
+    """tiny:teacher knows the demo's 32 facts and nothing else: a warning when seeds ask it other things."""
+    if teacher != "tiny:teacher" or not prompts:
+        return None
+    def norm(text: str) -> str:
+        return " ".join(text.lower().split())
+
+    known = {norm(f["question"]) for f in demo_facts()}
+    unknown = [p for p in prompts if norm(p) not in known]
+    if not unknown:
+        return None
+    return (f"generate.teacher is tiny:teacher, which knows only the demo's {len(known)} facts, but {len(unknown)} of "
+            f"{len(prompts)} seed prompts are not among them (first: {unknown[0][:60]!r}): its answers will be noise. "
+            "Point generate.teacher at a real model (or an endpoint) for your own data.")

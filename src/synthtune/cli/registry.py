@@ -274,3 +274,51 @@ def same_name_warning(config: Path | None, overrides: list[str] | None, cfg) -> 
     return (f"pipeline '{cfg.name}' on {cfg.artifact_root} last ran from {before}; this run is from {path}. Two configs "
             f"with one name share one registry and one champion: rename one (`name:`) unless they are the same "
             "pipeline moved")
+
+
+@app.command()
+def chat(config: ConfigArg = None, overrides: Overrides = None,
+         adapter: Annotated[str, typer.Option(help="`champion` (the adapter in service) or a train key.")] = "champion",
+         prompt: Annotated[list[str] | None, typer.Option(
+             help="Answer this and exit (repeatable). Without it: one question per line until an empty line or EOF.")]
+         = None,
+         max_new_tokens: Annotated[int, typer.Option(help="Most tokens per reply.")] = 128) -> None:
+    """A first look at the result: base + adapter, prompted with the chat template saved with the adapter
+    (the one it was trained and evaluated with) and template.system_prompt, greedy."""
+    import sys
+
+    from synthtune import serving
+    from synthtune.registry import RegistryError
+
+    cfg, registry = _registry(config, overrides)
+    if adapter == "champion":
+        try:
+            record = registry.champion()
+        except RegistryError as e:
+            raise fail(str(e)) from None
+        if record is None:
+            raise fail(f"no champion yet in {registry.uri('champion.json')}: run the pipeline, or pass --adapter KEY", 1)
+        key = record["train_key"]
+    else:
+        key = adapter
+    ref = registry.store.ref("train", key)
+    if ref is None or (bad := registry.store.problems("train", key)):
+        why = "; ".join(bad[:3]) if ref is not None else "no finished train output with that key"
+        raise fail(f"chat: adapter {key}: {why}", 1)
+    interactive = not prompt
+    if interactive:
+        err.print(f"[dim]{cfg.name}: {cfg.student} + adapter {key}. One question per line; an empty line ends.[/dim]",
+                  highlight=False)
+
+    def questions():
+        yield from prompt or []
+        while interactive:
+            line = sys.stdin.readline()
+            if not line.strip():
+                return
+            yield line.strip()
+
+    with registry.store.local_copy(ref) as folder:
+        for question, reply in serving.answer(cfg.student, cfg.student_revision, folder / "adapter", questions(),
+                                              max_new_tokens, cfg.template.system_prompt):
+            console.print(f"[bold]> {escape(question)}[/bold]\n{escape(reply)}", highlight=False)

@@ -29,6 +29,8 @@ def validate(config: ConfigArg = None, overrides: Overrides = None) -> None:
     from synthtune.stages.generate import load_seeds
     from synthtune.stages.preflight import registry_problems, task_problems
     from synthtune.store import ArtifactStore
+    from synthtune.teacher import endpoint_problems
+    from synthtune.tiny import teacher_warning
 
     path = config_path(config, overrides)[0]
     cfg = load(config, overrides)
@@ -47,6 +49,9 @@ def validate(config: ConfigArg = None, overrides: Overrides = None) -> None:
                          f"{seeds.duplicates} exact duplicates dropped")
             if not seeds.rows:
                 problems.append(f"generate.seeds: no usable seed rows in {cfg.generate.seeds}{first}")
+            if warning := teacher_warning(cfg.generate.teacher, [r["instruction"] for r in seeds.rows]):
+                registry_warnings.append(warning)
+    problems += endpoint_problems(cfg.generate)  # one call to /models: seconds, not minutes of retries
     for warning in [*offline_warnings(cfg.evaluate.tasks, cfg.evaluate.task_dir), *registry_warnings]:
         err.print(f"[yellow]warning:[/yellow] {escape(warning)}", highlight=False)
     if problems:

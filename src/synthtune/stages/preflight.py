@@ -20,6 +20,7 @@ from synthtune.eval_tasks import chat_payload, check_tasks, task_data
 from synthtune.keys import key_payload, stage_key
 from synthtune.models import fingerprint, identity, resolve, revision_kw
 from synthtune.store import ArtifactRef, ArtifactStore, Staging, produce
+from synthtune.teacher import endpoint_problems
 
 if TYPE_CHECKING:
     from synthtune.configs import PipelineConfig
@@ -156,7 +157,8 @@ def format_parity(cfg: PipelineConfig) -> tuple[list[str], dict]:
 def checks(cfg: PipelineConfig, store: ArtifactStore) -> tuple[list[str], dict]:
     problems = check_model(cfg.student, "student", cfg.preflight.allow_remote_code, cfg.student_revision)
     gen = cfg.generate
-    if gen.teacher_kind == "transformers":  # local models must load; endpoints are checked by generate
+    problems += endpoint_problems(gen)  # an HTTP teacher or judge: up, the key accepted, the model served
+    if gen.teacher_kind == "transformers":  # local models must load
         problems += check_model(gen.teacher, "teacher", cfg.preflight.allow_remote_code, gen.teacher_revision)
         if gen.judge:
             problems += check_model(gen.judge, "judge", cfg.preflight.allow_remote_code, gen.judge_revision)
@@ -175,7 +177,19 @@ def checks(cfg: PipelineConfig, store: ArtifactStore) -> tuple[list[str], dict]:
     if gen.engine == "ray" and importlib.util.find_spec("ray") is None:
         problems.append("generate.engine=ray: ray is not installed here (pip install 'synthtune[ray]')")
     disk, free_gb = check_disk(store, cfg.preflight.min_free_gb)
-    return problems + disk, {"free_gb": free_gb, "format_parity": parity}
+    warnings = []
+    if gen.teacher == "tiny:teacher" and gen.seeds and gen.mode != "magpie":
+        from synthtune.seeds import read_seeds
+        from synthtune.tiny import teacher_warning
+
+        try:
+            warnings = [w for w in [teacher_warning(gen.teacher, [r["instruction"] for r in
+                                                                  read_seeds(gen.seeds, gen.prompt_field).rows])] if w]
+        except Exception:  # unreadable seeds are generate's to report
+            warnings = []
+    for w in warnings:
+        log.warning(w)
+    return problems + disk, {"free_gb": free_gb, "format_parity": parity, "warnings": warnings}
 
 
 def run(cfg: PipelineConfig, store: ArtifactStore, upstream: dict[str, ArtifactRef] | None = None,
