@@ -24,11 +24,12 @@ def report(store: ArtifactStore, ref: ArtifactRef) -> None:
     """The comparison table, the flipped items and the verdict with its chart."""
     png = inline_png(store, ref, "comparison.png", "base vs tuned")
     with store.local_copy(ref) as folder:
-        flips = json.loads((folder / "verdict.json").read_text())["flips"]
+        saved = json.loads((folder / "verdict.json").read_text())
     create_table_artifact(ref.summary["comparison"], key="eval-comparison",
                           description="Base vs champion vs tuned (lm-eval, identical flags)")
-    flipped = [{"task": task, "direction": d, "item": item} for task, f in flips.items() for d, items in f.items()
-               for item in items]
+    flipped = saved.get("flipped_items") or [  # a verdict from before answers were kept: the items alone
+        {"task": task, "direction": d, "item": item} for task, f in saved["flips"].items() for d, items in f.items()
+        for item in items]
     create_table_artifact(flipped or [{"task": "-", "direction": "-", "item": "no item changed"}], key="eval-flips",
                           description="Items that flipped between base and tuned")
     if sliced := ref.summary.get("slices"):  # sorted by delta, the worst first

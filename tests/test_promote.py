@@ -87,7 +87,7 @@ def test_significance_is_reported_and_required_when_asked():
 def test_comparison_rows_carry_the_champion_side_by_side():
     row = comparison(BASE, TUNED, CHAMPION)[0]
     assert row == {"task": "demo_facts", "metric": "acc", "base": 0.25, "tuned": 0.75, "delta": 0.5,
-                   "base_stderr": 0.07, "tuned_stderr": 0.07, "champion": 0.9, "delta_vs_champion": -0.15000000000000002,
+                   "base_stderr": 0.07, "tuned_stderr": 0.07, "champion": 0.9, "delta_vs_champion": -0.15,
                    "champion_stderr": 0.05}
     assert "champion" not in comparison(BASE, TUNED)[0]
 
@@ -140,6 +140,22 @@ def test_a_passing_gate_lists_flips(demo_cfg):
     ref = promote.run(demo_cfg, store, _refs(store))
     verdict = json.loads(open(f"{ref.uri}/verdict.json").read())
     assert verdict["flips"]["demo_facts"] == {"right_to_wrong": ["q3"], "wrong_to_right": ["q1", "q2"]}
+    assert [(r["item"], r["direction"]) for r in verdict["flipped_items"]] == [
+        ("q1", "wrong_to_right"), ("q2", "wrong_to_right"), ("q3", "right_to_wrong")]
+
+
+def test_flipped_items_show_the_question_and_both_answers(tmp_path):
+    """A multiple-choice flip, for people: the question and the choice base and tuned each scored highest."""
+    from synthtune.stages.promote import flipped_items
+
+    doc = {"id": "f00", "question": "What is the capital of Vardon?", "choices": ["Tarrow.", "Quellis."], "label": 1}
+    for side, lls, right in (("base", [-1.0, -3.0], 0), ("tuned", [-4.0, -0.5], 1)):
+        (tmp_path / side).mkdir()
+        (tmp_path / side / "samples_demo_facts.jsonl").write_text(json.dumps(
+            {"doc_id": 0, "doc": doc, "filtered_resps": [[v, False] for v in lls], "acc": float(right)}) + "\n")
+    assert flipped_items(tmp_path / "base", tmp_path / "tuned", "acc") == [
+        {"task": "demo_facts", "direction": "wrong_to_right", "item": "f00", "question": "What is the capital of Vardon?",
+         "base": "Tarrow.", "tuned": "Quellis."}]
 
 
 def test_promote_refuses_an_adapter_that_is_gone(demo_cfg):

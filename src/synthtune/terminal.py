@@ -103,11 +103,23 @@ def mute_console_handlers() -> None:
     redirect_stream_handlers(sys.stdout, sys.stderr)
 
 
-def describe(step: str, summary: dict) -> str:
-    """One line of what a finished step produced."""
+def scores_line(scores: dict) -> str:
+    """`task metric value, ...; ...`: stderrs left out, and the forgetting task by its loss alone (its
+    perplexities are astronomically large on a small model and say nothing more)."""
+    def metrics(task: str, ms: dict) -> dict:
+        return {"loss": ms["loss"]} if task == "forgetting" and "loss" in ms else {
+            m: v for m, v in ms.items() if not m.endswith("stderr")}
+
+    return "; ".join(f"{t} " + ", ".join(f"{m} {_fmt(v)}" for m, v in metrics(t, ms).items()) for t, ms in scores.items())
+
+
+def describe(step: str, summary: dict, cached: bool = False) -> str:
+    """One line of what a finished step produced (a cached step: what it reused, not what it once made)."""
     if "note" in summary:
         return summary["note"]
     rows = summary.get("rows", {})
+    if step == "generate" and cached:
+        return f"rows {rows.get('output')} reused from an earlier run; nothing asked of the teacher"
     if step == "generate":
         return (f"rows {rows.get('output')} (new {rows.get('new')}); answers {rows.get('reused')} reused, "
                 f"{rows.get('generated')} generated; quarantined {rows.get('quarantined')}")
@@ -121,8 +133,7 @@ def describe(step: str, summary: dict) -> str:
         return (f"loss {loss[0]} -> {loss[1]} in {summary.get('steps')} steps, {summary.get('tokens_per_s')} tok/s"
                 + _start(summary))
     if step.startswith("evaluate"):
-        return "; ".join(f"{t} " + ", ".join(f"{m} {v:.3f}" for m, v in ms.items() if not m.endswith("stderr"))
-                         for t, ms in summary.get("scores", {}).items())
+        return scores_line(summary.get("scores", {}))
     if step == "promote":
         if "outcome" in summary:
             return summary["outcome"]
@@ -180,7 +191,8 @@ class RunView:
             elif kind == "step_end":
                 view = self.steps.setdefault(event["step"], StepView())
                 view.state, view.ended = event["state"], time.monotonic()
-                view.detail = describe(event["step"], event.get("summary") or {}) if event["state"] != "Failed" else ""
+                view.detail = describe(event["step"], event.get("summary") or {}, event["state"] == "Cached") \
+                    if event["state"] != "Failed" else ""
                 if not self.tty:
                     self.console.print(escape(f"{event['step']:<18} {view.state:<9} {view.elapsed()}  {view.detail}"),
                                        highlight=False)
@@ -249,13 +261,14 @@ def print_summary(console, cfg, refs: dict, seconds: float) -> None:
             r = s.get("rows", {})
             rows = (f"seeds {r.get('seeds')}, rows {r.get('output')} (new {r.get('new')}), quarantined "
                     f"{r.get('quarantined')}")
-            result = f"answers: {r.get('reused')} reused, {r.get('generated')} generated"
+            result = ("cached: nothing asked of the teacher this run" if ref.reused else
+                      f"answers: {r.get('reused')} reused, {r.get('generated')} generated")
         elif name == "train":
-            result = (f"loss {_fmt(s.get('first_loss'))} -> {_fmt(s.get('last_loss'))} in {s.get('steps')} steps "
-                      f"({s.get('quantization')}, {s.get('tokens_per_s')} tok/s)" + _start(s))
+            result = (("cached: " if ref.reused else "") + f"loss {_fmt(s.get('first_loss'))} -> "
+                      f"{_fmt(s.get('last_loss'))} in {s.get('steps')} steps (quantization {s.get('quantization')}, "
+                      f"{s.get('tokens_per_s')} tok/s)" + _start(s))
         elif name.startswith("evaluate"):
-            result = "; ".join(f"{t} " + ", ".join(f"{m} {_fmt(v)}" for m, v in ms.items() if not m.endswith("stderr"))
-                               for t, ms in s.get("scores", {}).items())
+            result = scores_line(s.get("scores", {}))
         elif name == "promote":
             verdict = s.get("outcome") or ("PROMOTED" if s.get("promoted") else "NOT promoted")
             result = f"{verdict}: " + "; ".join(s.get("reasons", []))

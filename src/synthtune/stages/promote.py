@@ -54,6 +54,13 @@ def key(cfg: PipelineConfig, upstream: dict[str, str]) -> str:
     return stage_key(STAGE, VERSION, {"promote": key_payload(cfg.promote)}, upstream)
 
 
+def _r(value, digits: int = 4):
+    """A score rounded to what it means (4 decimals; a stderr to 3); large values (perplexities) kept as they are."""
+    if not isinstance(value, float) or abs(value) >= 1e4:
+        return value
+    return round(value, digits)
+
+
 def comparison(base: dict, tuned: dict, champion: dict | None = None) -> list[dict]:
     """One row per task and metric: base, champion, tuned, deltas, and the stderrs."""
     champion = champion or {}
@@ -64,13 +71,13 @@ def comparison(base: dict, tuned: dict, champion: dict | None = None) -> list[di
                 continue
             b, t = base.get(task, {}).get(metric), tuned.get(task, {}).get(metric)
             c = champion.get(task, {}).get(metric)
-            row = {"task": task, "metric": metric, "base": b, "tuned": t,
-                   "delta": None if b is None or t is None else t - b,
-                   "base_stderr": base.get(task, {}).get(f"{metric}_stderr"),
-                   "tuned_stderr": tuned.get(task, {}).get(f"{metric}_stderr")}
+            row = {"task": task, "metric": metric, "base": _r(b), "tuned": _r(t),
+                   "delta": None if b is None or t is None else _r(t - b),
+                   "base_stderr": _r(base.get(task, {}).get(f"{metric}_stderr"), 3),
+                   "tuned_stderr": _r(tuned.get(task, {}).get(f"{metric}_stderr"), 3)}
             if champion:
-                row.update(champion=c, delta_vs_champion=None if c is None or t is None else t - c,
-                           champion_stderr=champion.get(task, {}).get(f"{metric}_stderr"))
+                row.update(champion=_r(c), delta_vs_champion=None if c is None or t is None else _r(t - c),
+                           champion_stderr=_r(champion.get(task, {}).get(f"{metric}_stderr"), 3))
             rows.append(row)
     return rows
 
@@ -204,6 +211,45 @@ def flips(base_dir: Path, tuned_dir: Path, metric: str) -> dict[str, dict[str, l
     return out
 
 
+def _answer(sample: dict) -> str | None:
+    """What the model answered on a multiple-choice item: the choice it scored highest."""
+    doc, resps = sample.get("doc") or {}, sample.get("filtered_resps") or []
+    choices = doc.get("choices")
+    try:
+        lls = [r[0] if isinstance(r, list | tuple) else r for r in resps]
+        if isinstance(choices, list) and len(lls) == len(choices):
+            return str(choices[max(range(len(lls)), key=lambda i: float(lls[i]))])
+    except (TypeError, ValueError):
+        pass
+    return None
+
+
+def _samples(path: Path) -> dict[int, dict]:
+    with open(path) as f:
+        return {s["doc_id"]: s for s in map(json.loads, f)}
+
+
+def flipped_items(base_dir: Path, tuned_dir: Path, metric: str, most: int = 50) -> list[dict]:
+    """The items that flipped between base and tuned, for people: the task, which way, the item, its
+    question, and what base and tuned answered (multiple choice: the choice each scored highest)."""
+    out = []
+    for path in sorted(base_dir.glob("samples_*.jsonl")):
+        task, other = path.stem.removeprefix("samples_"), tuned_dir / path.name
+        if not other.exists():
+            continue
+        base, tuned = _samples(path), _samples(other)
+        for i in sorted(set(base) & set(tuned)):
+            b, t = base[i], tuned[i]
+            if metric not in b or metric not in t or bool(b[metric]) == bool(t[metric]):
+                continue
+            doc = b.get("doc") or {}
+            out.append({"task": task, "direction": "wrong_to_right" if t[metric] else "right_to_wrong",
+                        "item": str(doc.get("id", i)),
+                        "question": str(doc.get("question") or doc.get("prompt") or doc.get("text") or "")[:200],
+                        "base": _answer(b), "tuned": _answer(t)})
+    return out[:most]
+
+
 def chart(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
@@ -258,6 +304,7 @@ def run(cfg: PipelineConfig, store: ArtifactStore, upstream: dict[str, ArtifactR
             paired = mcnemar({i: v for i, (v, _) in correct(tuned_dir / samples, pc.metric).items()},
                              {i: v for i, (v, _) in correct(ref_dir / samples, pc.metric).items()})
             flipped = flips(base_dir, tuned_dir, pc.metric)
+            flipped_rows = flipped_items(base_dir, tuned_dir, pc.metric)
             sliced = slices.table([pc.target_task, *pc.guard_tasks], tuned_dir, ref_dir, pc.metric,
                                   cfg.evaluate.slice_field)
         serving = registry.champion()
@@ -278,6 +325,7 @@ def run(cfg: PipelineConfig, store: ArtifactStore, upstream: dict[str, ArtifactR
         _, before, after = registry.decide(event)
         result = outcome(registry, train.key, promoted, before, after)
         verdict = {"promoted": promoted, "outcome": result, "reasons": reasons, "comparison": rows, "flips": flipped,
+                   "flipped_items": flipped_rows,
                    "adapter": adapter_path(train.key),
                    "train_key": train.key, "base_eval": base.key, "tuned_eval": tuned.key,
                    "champion_eval": champion_eval.key if champion_eval else None, "champion_train_key": champion_key,
