@@ -32,3 +32,16 @@ def run_name(suffix: str = "") -> str:
 
 def gpu_run_name() -> str:
     return run_name("-gpu")
+
+
+def announce() -> None:
+    """Tell the terminal (`synthtune run` against a Prefect server) where this run's page is."""
+    import os
+
+    from prefect.runtime import flow_run
+    from prefect.utilities.urls import url_for
+
+    from synthtune import progress
+
+    if os.environ.get("PREFECT_API_URL") and (url := url_for("flow-run", obj_id=flow_run.get_id())):
+        progress.emit("flow_run", name=flow_run.get_name(), url=url)

@@ -17,7 +17,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import deployment, flow_run
 from prefect.states import Completed
 
-from flows.parameters import FailStage, GpuDeployment, GpuSlot, Refresh, gpu_run_name, run_name
+from flows.parameters import FailStage, GpuDeployment, GpuSlot, Refresh, announce, gpu_run_name, run_name
 from flows.split import hand_back, run_elsewhere
 from flows.tracking import tracked
 from flows.watchdog import follow_the_worker, give_back_gpu
@@ -70,6 +70,7 @@ def pipeline(config: PipelineConfig, gpu_deployment: GpuDeployment = "", gpu_slo
 
     Ends `Completed`, or `Completed` named `NotPromoted` (reasons in its message and the
     promotion-verdict artifact) when the candidate failed the gate and the champion stays in service."""
+    announce()
     follow_the_worker()
     create_markdown_artifact(f"```yaml\n{to_yaml(config)}```", key="resolved-config",
                              description=f"Resolved config of pipeline '{config.name}'")

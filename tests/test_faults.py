@@ -199,3 +199,18 @@ def test_a_failing_run_ends_with_its_one_real_message_and_keeps_the_traceback_in
 
     verbose = subprocess.run([*cmd, "-v"], cwd=ROOT, env=laptop["env"], capture_output=True, text=True, timeout=300)
     assert verbose.returncode == 1 and "Traceback" in verbose.stdout + verbose.stderr
+
+
+@pytest.mark.flows
+def test_a_run_against_a_prefect_server_prints_its_flow_run_page(laptop, _prefect_harness):
+    """`synthtune run` with PREFECT_API_URL set prints the run's page, named `{pipeline}-{date}`, first."""
+    import datetime as dt
+
+    env = {**laptop["env"], "PREFECT_API_URL": _prefect_harness}
+    cmd = [str(Path(sys.executable).parent / "synthtune"), "run", str(DEMO), f"artifact_root={laptop['root']}-server",
+           "preflight.min_free_gb=1000000"]  # stops at preflight: the page is printed before any stage
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done
+    name = f"demo-{dt.datetime.now(dt.UTC):%Y-%m-%d}"
+    line = next((ln for ln in done.stdout.splitlines() if ln.startswith(f"flow run {name}: ")), None)
+    assert line is not None and "/runs/flow-run/" in line, done.stdout

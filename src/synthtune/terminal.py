@@ -196,6 +196,8 @@ class RunView:
                 if not self.tty:
                     self.console.print(escape(f"{event['step']:<18} {view.state:<9} {view.elapsed()}  {view.detail}"),
                                        highlight=False)
+            elif kind == "flow_run":  # against a Prefect server: where to watch this run
+                self.console.print(escape(f"flow run {event['name']}: {event['url']}"), highlight=False)
             elif kind in ("train", "evaluate", "generate") and self.current in self.steps:
                 self.steps[self.current].progress = event
             if self.live is not None:
