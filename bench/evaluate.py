@@ -40,7 +40,7 @@ def main() -> None:
     from synthtune.config import load_config
     from synthtune.eval_tasks import portable_task_dir
     from synthtune.runner import plan, run_all
-    from synthtune.stages.evaluate import cli_command, lm_eval_args
+    from synthtune.stages.evaluate import cli_command, lm_eval_args, own_tasks
 
     with tempfile.TemporaryDirectory(prefix="synthtune-bench-eval-") as tmp:
         override = f"artifact_root={tmp}/artifacts"
@@ -53,7 +53,9 @@ def main() -> None:
         include = portable_task_dir(cfg.evaluate.task_dir, Path(tmp) / "tasks")
         cli = 0.0
         for adapter in (None, Path(refs["train"].uri) / "adapter"):
-            cmd = cli_command(lm_eval_args(cfg, adapter, include), str(include), f"{tmp}/cli-{adapter is None}")
+            args = lm_eval_args(cfg, adapter, include)
+            args["tasks"] += own_tasks(cfg, include, None)  # the same tasks the stage runs
+            cmd = cli_command(args, str(include), f"{tmp}/cli-{adapter is None}")
             cli += timed([str(BIN / "lm_eval"), *cmd[1:]])
         shutil.rmtree(Path(tmp, "artifacts", "evaluate", keys["evaluate[tuned]"]))
         nightly = timed(stage_cmd)

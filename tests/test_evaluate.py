@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from synthtune.eval_tasks import check_tasks, portable_task_dir
-from synthtune.stages.evaluate import cli_command, lm_eval_args
+from synthtune.stages.evaluate import cli_command, lm_eval_args, own_tasks
 
 
 def test_broken_task_yaml_fails_with_file_and_reason(demo_cfg, tmp_path):
@@ -59,7 +59,10 @@ def test_parity_with_the_lm_eval_cli(demo_run, tmp_path, model):
     ours = json.loads(open(f"{ref.uri}/results.json").read())["results"]
     adapter = Path(refs["train"].uri) / "adapter" if model.endswith("[tuned]") else None
     include = portable_task_dir(cfg.evaluate.task_dir, tmp_path / "tasks")
-    cmd = cli_command(lm_eval_args(cfg, adapter, include), str(include), str(tmp_path / "out"))
+    args = lm_eval_args(cfg, adapter, include)
+    args["tasks"] += own_tasks(cfg, include, None)  # the forgetting sample, as the stage adds it
+    assert "forgetting" in args["tasks"]
+    cmd = cli_command(args, str(include), str(tmp_path / "out"))
     cmd[0] = str(Path(sys.executable).parent / "lm_eval")
     subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     theirs = json.loads(open(glob.glob(str(tmp_path / "out" / "**" / "results_*.json"), recursive=True)[0]).read())

@@ -151,6 +151,21 @@ def in_domain_task(heldout: Path, into: Path, delimiter: str = "", slices: dict[
     (into / "in_domain.yaml").write_text(IN_DOMAIN_YAML.format(data=into / "in_domain.jsonl"))
 
 
+def own_tasks(cfg: PipelineConfig, task_dir: Path, heldout: Path | None) -> list[str]:
+    """Write synthtune's own tasks into `task_dir` (the in-domain task from the held-out rows, the
+    forgetting sample) and return their names: what `evaluate` adds to evaluate.tasks."""
+    names = []
+    if heldout is not None:
+        field_ = cfg.evaluate.slice_field
+        in_domain_task(heldout, task_dir / "synthtune_in_domain", in_domain_delimiter(cfg),
+                       field_values(cfg.generate.seeds, field_) if field_ and cfg.generate.seeds else None)
+        names.append(IN_DOMAIN)
+    if cfg.evaluate.forgetting is not None:
+        forgetting_task(cfg.evaluate.forgetting, task_dir / "synthtune_forgetting")
+        names.append(FORGETTING)
+    return names
+
+
 def token_loss(cfg: PipelineConfig, rows: list[dict]) -> float:
     """Mean loss per token of the general-text sample: minus the rolling log-likelihoods summed over its
     paragraphs, over their token count (the student's tokenizer, the same for base and adapters)."""
@@ -218,21 +233,13 @@ def _evaluate(cfg: PipelineConfig, staging: Staging, adapter: Path | None, heldo
 
     with tempfile.TemporaryDirectory(prefix=f"synthtune-tasks-{os.getpid()}-") as tmp:
         task_dir = portable_task_dir(cfg.evaluate.task_dir, Path(tmp) / "tasks") or Path(tmp) / "tasks"
-        if heldout is not None:
-            field_ = cfg.evaluate.slice_field
-            in_domain_task(heldout, task_dir / "synthtune_in_domain", in_domain_delimiter(cfg),
-                           field_values(cfg.generate.seeds, field_) if field_ and cfg.generate.seeds else None)
-        if cfg.evaluate.forgetting is not None:
-            forgetting_task(cfg.evaluate.forgetting, task_dir / "synthtune_forgetting")
+        own = own_tasks(cfg, task_dir, heldout)
         # include_defaults=False skips indexing lm-eval's ~10k bundled YAMLs (~12 s) when all are local
         local = set(local_tasks(cfg.evaluate.task_dir))
         manager = TaskManager(include_path=str(task_dir) if task_dir.exists() else None,
                               include_defaults=not set(cfg.evaluate.tasks) <= local)
         args = lm_eval_args(cfg, adapter, task_dir)
-        if heldout is not None:
-            args["tasks"].append(IN_DOMAIN)
-        if cfg.evaluate.forgetting is not None:
-            args["tasks"].append(FORGETTING)
+        args["tasks"] += own
         bars, lm_eval.models.huggingface.tqdm = lm_eval.models.huggingface.tqdm, _Requests
         try:
             results = simple_evaluate(task_manager=manager, **args)
