@@ -114,11 +114,12 @@ def test_in_domain_task_from_held_out_rows(demo_run):
     assert not set(held["id"]) & train_ids  # never trained on
     ref = evaluate.run(on, store, {"filter": filtered})
     scores = ref.summary["scores"]
-    assert set(scores) == {"demo_facts", "in_domain"}
+    assert set(scores) == {"demo_facts", "in_domain", "forgetting"}
     assert scores["demo_facts"] == refs["evaluate[base]"].summary["scores"]["demo_facts"]  # same flags, same numbers
     assert scores["in_domain"]["perplexity"] > 1 and 0 <= scores["in_domain"]["acc"] <= 1
     samples = [json.loads(line) for line in open(f"{ref.uri}/samples_in_domain.jsonl")]
     assert sorted(s["doc"]["id"] for s in samples) == sorted(held["id"])
+    assert {s["doc"]["slice"] for s in samples} == {"demo.jsonl"}  # sliced by seed file (one here)
 
 
 def test_scores_keep_filters_apart():

@@ -85,7 +85,7 @@ def test_gate_failing_on_purpose_ends_not_promoted_and_keeps_latest(prefect_serv
     strict = demo_cfg.model_copy(update={"promote": demo_cfg.promote.model_copy(update={"min_delta": 2.0})})
     flow_run_id, refs = _run(strict, expect="NotPromoted")
     assert Registry(store, "demo").latest() == {"adapter": "last night's"}
-    assert "needs >= +2.0000) FAILED" in refs["promote"].summary["reasons"][1]  # after "no champion yet: ..."
+    assert "needs > +2.0000) FAILED: no better than base" in refs["promote"].summary["reasons"][1]  # after "no champion yet"
 
     from prefect.client.orchestration import get_client
 
