@@ -104,14 +104,20 @@ def test_chat_answers_with_the_champion_adapter(demo_run):
     from typer.testing import CliRunner
 
     from synthtune.cli import app
+    from synthtune.tiny import demo_facts
     from tests.conftest import DEMO
 
     cfg, _ = demo_run
+    facts = {f["answer"] for f in demo_facts()}  # what the adapter learned to say; the random base never would
     args = ["chat", str(DEMO), f"artifact_root={cfg.artifact_root}"]
     once = CliRunner().invoke(app, [*args, "--prompt", "What is the capital of Vardon?"])
-    assert once.exit_code == 0 and "The capital of Vardon is Quellis." in once.output, once.output
-    loop = CliRunner().invoke(app, args, input="What is the capital of Eskaria?\n\n")  # interactive: until an empty line
-    assert loop.exit_code == 0 and "The capital of Eskaria is Arvenport." in loop.output, loop.output
+    assert once.exit_code == 0, once.output
+    lines = once.output.splitlines()
+    assert lines[0] == "> What is the capital of Vardon?" and lines[1] in facts, once.output  # no loading bars
+    asked = "".join(f"{f['question']}\n" for f in demo_facts()[1:3])
+    loop = CliRunner().invoke(app, args, input=asked + "\n")
+    replies = [line for line in loop.output.splitlines() if line and not line.startswith(">")]
+    assert loop.exit_code == 0 and len(replies) == 2 and set(replies) <= facts, loop.output  # until an empty line
     missing = CliRunner().invoke(app, [*args, "--adapter", "nope", "--prompt", "hi"])
     assert missing.exit_code == 1 and "chat: adapter nope: no finished train output" in missing.output
 

@@ -153,9 +153,11 @@ def answer(student: str, revision: str | None, adapter: Path, prompts, max_new_t
     (prompt, reply) one at a time, so an interactive loop can print as it goes."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     from synthtune.models import resolve, revision_kw
 
+    hf_logging.disable_progress_bar()  # a chat prints answers, not loading bars
     tokenizer = AutoTokenizer.from_pretrained(adapter)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(resolve(student), **revision_kw(revision)),
                                       adapter).eval()

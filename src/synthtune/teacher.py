@@ -64,14 +64,14 @@ def endpoint_problems(gen: GenerateConfig, api_key: SecretStr | None = None, tim
         return []
     base = gen.base_url.rstrip("/")
     api_key = api_key or env_api_key(gen)
+    if api_key is None and gen.api_key_secret:  # the Secret block is read by the Prefect task only: never ask
+        return []                               # without the key (generate checks the endpoint with it)
     headers = {"Authorization": f"Bearer {api_key.get_secret_value()}"} if api_key else {}
     try:
         with urllib.request.urlopen(urllib.request.Request(f"{base}/models", headers=headers), timeout=timeout) as r:
             listed = json.loads(r.read() or b"{}").get("data") or []
     except urllib.error.HTTPError as e:
         if e.code in (401, 403):
-            if api_key is None and gen.api_key_secret:  # the Secret block is read by the Prefect task only
-                return []
             return [f"generate.base_url: {base} refused the API key (HTTP {e.code} {e.reason}): set "
                     f"${gen.api_key_env}" + (" (or generate.api_key_secret)" if not gen.api_key_secret else "")]
         return [f"generate.base_url: {base}/models answered HTTP {e.code} {e.reason}: is this an OpenAI-compatible "
