@@ -42,6 +42,8 @@ def announce() -> None:
     from prefect.utilities.urls import url_for
 
     from synthtune import progress
+    from synthtune.server import EMBEDDED
 
-    if os.environ.get("PREFECT_API_URL") and (url := url_for("flow-run", obj_id=flow_run.get_id())):
+    if os.environ.get("PREFECT_API_URL") and not os.environ.get(EMBEDDED) and (
+            url := url_for("flow-run", obj_id=flow_run.get_id())):
         progress.emit("flow_run", name=flow_run.get_name(), url=url)

@@ -66,6 +66,9 @@ def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 1
     raise TimeoutError(f"{what} did not answer {url} within {timeout:.0f} s; see {log}:\n" + log.read_text()[-2000:])
 
 
+EMBEDDED = "SYNTHTUNE_EMBEDDED_SERVER"
+
+
 @contextlib.contextmanager
 def embedded_server() -> Iterator[str]:
     """A Prefect server for this command only; yields its API URL (also set as PREFECT_API_URL)."""
@@ -85,8 +88,10 @@ def embedded_server() -> Iterator[str]:
     try:
         wait_healthy(f"{url}/health", proc, log)
         os.environ["PREFECT_API_URL"] = url
+        os.environ[EMBEDDED] = url  # this command's own server, UI-less: nothing to link to
         yield url
     finally:
+        os.environ.pop(EMBEDDED, None)
         if previous is None:
             os.environ.pop("PREFECT_API_URL", None)
         else:
