@@ -119,3 +119,37 @@ def test_the_verdict_shows_the_slice_table_and_the_gate_refuses(demo_cfg, monkey
     assert listed.exit_code == 0, listed.output
     assert "forgetting" in listed.output and "worst" in listed.output
     assert "+5.0% (2.100)" in listed.output and "demo_facts/coins -0.375 (p 0.00031)" in listed.output
+
+
+@pytest.mark.flows
+def test_the_verdict_artifacts_show_the_slices_worst_first_and_the_forgetting_loss(demo_cfg, prefect_server):
+    """What the Prefect UI shows for a decision: the eval-slices table and the verdict with the loss."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from tasks.promote import report
+
+    cfg = demo_cfg.model_copy(update={"evaluate": demo_cfg.evaluate.model_copy(update={"slice_field": "topic"})})
+    store = ArtifactStore(cfg.artifact_root)
+    ref, tuned, topics = _five_slices()
+
+    def evaluation(key, right, acc, loss):
+        def write(st):
+            _write(st.path, "demo_facts", right, topics)
+            st.metrics.update(scores={"demo_facts": {"acc": acc}, "forgetting": {"loss": loss}})
+        return produce(store, "evaluate", key, {}, {}, write)
+
+    train = produce(store, "train", "tr", {}, {}, lambda st: (st.path / "adapter").mkdir() or
+                    (st.path / "adapter" / "adapter_config.json").write_text("{}"))
+    out = promote.run(cfg, store, {"base": evaluation("b", ref, 0.5, 2.0),
+                                   "tuned": evaluation("t", tuned, sum(tuned) / len(tuned), 2.1), "train": train})
+    report(store, out)
+    with get_client(sync_client=True) as client:
+        def latest(key):
+            return client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))[-1].data
+
+        table, verdict = latest("eval-slices"), latest("promotion-verdict")
+    rows = json.loads(table) if isinstance(table, str) else table
+    assert [r["slice"] for r in rows][0] == "coins" and rows[0]["p_holm"] < 0.05
+    assert "slice demo_facts/coins" in verdict and "FAILED: significant regression" in verdict
+    assert "General-text loss (forgetting): base 2.0000, champion None, tuned 2.1000 (+5.0% over base)" in verdict
