@@ -90,6 +90,7 @@ def test_comparison_rows_carry_the_champion_side_by_side():
                    "base_stderr": 0.07, "tuned_stderr": 0.07, "champion": 0.9, "delta_vs_champion": -0.15,
                    "champion_stderr": 0.05}
     assert "champion" not in comparison(BASE, TUNED)[0]
+    assert list(row)[:7] == ["task", "metric", "base", "champion", "tuned", "delta", "delta_vs_champion"]  # stderrs last
 
 
 def _samples(store, key, correct: list[int], scores=None, adapter_key=None):

@@ -71,13 +71,17 @@ def comparison(base: dict, tuned: dict, champion: dict | None = None) -> list[di
                 continue
             b, t = base.get(task, {}).get(metric), tuned.get(task, {}).get(metric)
             c = champion.get(task, {}).get(metric)
-            row = {"task": task, "metric": metric, "base": _r(b), "tuned": _r(t),
-                   "delta": None if b is None or t is None else _r(t - b),
-                   "base_stderr": _r(base.get(task, {}).get(f"{metric}_stderr"), 3),
-                   "tuned_stderr": _r(tuned.get(task, {}).get(f"{metric}_stderr"), 3)}
+            # the columns people compare first (base, champion, tuned, the deltas), the stderrs after them
+            row = {"task": task, "metric": metric, "base": _r(b)}
             if champion:
-                row.update(champion=_r(c), delta_vs_champion=None if c is None or t is None else _r(t - c),
-                           champion_stderr=_r(champion.get(task, {}).get(f"{metric}_stderr"), 3))
+                row["champion"] = _r(c)
+            row.update(tuned=_r(t), delta=None if b is None or t is None else _r(t - b))
+            if champion:
+                row["delta_vs_champion"] = None if c is None or t is None else _r(t - c)
+            row.update(base_stderr=_r(base.get(task, {}).get(f"{metric}_stderr"), 3),
+                       tuned_stderr=_r(tuned.get(task, {}).get(f"{metric}_stderr"), 3))
+            if champion:
+                row["champion_stderr"] = _r(champion.get(task, {}).get(f"{metric}_stderr"), 3)
             rows.append(row)
     return rows
 
