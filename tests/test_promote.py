@@ -147,14 +147,14 @@ def test_a_passing_gate_lists_flips(demo_cfg):
 
 def test_flipped_items_show_the_question_and_both_answers(tmp_path):
     """A multiple-choice flip, for people: the question and the choice base and tuned each scored highest."""
-    from synthtune.stages.promote import flipped_items
+    from synthtune.stages.promote import flip_rows, flipped_items
 
     doc = {"id": "f00", "question": "What is the capital of Vardon?", "choices": ["Tarrow.", "Quellis."], "label": 1}
     for side, lls, right in (("base", [-1.0, -3.0], 0), ("tuned", [-4.0, -0.5], 1)):
         (tmp_path / side).mkdir()
         (tmp_path / side / "samples_demo_facts.jsonl").write_text(json.dumps(
             {"doc_id": 0, "doc": doc, "filtered_resps": [[v, False] for v in lls], "acc": float(right)}) + "\n")
-    assert flipped_items(tmp_path / "base", tmp_path / "tuned", "acc") == [
+    assert flipped_items(flip_rows(tmp_path / "base", tmp_path / "tuned", "acc")) == [
         {"task": "demo_facts", "direction": "wrong_to_right", "item": "f00", "question": "What is the capital of Vardon?",
          "base": "Tarrow.", "tuned": "Quellis."}]
 

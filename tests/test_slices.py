@@ -83,7 +83,9 @@ def test_group_subtasks_are_slices_and_a_single_slice_adds_nothing(tmp_path):
     assert slices.table(["facts_a"], tmp_path / "tuned", tmp_path / "ref", "acc", "topic") == []
 
 
-def test_the_verdict_shows_the_slice_table_and_the_gate_refuses(demo_cfg, monkeypatch):
+def _decided(demo_cfg):
+    """promote.run on the five-slice evaluations (sliced by `topic`, with a forgetting loss of 2.0 for
+    base and 2.1 for tuned): (config, store, the promote output)."""
     cfg = demo_cfg.model_copy(update={"evaluate": demo_cfg.evaluate.model_copy(update={"slice_field": "topic"})})
     store = ArtifactStore(cfg.artifact_root)
     ref, tuned, topics = _five_slices()
@@ -98,7 +100,11 @@ def test_the_verdict_shows_the_slice_table_and_the_gate_refuses(demo_cfg, monkey
                     (st.path / "adapter" / "adapter_config.json").write_text("{}"))
     refs = {"base": evaluation("b", ref, 0.5, 2.0), "tuned": evaluation("t", tuned, sum(tuned) / len(tuned), 2.1),
             "train": train}
-    out = promote.run(cfg, store, refs)
+    return cfg, store, promote.run(cfg, store, refs)
+
+
+def test_the_verdict_shows_the_slice_table_and_the_gate_refuses(demo_cfg, monkeypatch):
+    cfg, store, out = _decided(demo_cfg)
     assert not out.summary["promoted"] and Registry(store, "demo").champion() is None
     verdict = json.loads(open(f"{out.uri}/verdict.json").read())
     assert [r["slice"] for r in verdict["slices"]] == ["coins", "capitals", "festivals", "rivers", "rulers"]
@@ -129,20 +135,7 @@ def test_the_verdict_artifacts_show_the_slices_worst_first_and_the_forgetting_lo
 
     from tasks.promote import report
 
-    cfg = demo_cfg.model_copy(update={"evaluate": demo_cfg.evaluate.model_copy(update={"slice_field": "topic"})})
-    store = ArtifactStore(cfg.artifact_root)
-    ref, tuned, topics = _five_slices()
-
-    def evaluation(key, right, acc, loss):
-        def write(st):
-            _write(st.path, "demo_facts", right, topics)
-            st.metrics.update(scores={"demo_facts": {"acc": acc}, "forgetting": {"loss": loss}})
-        return produce(store, "evaluate", key, {}, {}, write)
-
-    train = produce(store, "train", "tr", {}, {}, lambda st: (st.path / "adapter").mkdir() or
-                    (st.path / "adapter" / "adapter_config.json").write_text("{}"))
-    out = promote.run(cfg, store, {"base": evaluation("b", ref, 0.5, 2.0),
-                                   "tuned": evaluation("t", tuned, sum(tuned) / len(tuned), 2.1), "train": train})
+    _, store, out = _decided(demo_cfg)
     report(store, out)
     with get_client(sync_client=True) as client:
         def latest(key):

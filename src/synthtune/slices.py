@@ -15,7 +15,7 @@ import json
 from math import comb
 from pathlib import Path
 
-__all__ = ["holm", "mcnemar", "table"]
+__all__ = ["holm", "mcnemar", "read_samples", "table"]
 
 
 def mcnemar(b: int, c: int) -> float:
@@ -35,15 +35,16 @@ def holm(pvalues: list[float]) -> list[float]:
     return adjusted
 
 
+def read_samples(path: Path) -> dict[int, dict]:
+    """doc_id -> its row of an lm-eval samples file (nothing when the file is missing)."""
+    if not path.is_file():
+        return {}
+    with open(path) as f:
+        return {s["doc_id"]: s for s in map(json.loads, f)}
+
+
 def _items(path: Path, metric: str) -> dict[int, tuple[bool, dict]]:
-    out = {}
-    if path.is_file():
-        with open(path) as f:
-            for line in f:
-                s = json.loads(line)
-                if metric in s:
-                    out[s["doc_id"]] = (bool(s[metric]), s.get("doc") or {})
-    return out
+    return {i: (bool(s[metric]), s.get("doc") or {}) for i, s in read_samples(path).items() if metric in s}
 
 
 def _subtasks(results: dict, task: str) -> list[str]:

@@ -26,6 +26,19 @@ def _registry(config: Path | None, overrides: list[str] | None):
         raise fail(str(e)) from None
 
 
+def _champion(registry, what_to_do: str) -> dict:
+    """The champion's record, or exit naming the registry problem, or that there is none yet and what to do."""
+    from synthtune.registry import RegistryError
+
+    try:
+        record = registry.champion()
+    except RegistryError as e:
+        raise fail(str(e)) from None
+    if record is None:
+        raise fail(f"no champion yet in {registry.uri('champion.json')}: {what_to_do}", 1)
+    return record
+
+
 def _score(scores: dict | None, task: str, metric: str) -> str:
     value = (scores or {}).get(task, {}).get(metric)
     return "-" if value is None else f"{value:.3f}"
@@ -169,15 +182,9 @@ def show(config: ConfigArg = None, overrides: Overrides = None) -> None:
     intact: its files matching its manifest)."""
     import yaml
 
-    from synthtune.registry import RegistryError
 
     cfg, registry = _registry(config, overrides)
-    try:
-        record = registry.champion()
-    except RegistryError as e:
-        raise fail(str(e)) from None
-    if record is None:
-        raise fail(f"no champion yet in {registry.uri('champion.json')}: run the pipeline until one is promoted", 1)
+    record = _champion(registry, "run the pipeline until one is promoted")
     bad = registry.store.problems("train", record["train_key"])
     if bad:
         raise fail(f"the champion {record['train_key']} is damaged: {'; '.join(bad[:3])}. Do not serve it: restore it, "
@@ -288,19 +295,9 @@ def chat(config: ConfigArg = None, overrides: Overrides = None,
     import sys
 
     from synthtune import serving
-    from synthtune.registry import RegistryError
 
     cfg, registry = _registry(config, overrides)
-    if adapter == "champion":
-        try:
-            record = registry.champion()
-        except RegistryError as e:
-            raise fail(str(e)) from None
-        if record is None:
-            raise fail(f"no champion yet in {registry.uri('champion.json')}: run the pipeline, or pass --adapter KEY", 1)
-        key = record["train_key"]
-    else:
-        key = adapter
+    key = _champion(registry, "run the pipeline, or pass --adapter KEY")["train_key"] if adapter == "champion" else adapter
     ref = registry.store.ref("train", key)
     if ref is None or (bad := registry.store.problems("train", key)):
         why = "; ".join(bad[:3]) if ref is not None else "no finished train output with that key"

@@ -185,34 +185,9 @@ def forgetting_line(pc: PromoteConfig, base: dict, tuned: dict, champion: dict |
             f"{pc.max_forgetting:.1%}) {'ok' if passed else 'FAILED: forgot too much'}"), passed
 
 
-def correct(path: Path, metric: str) -> dict[int, tuple[bool, str]]:
-    """doc_id -> (scored right?, a short label) from an lm-eval samples file."""
-    out = {}
-    if not path.is_file():
-        return out
-    with open(path) as f:
-        for line in f:
-            s = json.loads(line)
-            if metric in s:
-                doc = s.get("doc", {})
-                label = str(doc.get("id") or doc.get("question") or s["doc_id"])[:120]
-                out[s["doc_id"]] = (bool(s[metric]), label)
-    return out
-
-
-def flips(base_dir: Path, tuned_dir: Path, metric: str) -> dict[str, dict[str, list[str]]]:
-    """Per task, the items that went right->wrong and wrong->right between base and tuned."""
-    out = {}
-    for path in sorted(base_dir.glob("samples_*.jsonl")):
-        task = path.stem.removeprefix("samples_")
-        other = tuned_dir / path.name
-        if not other.exists():
-            continue
-        b, t = correct(path, metric), correct(other, metric)
-        common = sorted(set(b) & set(t))
-        out[task] = {"right_to_wrong": [b[i][1] for i in common if b[i][0] and not t[i][0]],
-                     "wrong_to_right": [b[i][1] for i in common if not b[i][0] and t[i][0]]}
-    return out
+def correct(path: Path, metric: str) -> dict[int, bool]:
+    """doc_id -> scored right? from an lm-eval samples file (nothing when the file is missing)."""
+    return {i: bool(row[metric]) for i, row in slices.read_samples(path).items() if metric in row}
 
 
 def _answer(sample: dict) -> str | None:
@@ -228,30 +203,40 @@ def _answer(sample: dict) -> str | None:
     return None
 
 
-def _samples(path: Path) -> dict[int, dict]:
-    with open(path) as f:
-        return {s["doc_id"]: s for s in map(json.loads, f)}
-
-
-def flipped_items(base_dir: Path, tuned_dir: Path, metric: str, most: int = 50) -> list[dict]:
-    """The items that flipped between base and tuned, for people: the task, which way, the item, its
-    question, and what base and tuned answered (multiple choice: the choice each scored highest)."""
-    out = []
+def flip_rows(base_dir: Path, tuned_dir: Path, metric: str) -> dict[str, list[dict]]:
+    """Per task scored on both sides, the items that flipped between base and tuned (one reading of the
+    samples for `flips` and `flipped_items`): which way, the item's label, id and question, and what
+    base and tuned answered (multiple choice: the choice each scored highest)."""
+    out: dict[str, list[dict]] = {}
     for path in sorted(base_dir.glob("samples_*.jsonl")):
         task, other = path.stem.removeprefix("samples_"), tuned_dir / path.name
         if not other.exists():
             continue
-        base, tuned = _samples(path), _samples(other)
+        base, tuned = slices.read_samples(path), slices.read_samples(other)
+        out[task] = []
         for i in sorted(set(base) & set(tuned)):
             b, t = base[i], tuned[i]
             if metric not in b or metric not in t or bool(b[metric]) == bool(t[metric]):
                 continue
             doc = b.get("doc") or {}
-            out.append({"task": task, "direction": "wrong_to_right" if t[metric] else "right_to_wrong",
-                        "item": str(doc.get("id", i)),
-                        "question": str(doc.get("question") or doc.get("prompt") or doc.get("text") or "")[:200],
-                        "base": _answer(b), "tuned": _answer(t)})
-    return out[:most]
+            out[task].append({
+                "direction": "wrong_to_right" if t[metric] else "right_to_wrong", "item": str(doc.get("id", i)),
+                "label": str(doc.get("id") or doc.get("question") or i)[:120],
+                "question": str(doc.get("question") or doc.get("prompt") or doc.get("text") or "")[:200],
+                "base": _answer(b), "tuned": _answer(t)})
+    return out
+
+
+def flips(rows: dict[str, list[dict]]) -> dict[str, dict[str, list[str]]]:
+    """Per task, the labels of the items that went right->wrong and wrong->right."""
+    return {task: {way: [r["label"] for r in flipped if r["direction"] == way]
+                   for way in ("right_to_wrong", "wrong_to_right")} for task, flipped in rows.items()}
+
+
+def flipped_items(rows: dict[str, list[dict]], most: int = 50) -> list[dict]:
+    """The flips for people (the eval-flips artifact): task, which way, item, question, both answers."""
+    return [{"task": task, **{k: r[k] for k in ("direction", "item", "question", "base", "tuned")}}
+            for task, flipped in rows.items() for r in flipped][:most]
 
 
 def chart(rows: list[dict], path: Path, title: str) -> None:
@@ -305,12 +290,11 @@ def run(cfg: PipelineConfig, store: ArtifactStore, upstream: dict[str, ArtifactR
         with store.local_copy(tuned) as tuned_dir, store.local_copy(reference) as ref_dir, \
                 store.local_copy(base) as base_dir:
             samples = f"samples_{pc.target_task}.jsonl"
-            paired = mcnemar({i: v for i, (v, _) in correct(tuned_dir / samples, pc.metric).items()},
-                             {i: v for i, (v, _) in correct(ref_dir / samples, pc.metric).items()})
-            flipped = flips(base_dir, tuned_dir, pc.metric)
-            flipped_rows = flipped_items(base_dir, tuned_dir, pc.metric)
+            paired = mcnemar(correct(tuned_dir / samples, pc.metric), correct(ref_dir / samples, pc.metric))
+            flipped_by_task = flip_rows(base_dir, tuned_dir, pc.metric)
             sliced = slices.table([pc.target_task, *pc.guard_tasks], tuned_dir, ref_dir, pc.metric,
                                   cfg.evaluate.slice_field)
+        flipped, forgot = flips(flipped_by_task), forgetting(b, t, c)
         serving = registry.champion()
         in_service = serving["train_key"] if serving and serving["train_key"] == train.key else None
         promoted, reasons = decide(pc, b, t, c, champion_key, paired, in_service, sliced)
@@ -325,20 +309,20 @@ def run(cfg: PipelineConfig, store: ArtifactStore, upstream: dict[str, ArtifactR
                  "config_sha256": config_sha256(cfg), "config": cfg.model_dump(mode="json") if promoted else None,
                  "scores": t, "base_scores": b, "champion_scores": c, "champion_train_key": champion_key,
                  "promoted": promoted, "reasons": reasons, "p_value": paired[2],
-                 "forgetting": forgetting(b, t, c), "worst_slice": sliced[0] if sliced else None}
+                 "forgetting": forgot, "worst_slice": sliced[0] if sliced else None}
         _, before, after = registry.decide(event)
         result = outcome(registry, train.key, promoted, before, after)
         verdict = {"promoted": promoted, "outcome": result, "reasons": reasons, "comparison": rows, "flips": flipped,
-                   "flipped_items": flipped_rows,
+                   "flipped_items": flipped_items(flipped_by_task),
                    "adapter": adapter_path(train.key),
                    "train_key": train.key, "base_eval": base.key, "tuned_eval": tuned.key,
                    "champion_eval": champion_eval.key if champion_eval else None, "champion_train_key": champion_key,
                    "mcnemar": {"tuned_only": paired[0], "reference_only": paired[1], "p_value": paired[2]},
-                   "slices": sliced, "forgetting": forgetting(b, t, c)}
+                   "slices": sliced, "forgetting": forgot}
         (staging.path / "verdict.json").write_text(json.dumps(verdict, indent=2))
         _complete_card(store, train, cfg.name, rows, promoted, reasons)
-        staging.metrics.update(slices=sliced, forgetting=forgetting(b, t, c))
-        staging.metrics.update(promoted=promoted, outcome=result, in_service=after and after["train_key"],
+        staging.metrics.update(slices=sliced, forgetting=forgot, promoted=promoted, outcome=result,
+                               in_service=after and after["train_key"],
                                reasons=reasons, comparison=rows, champion_train_key=champion_key, p_value=paired[2],
                                train_key=train.key,
                                flips={task: {k_: len(v) for k_, v in f.items()} for task, f in flipped.items()})
