@@ -139,12 +139,11 @@ def test_in_domain_items_carry_their_slice_and_the_templates_lead_in(tmp_path):
     loglikelihood requests)."""
     import pandas as pd
 
+    from synthtune.eval_tasks import in_domain_task
     from synthtune.seeds import field_values
-    from synthtune.stages.evaluate import in_domain_task
 
-    heldout = tmp_path / "heldout.parquet"
-    pd.DataFrame([{"id": "a", "prompt": "p1", "response": "r1", "seed_file": "geo.jsonl"},
-                  {"id": "b", "prompt": "p2", "response": "r2", "seed_file": "kings.jsonl"}]).to_parquet(heldout)
+    heldout = pd.DataFrame([{"id": "a", "prompt": "p1", "response": "r1", "seed_file": "geo.jsonl"},
+                            {"id": "b", "prompt": "p2", "response": "r2", "seed_file": "kings.jsonl"}])
     in_domain_task(heldout, tmp_path / "by_file", " ")
     rows = [json.loads(line) for line in (tmp_path / "by_file" / "in_domain.jsonl").read_text().splitlines()]
     assert [(r["slice"], r["response"]) for r in rows] == [("geo.jsonl", " r1"), ("kings.jsonl", " r2")]

@@ -420,6 +420,21 @@ metadata:
 """
 
 
+def in_domain_task(rows, into: Path, delimiter: str = "", slices: dict[str, str] | None = None) -> None:
+    """Write the in-domain task (YAML + JSONL of held-out prompt/response rows, a DataFrame) into `into`.
+    Each reply starts with `delimiter`, what the chat template puts between the prompt and a reply
+    (lm-eval's loglikelihood requests ignore target_delimiter): it is scored as it was trained. Each
+    item's `slice` is its seed's value in `slices` (seed id -> value), else its seed file."""
+    import pandas as pd
+
+    into.mkdir(parents=True, exist_ok=True)
+    files = rows["seed_file"] if "seed_file" in rows else pd.Series([None] * len(rows), index=rows.index)
+    label = [slices.get(str(i)) if slices is not None else f for i, f in zip(rows["id"], files, strict=True)]
+    rows = rows[["id", "prompt", "response"]].assign(response=delimiter + rows["response"], slice=label)
+    rows.to_json(into / "in_domain.jsonl", orient="records", lines=True)
+    (into / "in_domain.yaml").write_text(IN_DOMAIN_YAML.format(data=into / "in_domain.jsonl"))
+
+
 def paragraphs(sample: Path) -> list[str]:
     """The paragraphs of a general-text sample: blank-line separated, '#' lines skipped."""
     lines = [line for line in Path(sample).read_text(encoding="utf-8").splitlines() if not line.startswith("#")]

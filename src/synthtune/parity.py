@@ -73,11 +73,11 @@ def pinned(template: str, variables: dict[str, Any]) -> str:
                    for k, v in sorted(variables.items())) + template
 
 
-def eval_template(enc: ChatEncoder, variables: dict[str, Any] | None = None) -> str:
+def eval_template(enc: ChatEncoder) -> str:
     """The template evaluation and serving use: the training template (its variables already pinned by
     `encoder`) and, where it refuses a system role, the system prompt folded into the first user turn as
     training folds it."""
-    return pinned((FOLD if not enc.supports_system() else "") + enc.template, variables or {})
+    return (FOLD if not enc.supports_system() else "") + enc.template
 
 
 def encoder(cfg: PipelineConfig, tokenizer) -> ChatEncoder:
@@ -93,29 +93,39 @@ def encoder(cfg: PipelineConfig, tokenizer) -> ChatEncoder:
 def chat_template_args(cfg: PipelineConfig, tokenizer) -> dict[str, str]:
     """lm-eval's `chat_template_args` (passed to every apply_chat_template): the evaluation template
     when it is not the tokenizer's own, else nothing."""
-    text = eval_template(encoder(cfg, tokenizer), {})
+    text = eval_template(encoder(cfg, tokenizer))
     return {} if text == tokenizer.chat_template else {"chat_template": text}
 
 
 def serving_check(cfg: PipelineConfig, saved, tokenizer) -> dict:
     """The template saved with the adapter (`saved`, the tokenizer a server loads) renders a probe
     conversation, the system prompt included, exactly as the template stage trained it."""
-    from synthtune.chat import RowError, TemplateError
-
     user, reply = PROBE
     conversation = [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
     system = [{"role": "system", "content": cfg.template.system_prompt}] if cfg.template.system_prompt else []
     trained = encoder(cfg, tokenizer).layout(conversation, "probe").text
     try:
         served = saved.apply_chat_template(system + conversation, tokenize=False)
-    except (RowError, TemplateError, ValueError, Exception) as e:  # jinja's raise_exception included
+    except Exception as e:  # jinja's raise_exception: the saved template refuses this conversation
         served = f"<refused: {e}>"
     if served == trained:
         return {"same_as_training": True, "problems": []}
-    at = next((i for i, (x, y) in enumerate(zip(trained, served, strict=False)) if x != y), min(len(trained), len(served)))
+    had, renders, _ = _quote(trained, served)
     return {"same_as_training": False, "problems": [
-        f"the chat template saved with the adapter renders {served[max(0, at - 24):at + 24]!r} where training had "
-        f"{trained[max(0, at - 24):at + 24]!r}: a server would prompt the model in a format it was not trained on"]}
+        f"the chat template saved with the adapter renders {renders!r} where training had {had!r}: a server "
+        "would prompt the model in a format it was not trained on"]}
+
+
+def first_difference(a, b) -> int:
+    """Where two sequences (texts or token lists) first differ: the length of the shorter when one is
+    the other's start."""
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
+def _quote(a: str, b: str) -> tuple[str, str, int]:
+    """Both texts around their first difference, and where it is."""
+    at = first_difference(a, b)
+    return a[max(0, at - 24):at + 24], b[max(0, at - 24):at + 24], at
 
 
 @dataclass
@@ -134,12 +144,12 @@ def _around(tokenizer, a: str, b: str) -> str:
     """The two texts token by token around their first difference."""
     ta = tokenizer.convert_ids_to_tokens(tokenizer(a, add_special_tokens=False)["input_ids"])
     tb = tokenizer.convert_ids_to_tokens(tokenizer(b, add_special_tokens=False)["input_ids"])
-    at = next((i for i, (x, y) in enumerate(zip(ta, tb, strict=False)) if x != y), min(len(ta), len(tb)))
+    at = first_difference(ta, tb)
     lo = max(0, at - 3)
     return f"from token {at}: trained {ta[lo:at + 4]} vs evaluated {tb[lo:at + 4]}"
 
 
-def _compare(tokenizer, enc: ChatEncoder, task: str, item: str, user: str, reply: str, scored: str) -> Finding | None:
+def _compare(enc: ChatEncoder, task: str, item: str, user: str, reply: str, scored: str) -> Finding | None:
     """None when lm-eval's scored text (context + continuation) is what training renders for the
     conversation up to the end of the reply; else what differs."""
     from synthtune.chat import RowError, TemplateError
@@ -153,10 +163,9 @@ def _compare(tokenizer, enc: ChatEncoder, task: str, item: str, user: str, reply
     trained = full[:start + len(reply)]  # up to the end of the reply's content, as lm-eval scores it
     if trained == scored:
         return None
-    at = next((i for i, (x, y) in enumerate(zip(trained, scored, strict=False)) if x != y), min(len(trained), len(scored)))
-    return Finding(task, item, trained, scored,
-                   f"lm-eval scores {scored[max(0, at - 24):at + 24]!r} where training has "
-                   f"{trained[max(0, at - 24):at + 24]!r} (character {at}); {_around(tokenizer, trained, scored)}")
+    has, scores, at = _quote(trained, scored)
+    return Finding(task, item, trained, scored, f"lm-eval scores {scores!r} where training has {has!r} (character "
+                                                f"{at}); {_around(enc.tok, trained, scored)}")
 
 
 def reply_delimiter(enc: ChatEncoder, template: str) -> str | None:
@@ -179,7 +188,7 @@ def check(cfg: PipelineConfig, enc: ChatEncoder, template: str, task_dir: Path |
     from lm_eval.tasks import TaskManager, get_task_dict
 
     from synthtune.configs import IN_DOMAIN
-    from synthtune.eval_tasks import IN_DOMAIN_YAML, local_tasks, portable_task_dir
+    from synthtune.eval_tasks import in_domain_task, local_tasks, portable_task_dir
 
     ec = cfg.evaluate
     names = [t for t in ec.tasks if t in local_tasks(ec.task_dir)]
@@ -196,19 +205,18 @@ def check(cfg: PipelineConfig, enc: ChatEncoder, template: str, task_dir: Path |
     def chat(history: list[dict], add_generation_prompt: bool = True) -> str:
         return HFLM.apply_chat_template(model, history, add_generation_prompt)
 
+    lead = reply_delimiter(enc, template) or ""
     with tempfile.TemporaryDirectory(prefix="synthtune-parity-") as tmp:
         folder = portable_task_dir(ec.task_dir, Path(tmp) / "tasks") or Path(tmp) / "tasks"
-        if ec.in_domain:
-            into = folder / "synthtune_in_domain"
-            into.mkdir(parents=True, exist_ok=True)
-            reply = (reply_delimiter(enc, template) or "") + PROBE[1]  # as synthtune.stages.evaluate writes it
-            (into / "in_domain.jsonl").write_text(json.dumps({"id": "probe", "prompt": PROBE[0], "response": reply}))
-            (into / "in_domain.yaml").write_text(IN_DOMAIN_YAML.format(data=into / "in_domain.jsonl"))
+        if ec.in_domain:  # written as evaluate writes it, from one probe row
+            import pandas as pd
+
+            in_domain_task(pd.DataFrame([{"id": "probe", "prompt": PROBE[0], "response": PROBE[1]}]),
+                           folder / "synthtune_in_domain", lead)
             names.append(IN_DOMAIN)
         if not names:
             return findings
         manager = TaskManager(include_path=str(folder), include_defaults=False)
-        lead = reply_delimiter(enc, template) or ""
         for name, task in _leaves(get_task_dict(names, manager)):
             task.set_config("num_fewshot", 0)
             task.build_all_requests(limit=limit, rank=0, world_size=1, apply_chat_template=ec.apply_chat_template,
@@ -224,7 +232,7 @@ def check(cfg: PipelineConfig, enc: ChatEncoder, template: str, task_dir: Path |
                 reply = continuation[len(lead):] if lead and continuation.startswith(lead) else continuation
                 user = task.doc_to_text(inst.doc)
                 item = str(inst.doc.get("id", inst.doc_id)) if isinstance(inst.doc, dict) else str(inst.doc_id)
-                if found := _compare(enc.tok, enc, name, item, str(user), str(reply), context + continuation):
+                if found := _compare(enc, name, item, str(user), str(reply), context + continuation):
                     if lead and not continuation.startswith(lead):
                         found.detail += (f". The template puts {lead!r} before a reply, and lm-eval drops "
                                          "target_delimiter under a chat template: start each choice (target) with it")

@@ -19,14 +19,7 @@ from typing import TYPE_CHECKING
 
 from synthtune import parity
 from synthtune.configs import FORGETTING, IN_DOMAIN, EvaluateConfig
-from synthtune.eval_tasks import (
-    IN_DOMAIN_YAML,
-    chat_payload,
-    forgetting_task,
-    local_tasks,
-    portable_task_dir,
-    task_data,
-)
+from synthtune.eval_tasks import chat_payload, forgetting_task, in_domain_task, local_tasks, portable_task_dir, task_data
 from synthtune.keys import key_payload, stage_key
 from synthtune.models import fingerprint, load_tokenizer, resolve, revision_kw
 from synthtune.seeds import field_values
@@ -133,31 +126,18 @@ def scores(results: dict) -> dict[str, dict[str, float]]:
     return out
 
 
-def in_domain_task(heldout: Path, into: Path, delimiter: str = "", slices: dict[str, str] | None = None) -> None:
-    """Write the in-domain task (YAML + JSONL of held-out prompt/response pairs) into `into`. Each reply
-    starts with `delimiter`, what the chat template puts between the prompt and a reply (lm-eval's
-    loglikelihood requests ignore target_delimiter): it is scored as it was trained. Each item's `slice`
-    is its seed's value in `slices` (seed id -> value), else its seed file."""
-    import pandas as pd
-
-    rows = pd.read_parquet(heldout)
-    if rows.empty:
-        raise ValueError("evaluate.in_domain found no held-out rows: raise filter.holdout_fraction")
-    into.mkdir(parents=True, exist_ok=True)
-    files = rows["seed_file"] if "seed_file" in rows else pd.Series([None] * len(rows), index=rows.index)
-    label = [slices.get(str(i)) if slices is not None else f for i, f in zip(rows["id"], files, strict=True)]
-    rows = rows[["id", "prompt", "response"]].assign(response=delimiter + rows["response"], slice=label)
-    rows.to_json(into / "in_domain.jsonl", orient="records", lines=True)
-    (into / "in_domain.yaml").write_text(IN_DOMAIN_YAML.format(data=into / "in_domain.jsonl"))
-
-
 def own_tasks(cfg: PipelineConfig, task_dir: Path, heldout: Path | None) -> list[str]:
     """Write synthtune's own tasks into `task_dir` (the in-domain task from the held-out rows, the
     forgetting sample) and return their names: what `evaluate` adds to evaluate.tasks."""
+    import pandas as pd
+
     names = []
     if heldout is not None:
+        rows = pd.read_parquet(heldout)
+        if rows.empty:
+            raise ValueError("evaluate.in_domain found no held-out rows: raise filter.holdout_fraction")
         field_ = cfg.evaluate.slice_field
-        in_domain_task(heldout, task_dir / "synthtune_in_domain", in_domain_delimiter(cfg),
+        in_domain_task(rows, task_dir / "synthtune_in_domain", in_domain_delimiter(cfg),
                        field_values(cfg.generate.seeds, field_) if field_ and cfg.generate.seeds else None)
         names.append(IN_DOMAIN)
     if cfg.evaluate.forgetting is not None:
