@@ -3,6 +3,7 @@ the config classes themselves, so it is never out of date."""
 
 from __future__ import annotations
 
+import types
 import typing
 from typing import Annotated
 
@@ -13,19 +14,20 @@ from rich.markup import escape
 from rich.table import Table
 
 from synthtune.cli.common import app, console, fail
+from synthtune.fields import content_kind
+
+KINDS = {"file": "file", "dir": "folder", "path": "file or folder", "sources": "seed source"}
 
 
 def _type(annotation) -> str:
-    """A field's type for people: `int`, `str | None`, `'sft' | 'dpo'`, `list[str]`."""
+    """A field's type for people: `int`, `str | None`, `'sft' | 'dpo'`, `list[str]`, `file`."""
     origin = typing.get_origin(annotation)
     if origin is Annotated:
-        meta = typing.get_args(annotation)
-        name = type(meta[-1]).__name__ if meta[1:] and hasattr(meta[-1], "kind") else None
-        return {"file": "file", "dir": "folder", "path": "file or folder", "sources": "seed source"}.get(
-            getattr(meta[-1], "kind", ""), _type(meta[0])) if name else _type(meta[0])
+        kind = content_kind(annotation)  # an input file or folder: what it is, not `Path`
+        return KINDS[kind] if kind else _type(typing.get_args(annotation)[0])
     if origin is typing.Literal:
         return " | ".join(repr(a) for a in typing.get_args(annotation))
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         return " | ".join(_type(a) for a in typing.get_args(annotation))
     if origin is not None:
         args = ", ".join(_type(a) for a in typing.get_args(annotation))
@@ -39,10 +41,8 @@ def rows(model: type[BaseModel], prefix: str = "") -> list[tuple[str, str, str, 
     """(dotted name, type, default, description) for every field, nested sections flattened."""
     out = []
     for name, info in model.model_fields.items():
-        annotation = info.rebuild_annotation() if hasattr(info, "rebuild_annotation") else info.annotation
-        inner = info.annotation
-        if isinstance(inner, type) and issubclass(inner, BaseModel):
-            out += rows(inner, f"{prefix}{name}.")
+        if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):
+            out += rows(info.annotation, f"{prefix}{name}.")
             continue
         if info.default is PydanticUndefined and info.default_factory is None:
             default = "(required)"
@@ -50,7 +50,7 @@ def rows(model: type[BaseModel], prefix: str = "") -> list[tuple[str, str, str, 
             default = repr(info.default_factory())
         else:
             default = repr(info.default)
-        out.append((f"{prefix}{name}", _type(annotation), default, info.description or ""))
+        out.append((f"{prefix}{name}", _type(info.rebuild_annotation()), default, info.description or ""))
     return out
 
 

@@ -56,14 +56,13 @@ def eval_runtime() -> dict[str, str]:
     return {"device": "cuda" if cuda else "cpu", "dtype": "auto" if cuda else "float32"}
 
 
-def lm_eval_args(cfg: PipelineConfig, adapter: Path | None, task_dir: Path | None) -> dict:
+def lm_eval_args(cfg: PipelineConfig, adapter: Path | None, task_dir: Path | None, tokenizer=None) -> dict:
     """The simple_evaluate arguments: everything but `peft` identical for base and tuned."""
 
     ec = cfg.evaluate
     runtime = eval_runtime()
     model_args: dict = {"pretrained": resolve(cfg.student), "dtype": runtime["dtype"], **revision_kw(cfg.student_revision)}
-    if ec.apply_chat_template and (chat := parity.chat_template_args(cfg, load_tokenizer(cfg.student,
-                                                                                       cfg.student_revision))):
+    if ec.apply_chat_template and (chat := parity.chat_template_args(cfg, tokenizer or _tokenizer(cfg))):
         model_args["chat_template_args"] = chat  # the template training rendered with, its variables pinned
     if adapter is not None:
         model_args["peft"] = str(adapter)
@@ -126,7 +125,7 @@ def scores(results: dict) -> dict[str, dict[str, float]]:
     return out
 
 
-def own_tasks(cfg: PipelineConfig, task_dir: Path, heldout: Path | None) -> list[str]:
+def own_tasks(cfg: PipelineConfig, task_dir: Path, heldout: Path | None, tokenizer=None) -> list[str]:
     """Write synthtune's own tasks into `task_dir` (the in-domain task from the held-out rows, the
     forgetting sample) and return their names: what `evaluate` adds to evaluate.tasks."""
     import pandas as pd
@@ -137,7 +136,7 @@ def own_tasks(cfg: PipelineConfig, task_dir: Path, heldout: Path | None) -> list
         if rows.empty:
             raise ValueError("evaluate.in_domain found no held-out rows: raise filter.holdout_fraction")
         field_ = cfg.evaluate.slice_field
-        in_domain_task(rows, task_dir / "synthtune_in_domain", in_domain_delimiter(cfg),
+        in_domain_task(rows, task_dir / "synthtune_in_domain", in_domain_delimiter(cfg, tokenizer),
                        field_values(cfg.generate.seeds, field_) if field_ and cfg.generate.seeds else None)
         names.append(IN_DOMAIN)
     if cfg.evaluate.forgetting is not None:
@@ -146,25 +145,28 @@ def own_tasks(cfg: PipelineConfig, task_dir: Path, heldout: Path | None) -> list
     return names
 
 
-def token_loss(cfg: PipelineConfig, rows: list[dict]) -> float:
+def _tokenizer(cfg: PipelineConfig):
+    return load_tokenizer(cfg.student, cfg.student_revision)
+
+
+def token_loss(tokenizer, rows: list[dict]) -> float:
     """Mean loss per token of the general-text sample: minus the rolling log-likelihoods summed over its
     paragraphs, over their token count (the student's tokenizer, the same for base and adapters)."""
-    tok = load_tokenizer(cfg.student, cfg.student_revision)
     total, tokens = 0.0, 0
     for row in rows:
         ll = row["filtered_resps"]
         while isinstance(ll, (list, tuple)):
             ll = ll[0]
         total += float(ll)
-        tokens += len(tok(row["doc"]["text"], add_special_tokens=False)["input_ids"])
+        tokens += len(tokenizer(row["doc"]["text"], add_special_tokens=False)["input_ids"])
     return round(-total / max(tokens, 1), 6)
 
 
-def in_domain_delimiter(cfg: PipelineConfig) -> str:
+def in_domain_delimiter(cfg: PipelineConfig, tokenizer=None) -> str:
     """The in-domain reply is scored after what the template puts before a reply, as it was trained."""
     if not cfg.evaluate.apply_chat_template:
         return ""
-    enc = parity.encoder(cfg, load_tokenizer(cfg.student, cfg.student_revision))
+    enc = parity.encoder(cfg, tokenizer or _tokenizer(cfg))
     return parity.reply_delimiter(enc, parity.eval_template(enc)) or ""
 
 
@@ -211,14 +213,15 @@ def _evaluate(cfg: PipelineConfig, staging: Staging, adapter: Path | None, heldo
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
+    tokenizer = _tokenizer(cfg)  # loaded once: the template's arguments, the in-domain lead-in, the forgetting tokens
     with tempfile.TemporaryDirectory(prefix=f"synthtune-tasks-{os.getpid()}-") as tmp:
         task_dir = portable_task_dir(cfg.evaluate.task_dir, Path(tmp) / "tasks") or Path(tmp) / "tasks"
-        own = own_tasks(cfg, task_dir, heldout)
+        own = own_tasks(cfg, task_dir, heldout, tokenizer)
         # include_defaults=False skips indexing lm-eval's ~10k bundled YAMLs (~12 s) when all are local
         local = set(local_tasks(cfg.evaluate.task_dir))
         manager = TaskManager(include_path=str(task_dir) if task_dir.exists() else None,
                               include_defaults=not set(cfg.evaluate.tasks) <= local)
-        args = lm_eval_args(cfg, adapter, task_dir)
+        args = lm_eval_args(cfg, adapter, task_dir, tokenizer)
         args["tasks"] += own
         bars, lm_eval.models.huggingface.tqdm = lm_eval.models.huggingface.tqdm, _Requests
         try:
@@ -237,7 +240,7 @@ def _evaluate(cfg: PipelineConfig, staging: Staging, adapter: Path | None, heldo
     (staging.path / "lm_eval_args.json").write_text(json.dumps(args, indent=2, default=str))
     found = scores(results)
     if FORGETTING in samples:
-        found.setdefault(FORGETTING, {})["loss"] = token_loss(cfg, samples[FORGETTING])
+        found.setdefault(FORGETTING, {})["loss"] = token_loss(tokenizer, samples[FORGETTING])
     staging.metrics.update(scores=found, model="tuned" if adapter else "base", adapter_key=adapter_key,
                            student=cfg.student, lm_eval_version=results.get("lm_eval_version"),
                            task_versions=results.get("versions", {}))

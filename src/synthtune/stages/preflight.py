@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from synthtune import tracking
 from synthtune.configs import PreflightConfig
-from synthtune.eval_tasks import chat_payload, check_tasks, task_data
+from synthtune.eval_tasks import chat_payload, check_tasks, local_tasks, task_data
 from synthtune.keys import key_payload, stage_key
 from synthtune.models import fingerprint, identity, resolve, revision_kw
 from synthtune.store import ArtifactRef, ArtifactStore, Staging, produce
@@ -139,8 +139,6 @@ def format_parity(cfg: PipelineConfig) -> tuple[list[str], dict]:
     tok = load_tokenizer(cfg.student, cfg.student_revision)
     enc = parity.encoder(cfg, tok)
     found = parity.check(cfg, enc, parity.eval_template(enc), cfg.evaluate.task_dir)
-    from synthtune.eval_tasks import local_tasks
-
     report = {"differences": [str(f) for f in found], "acknowledged": bool(found) and cfg.evaluate.allow_format_difference,
               # registry tasks are not on disk here: lm-eval renders them at evaluation time, unchecked
               "unchecked": [t for t in cfg.evaluate.tasks if t not in local_tasks(cfg.evaluate.task_dir)]}
@@ -183,12 +181,12 @@ def checks(cfg: PipelineConfig, store: ArtifactStore) -> tuple[list[str], dict]:
         from synthtune.tiny import teacher_warning
 
         try:
-            warnings = [w for w in [teacher_warning(gen.teacher, [r["instruction"] for r in
-                                                                  read_seeds(gen.seeds, gen.prompt_field).rows])] if w]
+            prompts = [r["instruction"] for r in read_seeds(gen.seeds, gen.prompt_field).rows]
         except Exception:  # unreadable seeds are generate's to report
-            warnings = []
-    for w in warnings:
-        log.warning(w)
+            prompts = []
+        if warning := teacher_warning(gen.teacher, prompts):
+            log.warning(warning)
+            warnings.append(warning)
     return problems + disk, {"free_gb": free_gb, "format_parity": parity, "warnings": warnings}
 
 
