@@ -132,14 +132,16 @@ def test_the_verdict_artifacts_show_the_slices_worst_first_and_the_forgetting_lo
     """What the Prefect UI shows for a decision: the eval-slices table and the verdict with the loss."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
 
     from tasks.promote import report
 
     _, store, out = _decided(demo_cfg)
     report(store, out)
     with get_client(sync_client=True) as client:
-        def latest(key):
-            return client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))[-1].data
+        def latest(key):  # other tests on the shared server write the same keys: the newest is this one
+            return client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
+                                         sort=ArtifactSort.CREATED_DESC, limit=1)[0].data
 
         table, verdict = latest("eval-slices"), latest("promotion-verdict")
     rows = json.loads(table) if isinstance(table, str) else table
