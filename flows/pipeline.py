@@ -17,6 +17,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import deployment, flow_run
 from prefect.states import Completed
 
+from flows.cost import report_cost
 from flows.parameters import FailStage, GpuDeployment, GpuSlot, Refresh, announce, gpu_run_name, run_name
 from flows.split import hand_back, run_elsewhere
 from flows.tracking import tracked
@@ -87,6 +88,7 @@ def pipeline(config: PipelineConfig, gpu_deployment: GpuDeployment = "", gpu_slo
             with hold_gpu(slot_name(gpu_slot)):
                 walk(config, execute, GPU_STEPS, refs, refresh)
         walk(config, execute, AFTER_GPU, refs, refresh)
+        report_cost(config, refs)  # the night's ledger: the cost-history artifacts, MLflow
     verdict = refs["promote"].summary
     if not verdict["promoted"]:  # a finished run whose adapter failed the gate: say so in the run's state
         return Completed(name="NotPromoted", message="; ".join(verdict["reasons"]), data=refs)

@@ -15,6 +15,7 @@ from prefect.runtime import flow_run
 from prefect.states import Completed
 
 from synthtune.store import RUN_ID, ArtifactRef, ArtifactStore
+from synthtune.usage import POOL
 
 
 class InjectedFault(RuntimeError):
@@ -37,15 +38,36 @@ def stage_task(stage: ModuleType, tags: list[str], retries: int = 0,
         if FAULT.get() == stage.STAGE:
             raise InjectedFault(f"{stage.STAGE}: failed on purpose (fail_stage={stage.STAGE}, first attempt of the "
                                 "flow run)")
-        token = RUN_ID.set(flow_run.get_id())
+        token, pool = RUN_ID.set(flow_run.get_id()), POOL.set(work_pool())
         try:
             ref = body(cfg, ArtifactStore(cfg.artifact_root), upstream or {}, output_key=key, rebuild=rebuild)
         finally:
             RUN_ID.reset(token)
+            POOL.reset(pool)
         return Completed(name="Cached", data=ref, message=f"{ref.uri} is done and intact") if ref.reused else ref
 
     run.__doc__ = (stage.run.__doc__ or "").strip().splitlines()[0]
     return run
+
+
+_POOLS: dict[str, str | None] = {}
+
+
+def work_pool() -> str | None:
+    """The work pool this flow run is in (what prices its GPU hours: cost.gpu_usd_per_hour); None for a
+    run outside a pool. Asked of the server once per flow run."""
+    run_id = flow_run.get_id()
+    if not run_id:
+        return None
+    if run_id not in _POOLS:
+        from prefect.client.orchestration import get_client
+
+        try:
+            with get_client(sync_client=True) as client:
+                _POOLS[run_id] = client.read_flow_run(run_id).work_pool_name
+        except Exception:  # noqa: BLE001  (a price lookup never fails a stage)
+            _POOLS[run_id] = None
+    return _POOLS[run_id]
 
 
 def inline_png(store: ArtifactStore, ref: ArtifactRef, name: str, alt: str) -> str:

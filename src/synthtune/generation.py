@@ -43,6 +43,49 @@ log = logging.getLogger("synthtune.generate")
 FLUSH_S = 0.5  # finished answers reach the row cache at least this often
 
 
+ROLES = {"teacher": "teacher", "magpie": "teacher", "judge": "judge", "rejected": "rejected"}  # pass -> who is billed
+
+
+@dataclass
+class Calls:
+    """What one model was asked tonight (the ledger's teacher and judge lines): requests sent (every
+    attempt, retries included: what the server sees), retries, requests given up, answers the row
+    cache held (not asked), and tokens from the API's `usage` (`tokens: api`) or counted with a local
+    model's tokenizer (`tokens: tokenizer`)."""
+
+    requests: int = 0
+    retries: int = 0
+    failed: int = 0
+    cache_hits: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    tokens: str = "api"
+
+    def add(self, stats: dict) -> None:
+        self.requests += stats["sent"]
+        self.retries += stats["retries"]
+        self.failed += stats["failed"]
+        self.prompt_tokens += stats.get("tokens", {}).get("prompt", 0)
+        self.completion_tokens += stats.get("tokens", {}).get("completion", 0)
+
+
+def row_tokens(row: dict) -> tuple[int, int]:
+    """(prompt, completion) tokens of a row a distilabel task made with a local model: its
+    `distilabel_metadata` statistics, counted by distilabel with the model's tokenizer."""
+    prompt = completion = 0
+    for name, stats in (row.get("distilabel_metadata") or {}).items():
+        if name.startswith("statistics_") and isinstance(stats, dict):
+            for field_, total in (("input_tokens", "p"), ("output_tokens", "c")):
+                values = stats.get(field_)
+                n = sum(v for v in values if isinstance(v, int)) if isinstance(values, list) else (
+                    values if isinstance(values, int) else 0)
+                if total == "p":
+                    prompt += n
+                else:
+                    completion += n
+    return prompt, completion
+
+
 @dataclass
 class Tally:
     """Answers (and ratings) reused from the cache vs produced now, requests given up, and rows holding
@@ -59,9 +102,13 @@ class Tally:
     fresh: set[str] = field(default_factory=set)  # answer keys produced now
     failures: dict[str, str] = field(default_factory=dict)  # request key -> why it was given up
     replicas: list[int] = field(default_factory=list)  # engine=ray: requests each replica was given
+    calls: dict[str, Calls] = field(default_factory=dict)  # who was asked (teacher, judge, rejected): the ledger
 
     def counts(self) -> dict[str, int]:
-        return {k: v for k, v in vars(self).items() if k not in ("fresh", "failures", "replicas")}
+        return {k: v for k, v in vars(self).items() if k not in ("fresh", "failures", "replicas", "calls")}
+
+    def of(self, what: str) -> Calls:
+        return self.calls.setdefault(ROLES.get(what, what), Calls())
 
 
 @dataclass(frozen=True)
@@ -199,6 +246,7 @@ async def _http_pass(gen: GenerateConfig, p: Pass, cache_url: str, api_key: Secr
     writer = CacheWriter(cache, p.fields, gen.batch_size)
     found: dict[str, dict] = {}
     failures: dict[str, str] = {}
+    tokens = {"prompt": 0, "completion": 0}  # the API's usage, summed over every reply
     writes: set[asyncio.Task] = set()
 
     def write(rows: list[dict] | None) -> None:
@@ -223,6 +271,8 @@ async def _http_pass(gen: GenerateConfig, p: Pass, cache_url: str, api_key: Secr
             choices = reply.get("choices") or [{}]
             row = task.format_output((choices[0].get("message") or {}).get("content"), item)
             usage = reply.get("usage") or {}
+            tokens["prompt"] += usage.get("prompt_tokens") or 0
+            tokens["completion"] += usage.get("completion_tokens") or 0
             row.update(model_name=p.model, statistics={"input_tokens": usage.get("prompt_tokens"),
                                                        "output_tokens": usage.get("completion_tokens")})
             return row
@@ -253,7 +303,7 @@ async def _http_pass(gen: GenerateConfig, p: Pass, cache_url: str, api_key: Secr
             write(writer.take())
             if writes:
                 await asyncio.gather(*writes)
-    stats.failures = failures
+    stats.failures, stats.tokens = failures, tokens
     return found, stats
 
 
@@ -308,6 +358,7 @@ def cached_or_made(p: Pass, cache_url: str, execute: Executor, tally: Tally, rat
     hits = cache.lookup(wanted)
     misses = tuple({i["id"]: i for i in p.inputs if i["id"] not in hits}.values())
     fresh = execute(Pass(**{**vars(p), "inputs": misses}), tally) if misses else {}
+    tally.of(p.what).cache_hits += len(hits)
     if not ratings:
         tally.fresh |= {k for k, v in fresh.items() if usable(v, p.required)}
     prefix = "ratings_" if ratings else ""
@@ -326,9 +377,9 @@ def answers_pass(gen: GenerateConfig, what: str, model: str, http: bool, request
 
 
 def assemble(gen: GenerateConfig, seeds: list[dict], identities: dict[str, str], cache_url: str,
-             execute: Executor) -> tuple[list[dict], list[dict], Tally]:
-    """(rows in seed order with provenance, quarantined rows with reasons, the tally)."""
-    tally = Tally()
+             execute: Executor, tally: Tally | None = None) -> tuple[list[dict], list[dict], Tally]:
+    """(rows in seed order with provenance, quarantined rows with reasons, the tally: `tally`'s counts go on)."""
+    tally = Tally() if tally is None else tally
     http = gen.teacher_kind == "openai"
     if gen.mode == "magpie":
         rows, dropped = _magpie(gen, identities["teacher"], cache_url, execute, tally)
@@ -391,19 +442,36 @@ def _ratings(gen: GenerateConfig, judge_id: str, items: list[dict], cache_url: s
     return {item["id"]: found.get(k["id"], {}) for item, k in zip(items, keyed, strict=True)}
 
 
-def calibrate(gen: GenerateConfig, judge_id: str, labels: list, cache_url: str, execute: Executor) -> dict:
-    """The judge rates the calibration set (synthtune.judging): each labelled answer alone, and the first
-    two answers of each prompt in both orders; its agreement with the labels and its position consistency.
-    Ratings go through the row cache under the judge's identity, like any other."""
+def calibration_items(labels: list) -> tuple[list[dict], list[dict], list[dict]]:
+    """What the judge rates to be calibrated: each labelled answer alone, and the first two answers of each
+    prompt in both orders (synthtune.judging)."""
     from synthtune import judging
 
-    tally = Tally()
     both = judging.pairs(labels)
     singles = [{"id": f"label:{lab.line}", "instruction": lab.prompt, "generations": [lab.response]} for lab in labels]
     forward = [{"id": f"ab:{a.line}:{b.line}", "instruction": a.prompt, "generations": [a.response, b.response]}
                for a, b in both]
     backward = [{"id": f"ba:{a.line}:{b.line}", "instruction": a.prompt, "generations": [b.response, a.response]}
                 for a, b in both]
+    return singles, forward, backward
+
+
+def uncached_ratings(gen: GenerateConfig, judge_id: str, items: list[dict], cache_url: str) -> int:
+    """How many of `items` the judge would be asked to rate (the row cache holds the others)."""
+    keys = {rating_key(gen, judge_id, i["instruction"], i["generations"]) for i in items}
+    return len(keys) - len(RowCache(f"{cache_url}/ratings").lookup(keys))
+
+
+def calibrate(gen: GenerateConfig, judge_id: str, labels: list, cache_url: str, execute: Executor,
+              tally: Tally | None = None) -> dict:
+    """The judge rates the calibration set (synthtune.judging): each labelled answer alone, and the first
+    two answers of each prompt in both orders; its agreement with the labels and its position consistency.
+    Ratings go through the row cache under the judge's identity, like any other."""
+    from synthtune import judging
+
+    tally = Tally() if tally is None else tally  # the stage's: the judge's calls are counted in its ledger
+    asked, reused = tally.requests, tally.ratings_reused
+    singles, forward, backward = calibration_items(labels)
     rated = _ratings(gen, judge_id, singles + forward + backward, cache_url, execute, tally)
 
     def first(item) -> float | None:
@@ -415,7 +483,7 @@ def calibrate(gen: GenerateConfig, judge_id: str, labels: list, cache_url: str, 
             **judging.agreement([lab.accept for lab in labels], verdicts),
             "position": judging.consistency([rated[i["id"]].get("ratings") for i in forward],
                                             [rated[i["id"]].get("ratings") for i in backward]),
-            "requests": tally.requests, "reused": tally.ratings_reused}
+            "requests": tally.requests - asked, "reused": tally.ratings_reused - reused}
 
 
 def _preference_pairs(gen: GenerateConfig, identities: dict[str, str], seeds: dict[str, dict],
@@ -492,3 +560,35 @@ def too_many_failed(tally: Tally, asked: int, share: float) -> str | None:
 
 
 __all__ = ["GenerationError", "Pass", "Tally", "assemble", "http_pass", "make_llm", "make_task", "pick_pair"]
+
+
+# ---------------------------------------------------------------- what a night would ask for (the budget)
+
+
+def planned(gen: GenerateConfig, seeds: list[dict], identities: dict[str, str], cache_url: str,
+            calibration: int = 0) -> dict:
+    """What generate would send tonight, counted before anything is asked: the teacher's requests (the
+    answers the row cache lacks, exactly), the judge's (one per new answer in sft mode, per seed with a
+    new answer in preference mode, plus the `calibration` ratings not cached: an estimate, since a
+    rating's key is the answers it rates), the seed files those requests come from, and an upper
+    estimate of their tokens (prompt: ~4 bytes a token; completion: max_new_tokens each)."""
+    from collections import Counter
+
+    if gen.mode == "magpie":
+        keys = [magpie_key(gen, identities["teacher"], n) for n in range(gen.magpie_rows)]
+        hits = RowCache(f"{cache_url}/magpie").lookup(set(keys))
+        new = [({"seed_file": "(magpie: no seed file)", "instruction": ""}, k) for k in keys if k not in hits]
+    else:
+        asked = [(s, answer_key(gen, identities["teacher"], s["instruction"], i)) for s in seeds
+                 for i in range(gen.num_generations)]
+        hits = RowCache(f"{cache_url}/answers").lookup({k for _, k in asked})
+        new = [(s, k) for s, k in asked if k not in hits]
+    judge = 0
+    if gen.judge:
+        judge = (len(new) if gen.mode == "sft" else len({s["id"] for s, _ in new})) + calibration
+    system = len((gen.system_prompt or "").encode())
+    prompt = sum((system + len(s["instruction"].encode())) // 4 + 8 for s, _ in new)
+    completion = len(new) * gen.max_new_tokens
+    judge_prompt = judge * (400 + (gen.num_generations + 1) * gen.max_new_tokens)
+    return {"teacher": len(new), "judge": judge, "by_file": dict(Counter(s["seed_file"] for s, _ in new).most_common()),
+            "tokens": {"teacher": (prompt, completion), "judge": (judge_prompt, judge * gen.judge_max_new_tokens)}}

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from types import ModuleType
 
-from synthtune import lineage, progress, runs
+from synthtune import ledger, lineage, progress, runs
 from synthtune.configs import PipelineConfig
 from synthtune.keys import pending
 from synthtune.registry import Registry, RegistryError
@@ -210,4 +210,7 @@ def run_all(cfg: PipelineConfig, on_step: Callable[[str, ArtifactRef], None] | N
     run_id = str(uuid.uuid4())
     with runs.leased(ArtifactStore(cfg.artifact_root), cfg.name, run_id), \
             tracking.session(cfg, pipeline_run=run_id, name=f"{cfg.name}-local"):
-        return walk(cfg, local, steps, refresh=refresh, on_step=on_step)
+        refs = walk(cfg, local, steps, refresh=refresh, on_step=on_step)
+        if steps[-1] is DAG[-1]:  # a whole night: what it cost (synthtune.ledger)
+            ledger.record(cfg, refs, run_id)
+        return refs

@@ -28,6 +28,7 @@ from typing import Any
 import fsspec
 from pydantic import BaseModel
 
+from synthtune import usage
 from synthtune.atomic import is_local, lock, write_bytes
 from synthtune.digests import file_sha256, remember, stream_sha256
 from synthtune.keys import output_digest
@@ -116,6 +117,7 @@ class Staging:
     rows: dict[str, int] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    usage: dict[str, Any] = field(default_factory=dict)  # what building it used (synthtune.usage)
 
 
 class ArtifactStore:
@@ -191,6 +193,7 @@ class ArtifactStore:
                 "summary": {"rows": staging.rows, **staging.metrics},
                 "files": files,
                 "digest": output_digest(files),
+                "usage": staging.usage,
                 **staging.extra,
             }
             self._write_json(self.path(stage, key, MANIFEST), manifest)
@@ -333,13 +336,18 @@ class ArtifactStore:
         return shutil.disk_usage(p).free
 
 
+GPU_STAGES = ("train", "evaluate")  # the stages that hold the machine's GPUs (their device-seconds are counted)
+
+
 def produce(store: ArtifactStore, stage: str, key: str, upstream: dict[str, str], config: dict, build,
-            rebuild: bool = False) -> ArtifactRef:
+            rebuild: bool = False, devices: bool | None = None) -> ArtifactRef:
     """The finished output `{stage}/{key}` if its files match its manifest (`reused` set), else what
     `build(staging)` writes, committed. The one place that decides skip-or-run, with or without an
     orchestrator. An output whose files were changed, truncated or deleted since it was written is
     never used: it is rebuilt, with a log line saying why; so is one `rebuild` asks for (--refresh).
-    `upstream` ({name: key}) is recorded in the manifest, for lineage."""
+    `upstream` ({name: key}) is recorded in the manifest, for lineage; what the build used (synthtune.usage:
+    seconds, and the GPUs' device-seconds when it holds them, `devices`, by default the GPU stages'), as
+    `usage`."""
     ref = None if rebuild else store.ref(stage, key, reused=True)
     if ref is not None and not store.problems(stage, key):
         return ref
@@ -353,6 +361,7 @@ def produce(store: ArtifactStore, stage: str, key: str, upstream: dict[str, str]
             log.warning("%s/%s: %s; rebuilding it", stage, key, "; ".join(bad[:3]))
             store.remove(stage, key, MANIFEST)  # first: a half-removed output never looks finished
             store.remove(stage, key)
-        with store.writing(stage, key, upstream, config) as staging:
+        with store.writing(stage, key, upstream, config) as staging, \
+                usage.measured(staging.usage, stage in GPU_STAGES if devices is None else devices):
             build(staging)
     return store.ref(stage, key)

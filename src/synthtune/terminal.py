@@ -278,6 +278,10 @@ def print_summary(console, cfg, refs: dict, seconds: float) -> None:
             result = f"trained-token share {s.get('trained_token_share')}, p99 {s.get('p99_tokens')} tokens"
         table.add_row(escape(name), ref.key, rows, escape(result))
     console.print(table)
+    if "promote" in refs:  # a whole night: what it cost (synthtune.ledger)
+        from synthtune.ledger import night, summary_line
+
+        console.print(escape(summary_line(night(cfg, refs))), highlight=False)
     root = refs["promote"].uri.rsplit("/promote/", 1)[0] if "promote" in refs else cfg.artifact_root
     console.print(f"artifacts: {root}  (the model in service: {root}/registry/{cfg.name}/champion.json, "
                   f"`synthtune show`)", highlight=False)

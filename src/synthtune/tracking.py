@@ -148,6 +148,10 @@ class Session:
     uris: dict[str, str] = dc_field(default_factory=dict)  # step -> its output's folder
 
     def __call__(self, event: dict) -> None:
+        if event.get("kind") == "night_cost":
+            with self._warn("logging the night's cost"):
+                self._log_cost(event["ledger"])
+            return
         if event.get("kind") != "step_end" or event.get("state") in ("Failed", "Skipped"):
             return
         step, summary = event["step"], event.get("summary") or {}
@@ -171,6 +175,18 @@ class Session:
                    if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v]
         for i in range(0, len(metrics), 500):
             self.client.log_batch(self.run_id, metrics=metrics[i:i + 500])
+
+    def _log_cost(self, ledger: dict) -> None:
+        """The night's cost (synthtune.ledger): money where priced, counts always, GPU hours where measured."""
+        from synthtune.ledger import summary_line
+
+        values = {"cost.usd": ledger["usd"], "cost.saved_usd": ledger["saved_usd"], "cost.gpu_hours": ledger["gpu_hours"],
+                  "cost.usd_per_point": ledger["usd_per_point"], "cost.retries": ledger["retries"],
+                  "cost.cache_hits": ledger["cache_hits"],
+                  **{f"cost.{role}.{f}": ledger[f][role] for f in ("requests", "prompt_tokens", "completion_tokens")
+                     for role in ledger[f] if ledger[f][role]}}
+        self._metrics({k: v for k, v in values.items() if v is not None})
+        self.client.set_tag(self.run_id, "synthtune.cost", summary_line(ledger)[:5000])
 
     def _log_step(self, step: str, summary: dict, uri: str | None, state: str | None) -> None:
         if uri:

@@ -81,6 +81,8 @@ class Stats:
     max_in_flight: int = 0
     window: int = 0
     started: float = field(default_factory=time.monotonic)
+    failures: dict[str, str] = field(default_factory=dict)  # filled by the caller: request key -> why given up
+    tokens: dict[str, int] = field(default_factory=dict)  # ... and the API's `usage` summed (prompt, completion)
 
     @property
     def rows_per_s(self) -> float:

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import os
 
-from synthtune.cli import deploy, fields, registry, run, stages  # each registers its commands on `app`
+from synthtune.cli import cost, deploy, fields, registry, run, stages  # each registers its commands on `app`
 from synthtune.cli.common import app
 
-__all__ = ["app", "deploy", "fields", "main", "registry", "run", "stages"]
+__all__ = ["app", "cost", "deploy", "fields", "main", "registry", "run", "stages"]
 
 
 def main() -> None:

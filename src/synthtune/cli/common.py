@@ -16,6 +16,8 @@ err = Console(stderr=True, soft_wrap=True)
 
 Overrides = Annotated[list[str] | None, typer.Argument(help="Overrides like train.lora.r=8 (values parsed as YAML).")]
 ConfigArg = Annotated[Path | None, typer.Argument(help="Pipeline YAML (default: configs/demo.yaml).")]
+OverBudget = Annotated[bool, typer.Option("--allow-over-budget", help="Go on although tonight's teacher requests are "
+                                          "over cost.max_teacher_requests / max_teacher_usd (cost.allow_over_budget).")]
 
 
 def project_root() -> Path:
@@ -44,6 +46,11 @@ def load(config: Path | None, overrides: list[str] | None):
     except ConfigError as e:
         err.print(f"[red]{e}[/red]", highlight=False)
         raise typer.Exit(2) from None
+
+
+def over_budget(cfg, allow: bool):
+    """The config with cost.allow_over_budget set when `--allow-over-budget` was given."""
+    return cfg.model_copy(update={"cost": cfg.cost.model_copy(update={"allow_over_budget": True})}) if allow else cfg
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:

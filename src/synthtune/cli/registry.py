@@ -111,8 +111,12 @@ def models(config: ConfigArg = None, overrides: Overrides = None,
     task, metric = cfg.promote.target_task, cfg.promote.metric
     table = Table(title=f"'{cfg.name}' models ({registry.uri('history.jsonl')})")
     # the gate's forgetting and per-slice figures, where a decision measured them
+    from synthtune.ledger import by_train_key
+
+    costs = by_train_key(registry.store, cfg.name)  # the night that trained each candidate (synthtune cost)
     extra = [name for name, has in (("forgetting", any(e.get("forgetting") for e in history)),
-                                    ("worst slice", any(e.get("worst_slice") for e in history))) if has]
+                                    ("worst slice", any(e.get("worst_slice") for e in history)),
+                                    ("cost", any(e.get("train_key") in costs for e in history))) if has]
     for col in ("when", "event", "candidate", "start", f"{task} {metric}", "champion", "base", *extra, "promoted",
                 "why"):
         table.add_column(col, overflow="fold")
@@ -128,7 +132,8 @@ def models(config: ConfigArg = None, overrides: Overrides = None,
                       _start(registry.store, e.get("train_key")), _score(e.get("scores"), task, metric),
                       _score(e.get("champion_scores"), task, metric),
                       _score(e.get("base_scores"), task, metric),
-                      *[{"forgetting": _forgetting, "worst slice": _worst_slice}[c](e) for c in extra],
+                      *[{"forgetting": _forgetting, "worst slice": _worst_slice,
+                         "cost": lambda e: _cost(costs.get(e.get("train_key")))}[c](e) for c in extra],
                       "yes" if e.get("promoted") else "no", escape(why))
     console.print(table)
     if not history:
@@ -139,6 +144,18 @@ def _forgetting(event: dict) -> str:
     """The general-text loss's rise over base, as the gate saw it ('-' when not measured)."""
     f = event.get("forgetting") or {}
     return "-" if f.get("rise") is None else f"{f['rise']:+.1%} ({f['tuned']:.3f})"
+
+
+def _cost(night: dict | None) -> str:
+    """What the night that trained a candidate cost (and per point gained, when it was promoted)."""
+    from synthtune.ledger import money
+
+    if night is None:
+        return "-"
+    if not night["priced"]:
+        return f"not priced ({sum(night['requests'].values())} requests)"
+    per_point = f", {money(night['usd_per_point'])}/pt" if night.get("usd_per_point") is not None else ""
+    return f"{money(night['usd'])}{per_point}"
 
 
 def _worst_slice(event: dict) -> str:

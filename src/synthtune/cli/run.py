@@ -17,7 +17,19 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from synthtune.cli.common import ConfigArg, Overrides, app, config_path, console, err, fail, load, project_root
+from synthtune.cli.common import (
+    ConfigArg,
+    OverBudget,
+    Overrides,
+    app,
+    config_path,
+    console,
+    err,
+    fail,
+    load,
+    over_budget,
+    project_root,
+)
 
 
 @app.command()
@@ -74,13 +86,14 @@ def run(
         help="Rebuild this stage and everything after it even if finished (repeatable), e.g. --refresh evaluate")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Also show library warnings, progress bars and "
                                           "raw logs on the terminal (they always go to the run's log file).")] = False,
+    allow_over_budget: OverBudget = False,
 ) -> None:
     """Run the whole loop; finished stages are skipped (Prefect: `Cached`)."""
     from synthtune import STAGES, progress
     from synthtune.runner import DAG
     from synthtune.terminal import RunView, TerminalWarnings, log_path, mute_console_handlers, print_summary, run_log
 
-    cfg = load(config, overrides)
+    cfg = over_budget(load(config, overrides), allow_over_budget)
     unknown = [r for r in refresh or [] if r not in STAGES]
     if unknown:
         raise fail(f"--refresh {unknown[0]}: not a stage (stages: {', '.join(STAGES)})")

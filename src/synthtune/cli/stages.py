@@ -10,14 +10,14 @@ from typing import Annotated
 import typer
 
 from synthtune import STAGES
-from synthtune.cli.common import ConfigArg, Overrides, app, console, load
+from synthtune.cli.common import ConfigArg, OverBudget, Overrides, app, console, load, over_budget
 
 
 def _stage_command(stage: str):
-    def command(config: ConfigArg = None, overrides: Overrides = None) -> None:
+    def command(config: ConfigArg = None, overrides: Overrides = None, allow_over_budget: OverBudget = False) -> None:
         from synthtune.runner import run_all
 
-        cfg = load(config, overrides)
+        cfg = over_budget(load(config, overrides), allow_over_budget)
         refs = run_all(cfg, until=stage,
                        on_step=lambda name, ref: console.print(f"[green]done[/green] {name} {ref.key} {ref.uri}"))
         console.print({k: v.summary for k, v in refs.items() if k.startswith(stage)})

@@ -15,6 +15,7 @@ from typing import Annotated
 from pydantic import AfterValidator, ValidationInfo, model_validator
 
 from synthtune import STAGES
+from synthtune.configs.cost import CostConfig
 from synthtune.configs.evaluate import IN_DOMAIN, EvaluateConfig
 from synthtune.configs.filter import FilterConfig
 from synthtune.configs.generate import GenerateConfig
@@ -77,6 +78,8 @@ class PipelineConfig(Section):
     promote: PromoteConfig = field(..., description="When a candidate becomes the champion.")
     tracking: TrackingConfig = field(default_factory=TrackingConfig,
                                      description="Experiment tracking (MLflow, TRL report_to); in no cache key.")
+    cost: CostConfig = field(default_factory=CostConfig,
+                             description="Prices and budgets: what a night costs, and when to stop; in no cache key.")
 
     @model_validator(mode="after")
     def _cross_checks(self) -> PipelineConfig:

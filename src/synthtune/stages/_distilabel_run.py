@@ -21,16 +21,16 @@ from pydantic import SecretStr
 
 from synthtune.child import kill_survivors
 from synthtune.configs import GenerateConfig
-from synthtune.generation import Pass, http_pass, make_llm, make_task, usable
+from synthtune.generation import Pass, http_pass, make_llm, make_task, row_tokens, usable
 from synthtune.rowcache import RowCache
 
 STAGE = "generate"
 log = logging.getLogger("distilabel.synthtune")
-NO_FAILURES = {"failed": 0, "retries": 0, "failures": {}}
 
 
 def local_pass(gen: GenerateConfig, p: Pass, cache_url: str) -> tuple[dict[str, dict], dict]:
-    """Every input of `p` through a local model, batch by batch; (key -> fields, counts)."""
+    """Every input of `p` through a local model, batch by batch; (key -> fields, counts: tokens as the
+    model's tokenizer counts them)."""
     import torch
 
     torch.manual_seed(gen.seed)
@@ -38,11 +38,16 @@ def local_pass(gen: GenerateConfig, p: Pass, cache_url: str) -> tuple[dict[str, 
     task = make_task(gen, p, make_llm(gen, p))
     cache = RowCache(f"{cache_url}/{p.cache}")
     found: dict[str, dict] = {}
+    tokens = {"prompt": 0, "completion": 0}
     for start in range(0, len(p.inputs), gen.batch_size):
         rows = next(task.process([dict(i) for i in p.inputs[start:start + gen.batch_size]]))
         cache.write([{"key": r["id"], **{f: r.get(f) for f in p.fields}} for r in rows if usable(r, p.required)])
         found.update({r["id"]: {f: r.get(f) for f in p.fields} for r in rows})
-    return found, NO_FAILURES
+        for r in rows:
+            prompt, completion = row_tokens(r)
+            tokens["prompt"] += prompt
+            tokens["completion"] += completion
+    return found, {"failed": 0, "retries": 0, "failures": {}, "sent": len(p.inputs), "tokens": tokens}
 
 
 # what Ray workers need from this process's environment (offline mode, no telemetry, tokenizers)
@@ -57,7 +62,7 @@ class Replica:
         if p.http:
             found, stats = http_pass(gen, p, cache_url, api_key)
             return found, {"failed": stats.failed, "retries": stats.retries, "failures": stats.failures,
-                           "requests": len(p.inputs)}
+                           "sent": len(p.inputs) + stats.retries, "tokens": stats.tokens}
         return local_pass(gen, p, cache_url)
 
 
@@ -94,11 +99,14 @@ def ray_pass(gen: GenerateConfig, p: Pass, cache_url: str, api_key: SecretStr | 
         log.info("%s: %d requests split between %d replicas", p.what, len(p.inputs), replicas)
         results = ray.get([a.run.remote(gen, share, cache_url, api_key) for a, share in zip(actors, shares,
                                                                                                strict=True)])
-    found, stats = {}, {"failed": 0, "retries": 0, "failures": {}, "per_replica": []}
+    found: dict = {}
+    stats = {"failed": 0, "retries": 0, "failures": {}, "per_replica": [], "sent": 0, "tokens": {"prompt": 0, "completion": 0}}
     for share, (part, counts) in zip(shares, results, strict=True):
         found.update(part)
-        stats["failed"] += counts.get("failed", 0)
-        stats["retries"] += counts.get("retries", 0)
+        for name in ("failed", "retries", "sent"):
+            stats[name] += counts.get(name, 0)
+        for name in ("prompt", "completion"):
+            stats["tokens"][name] += counts.get("tokens", {}).get(name, 0)
         stats["failures"].update(counts.get("failures", {}))
         stats["per_replica"].append(len(share.inputs))
     return found, stats

@@ -20,9 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from synthtune import parity
+from synthtune import budget, parity
 from synthtune.models import resolve, revision_kw
 from synthtune.stages.train import (
+    BUDGET_EXIT,
     OOM_EXIT,
     PEAK_FLOPS,
     SERVING_EXIT,
@@ -98,6 +99,31 @@ def _progress_callback(path: Path, tokens_per_epoch: int):
                 f.write(json.dumps(record) + "\n")
 
     return Progress()
+
+
+def _budget_callback(work: Path, max_hours: float | None, device: str):
+    """A callback counting device-hours (devices x hours; hours of training on a CPU) over every attempt
+    of this training, recorded at each checkpoint; over cost.max_gpu_hours it stops training right after
+    the checkpoint it just saved and writes why (synthtune.budget)."""
+    from transformers import TrainerCallback
+
+    class Budget(TrainerCallback):
+        def __init__(self):
+            self.start, self.before = time.monotonic(), budget.hours_used(work)
+
+        def on_save(self, args, state, control, **kwargs):
+            if not state.is_world_process_zero:
+                return
+            devices = args.world_size if device != "cpu" else 1
+            used = self.before + (time.monotonic() - self.start) * devices / 3600
+            budget.record_hours(work, used)
+            if max_hours is not None and used > max_hours:
+                control.should_training_stop = True
+                (work / budget.STOPPED).write_text(json.dumps({
+                    "hours": used, "step": state.global_step, "devices": devices, "device": device,
+                    "checkpoint": str(Path(args.output_dir) / f"checkpoint-{state.global_step}")}))
+
+    return Budget()
 
 
 def _pretokenized_dpo(base):
@@ -274,8 +300,10 @@ def main(spec_path: str) -> int:
         first_step = _first_step_callback()
         columns_ = ["prompt_ids", "chosen_ids", "rejected_ids"] if tc.mode == "dpo" else ["input_ids"]
         progress = _progress_callback(work / "progress.jsonl", sum(sum(len(x) for x in dataset[c]) for c in columns_))
+        device = torch.cuda.get_device_name() if runtime.device == "cuda" else "cpu"
+        spending = _budget_callback(work, cfg.cost.max_gpu_hours, device)
         trainer = trainer_cls(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                              callbacks=[first_step, progress])
+                              callbacks=[first_step, progress, spending])
         from transformers.trainer_callback import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)  # raw {'loss': ...} dicts: the progress file has them
@@ -289,6 +317,8 @@ def main(spec_path: str) -> int:
     except torch.OutOfMemoryError as e:
         print(f"synthtune: CUDA out of memory at micro-batch {batch}: {e}", file=sys.stderr)
         return OOM_EXIT
+    if (work / budget.STOPPED).is_file():  # stopped at a checkpoint by cost.max_gpu_hours: no adapter yet
+        return BUDGET_EXIT
     if trainer.accelerator.is_main_process:
         _finish(Finished(cfg=cfg, runtime=runtime, trainer=trainer, model=model, tokenizer=tokenizer,
                          dataset=dataset, before=before, result=result, seconds=seconds, resumed=resumed,

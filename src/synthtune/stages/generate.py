@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -188,6 +189,12 @@ def _generate(cfg: PipelineConfig, store: ArtifactStore, staging: Staging, on_lo
         raise GenerationError(f"{gen.seeds}: no usable seed rows; quarantined: {seeds.quarantined[:5]}")
     if gen.mode == "magpie":  # before any model loads: a template we cannot read fails here
         gen = gen.model_copy(update={"magpie_pre_query_template": pre_query_template(gen)})
+    identities = {"teacher": identity(gen.teacher, gen.teacher_kind, gen.base_url, gen.teacher_revision)}
+    if gen.mode == "preference" and gen.rejected_model:
+        identities["rejected"] = fingerprint(gen.rejected_model)
+    if gen.judge:
+        identities["judge"] = identity(gen.judge, gen.teacher_kind, gen.base_url, gen.judge_revision)
+    check_budget(cfg, seeds, identities, store)  # before any request, even to /models
     context = None
     if gen.teacher_kind == "openai":
         api_key = api_key or env_api_key(gen)
@@ -198,16 +205,13 @@ def _generate(cfg: PipelineConfig, store: ArtifactStore, staging: Staging, on_lo
     elif gen.mode != "magpie":
         context = teacher_context(gen)
     lengths = fit_prompts(gen, seeds, context)
-    identities = {"teacher": identity(gen.teacher, gen.teacher_kind, gen.base_url, gen.teacher_revision)}
-    if gen.mode == "preference" and gen.rejected_model:
-        identities["rejected"] = fingerprint(gen.rejected_model)
-    if gen.judge:
-        identities["judge"] = identity(gen.judge, gen.teacher_kind, gen.base_url, gen.judge_revision)
     api_key = api_key or (env_api_key(gen) if gen.teacher_kind == "openai" else None)
+    tally = Tally()
     if gen.judge and gen.judge_calibration:  # before the teacher is asked anything
-        staging.metrics["judge_calibration"] = check_judge(cfg, identities["judge"], store, api_key, on_log)
+        staging.metrics["judge_calibration"] = check_judge(cfg, identities["judge"], store, api_key, on_log, tally)
     rows, dropped, tally = assemble(gen, seeds.rows, identities, cache_url(store),
-                                    executor(gen, cache_url(store), api_key, on_log))
+                                    executor(gen, cache_url(store), api_key, on_log), tally)
+    staging.usage["calls"] = {role: asdict(calls) for role, calls in tally.calls.items()}
     if why := too_many_failed(tally, tally.requests, gen.max_failed_share):
         raise GenerationError(why)
     _write(gen, staging, rows, seeds, dropped, {**tally.counts(), **lengths})
@@ -217,7 +221,30 @@ def _generate(cfg: PipelineConfig, store: ArtifactStore, staging: Staging, on_lo
         RowCache(f"{cache_url(store)}/{kind}").compact()
 
 
-def check_judge(cfg: PipelineConfig, judge_id: str, store: ArtifactStore, api_key: SecretStr | None, on_log=None) -> dict:
+def check_budget(cfg: PipelineConfig, seeds: SeedSet, identities: dict[str, str], store: ArtifactStore) -> None:
+    """Over cost.max_teacher_requests or max_teacher_usd: BudgetError naming the count, the budget and the
+    seed files, before anything is asked (synthtune.budget). Counting costs a row-cache lookup."""
+    from synthtune import budget
+    from synthtune.generation import calibration_items, planned, uncached_ratings
+
+    cost, gen = cfg.cost, cfg.generate
+    if cost.max_teacher_requests is None and cost.max_teacher_usd is None:
+        return
+    calibration = 0
+    if gen.judge and gen.judge_calibration:
+        from synthtune import judging
+
+        items = [i for part in calibration_items(judging.load(gen.judge_calibration, gen.judge_accept_rating))
+                 for i in part]
+        calibration = uncached_ratings(gen, identities["judge"], items, cache_url(store))
+    plan = planned(gen, seeds.rows, identities, cache_url(store), calibration)
+    budget.check_teacher(cost, plan, str(gen.seeds))
+    log.info("tonight's teacher requests: %d to the teacher, %d to the judge (within the budget)",
+             plan["teacher"], plan["judge"])
+
+
+def check_judge(cfg: PipelineConfig, judge_id: str, store: ArtifactStore, api_key: SecretStr | None, on_log=None,
+                tally: Tally | None = None) -> dict:
     """The judge's calibration report (synthtune.judging), or CalibrationError naming the figure below
     its minimum: the run stops before generation."""
     from synthtune import judging
@@ -225,7 +252,7 @@ def check_judge(cfg: PipelineConfig, judge_id: str, store: ArtifactStore, api_ke
 
     gen = cfg.generate
     labels = judging.load(gen.judge_calibration, gen.judge_accept_rating)
-    report = calibrate(gen, judge_id, labels, cache_url(store), executor(gen, cache_url(store), api_key, on_log))
+    report = calibrate(gen, judge_id, labels, cache_url(store), executor(gen, cache_url(store), api_key, on_log), tally)
     position = report["position"]
     failed = []
     if report["kappa"] < gen.judge_min_kappa:
@@ -258,9 +285,13 @@ def executor(gen: GenerateConfig, cache_url: str, api_key: SecretStr | None, on_
             found, stats = call_in_child(ray_pass, gen, p, cache_url, api_key, on_log=on_log, log_name="distilabel")
         elif p.http:
             found, window = http_pass(gen, p, cache_url, api_key, on_progress=_progress(p))
-            stats = {"failed": window.failed, "retries": window.retries, "failures": window.failures}
+            stats = {"failed": window.failed, "retries": window.retries, "failures": window.failures,
+                     "sent": len(p.inputs) + window.retries, "tokens": window.tokens}
         else:
             found, stats = call_in_child(local_pass, gen, p, cache_url, on_log=on_log, log_name="distilabel")
+        calls = tally.of(p.what)
+        calls.add(stats)
+        calls.tokens = "api" if p.http else "tokenizer"
         tally.requests += len(p.inputs)
         tally.failed += stats["failed"]
         tally.retries += stats["retries"]
@@ -324,7 +355,9 @@ def run(cfg: PipelineConfig, store: ArtifactStore, upstream: dict[str, ArtifactR
         with _forwarding(on_log):
             _generate(cfg, store, staging, on_log, api_key)
 
-    return produce(store, STAGE, k, {}, key_payload(cfg.generate), build, rebuild)
+    gen = cfg.generate  # a local teacher (or rejected model) holds the machine's GPUs while it generates
+    local = gen.teacher_kind != "openai" or (gen.mode == "preference" and bool(gen.rejected_model))
+    return produce(store, STAGE, k, {}, key_payload(gen), build, rebuild, devices=local)
 
 
 @contextlib.contextmanager

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from synthtune import cards, lineage
+from synthtune import budget, cards, lineage
 from synthtune.configs import LoraParams, TrainConfig
 from synthtune.keys import key_payload, stage_key
 from synthtune.models import fingerprint, resolve, revision_kw
@@ -46,6 +46,7 @@ STAGE = "train"
 VERSION = "3"
 OOM_EXIT = 3
 SERVING_EXIT = 4  # the export would not serve what was trained: work/error.txt says why
+BUDGET_EXIT = 5  # cost.max_gpu_hours stopped training at a checkpoint: work/over_budget.json says where
 MAX_OOM_RETRIES = 3
 log = logging.getLogger("synthtune.train")
 
@@ -536,11 +537,14 @@ def _train(cfg: PipelineConfig, store: ArtifactStore, staging: Staging, data_dir
                                         "batch_size": batch, "gradient_accumulation_steps": accum,
                                         "activation_checkpointing": checkpointing, "runtime": asdict(runtime),
                                         "parent_adapter": str(parent_dir / "adapter") if parent_dir else None}))
-            (work / "progress.jsonl").unlink(missing_ok=True)
-            (work / "error.txt").unlink(missing_ok=True)
+            for stale in ("progress.jsonl", "error.txt", budget.STOPPED):
+                (work / stale).unlink(missing_ok=True)
             rc = run_child(launch_command(spec, tc.num_processes, runtime.four_bit), work / "progress.jsonl")
             if rc == 0:
                 break
+            if rc == BUDGET_EXIT:
+                raise budget.BudgetError(budget.gpu_stop_message(json.loads((work / budget.STOPPED).read_text()),
+                                                                 cfg.cost.max_gpu_hours))
             if rc == OOM_EXIT and attempt < MAX_OOM_RETRIES and (plan := next_batch_plan(batch, accum)):
                 log.warning("out of memory at micro-batch %d: retrying with micro-batch %d x accumulation %d",
                             batch, *plan)
