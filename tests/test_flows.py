@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from tests.support.flows import artifacts_of
@@ -48,8 +50,12 @@ def test_rerun_is_cached_and_one_field_reruns_only_downstream(prefect_server, de
 
         named = client.read_flow_run(second_id).name  # findable by name: `{pipeline}-{date}`, not random words
         assert named == f"demo-{dt.datetime.now(dt.UTC):%Y-%m-%d}", named
-    assert {"data-funnel", "length-report", "loss-curve", "eval-comparison", "promotion-verdict"} <= {
-        a.key for a in cached_run_artifacts}
+    assert {"data-funnel", "length-report", "loss-curve", "eval-comparison", "promotion-verdict", "night-cost",
+            "cost-history"} <= {a.key for a in cached_run_artifacts}
+    cached_cost = next(a for a in cached_run_artifacts if a.key == "night-cost")  # the cached night costs nothing
+    cost_rows = json.loads(cached_cost.data) if isinstance(cached_cost.data, str) else cached_cost.data
+    assert {r["tonight"] for r in cost_rows} == {"cached (costs nothing)"} and {r["requests"] for r in cost_rows} == {0}
+    assert "teacher+judge 0 requests" in cached_cost.description and "GPU absent" in cached_cost.description
     assert {k: v.key for k, v in again.items()} == {k: v.key for k, v in refs.items()}
 
     changed = demo_cfg.model_copy(update={"train": demo_cfg.train.model_copy(
@@ -61,6 +67,10 @@ def test_rerun_is_cached_and_one_field_reruns_only_downstream(prefect_server, de
 
     artifacts = artifacts_of(first_id)  # the run that did the work (the server is shared with other tests)
     keys = {a.key for a in artifacts}
+    first_cost = next(a.data for a in artifacts if a.key == "night-cost")
+    first_rows = {r["step"]: r for r in (json.loads(first_cost) if isinstance(first_cost, str) else first_cost)}
+    assert first_rows["generate"]["requests"] == 35 and first_rows["train"]["tonight"] == "built"
+    assert first_rows["train"]["gpu_hours"] == "absent: no CUDA device on this machine"  # never a fake zero
     assert {"resolved-config", "data-funnel", "length-report", "length-percentiles", "train-metrics", "loss-curve",
             "eval-comparison", "eval-flips", "promotion-verdict"} <= keys
     preview = next(a for a in artifacts if a.key == "template-preview").data  # what the loss is on, in bold

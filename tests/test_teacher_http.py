@@ -33,14 +33,31 @@ def _cfg(demo_cfg, tmp_path, base_url, model, **update):
 
 
 def test_http_teacher_with_retries_and_no_secret_anywhere(demo_cfg, tmp_path, served_teacher, monkeypatch, capfd):
+    """... and the ledger counts what the server saw: every request sent (retries included), the answered
+    ones, and the tokens the teacher reported; the next night, all cached, costs nothing and saves that."""
+    from synthtune import ledger
+
     base, model = served_teacher
     monkeypatch.setenv("SYNTHTUNE_TEST_TEACHER_KEY", SECRET)
     hop = FaultyHop(f"{base}", [429, 500, "hang"])
     try:
         cfg = _cfg(demo_cfg, tmp_path, hop.url, model, concurrency=2)  # two batches in flight
+        cfg = cfg.model_copy(update={"cost": cfg.cost.model_copy(update={
+            "teacher_usd_per_m_prompt": 3.0, "teacher_usd_per_m_completion": 15.0})})
         ref = generate.run(cfg, ArtifactStore(cfg.artifact_root))
     finally:
         hop.close()
+    night = ledger.night(cfg, {"generate": ref})
+    calls = night["steps"][0]["calls"]["teacher"]
+    assert calls["requests"] == hop.sent == 7 and calls["retries"] == 3  # 4 answers, 3 faults retried
+    assert calls["requests"] - calls["retries"] == hop.posts == 4  # what reached transformers serve
+    assert (calls["prompt_tokens"], calls["completion_tokens"]) == (hop.tokens["prompt"], hop.tokens["completion"])
+    assert hop.tokens["prompt"] > 0 and hop.tokens["completion"] > 0 and calls["tokens"] == "api"
+    assert night["usd"] == pytest.approx((hop.tokens["prompt"] * 3.0 + hop.tokens["completion"] * 15.0) / 1e6)
+    again = generate.run(cfg, ArtifactStore(cfg.artifact_root))  # the hop is closed: a request would fail
+    second = ledger.night(cfg, {"generate": again})
+    assert again.reused and second["usd"] == 0.0 and second["requests"]["teacher"] == 0
+    assert second["saved_usd"] == pytest.approx(night["usd"]) and second["steps"][0]["saved_requests"] == 7
     data = pd.read_parquet(f"{ref.uri}/data.parquet")
     answers = {f["id"]: f["answer"] for f in demo_facts()}
     assert {r.id: r.response for r in data.itertuples()} == {i: answers[i] for i in data["id"]} and len(data) == 4

@@ -83,6 +83,8 @@ def test_each_flow_run_is_an_mlflow_run_with_params_metrics_charts_adapter_and_c
         assert (metrics["filter.rows.input"], metrics["filter.rows.kept"]) == (35, 32)
         assert metrics["tuned.demo_facts.acc"] > metrics["base.demo_facts.acc"]
         assert metrics["promote.promoted"] == 1
+        assert metrics["cost.teacher.requests"] == 35 and metrics["cost.teacher.completion_tokens"] > 0  # the ledger
+        assert "cost.gpu_hours" not in metrics and "GPU absent" in run.data.tags["synthtune.cost"]  # none on a CPU
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "train")} | {
             a.path for a in client.list_artifacts(run.info.run_id, "promote")}
         assert {"train/loss.png", "promote/comparison.png", "promote/verdict.json"} <= artifacts
@@ -121,3 +123,5 @@ def test_each_flow_run_is_an_mlflow_run_with_params_metrics_charts_adapter_and_c
         assert newest.data.tags["prefect.flow_run_id"] == str(third.state_details.flow_run_id)
         assert len(client.get_metric_history(newest.info.run_id, "loss")) == len(history)
         assert newest.data.metrics["tuned.demo_facts.acc"] == metrics["tuned.demo_facts.acc"]
+        assert "cost.teacher.requests" not in newest.data.metrics  # a cached night asked nobody anything
+        assert "teacher+judge 0 requests" in newest.data.tags["synthtune.cost"]

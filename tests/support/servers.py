@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import http.server
+import json
 import os
 import subprocess
 import sys
@@ -131,10 +132,12 @@ def mlflow_server(folder: Path) -> Iterator[str]:
 
 class FaultyHop:
     """A proxy on 127.0.0.1: POSTs get the scripted faults first (status codes, 'hang', or None to
-    pass one through), then pass; `posts` counts the generation requests that reached the teacher."""
+    pass one through), then pass; `posts` counts the generation requests that reached the teacher,
+    `sent` every POST that reached the hop, and `tokens` the `usage` the teacher answered with."""
 
     def __init__(self, upstream: str, faults: list, always: int | None = None):
-        self.faults, self.seen, self.auth, self.posts = list(faults), [], [], 0
+        self.faults, self.seen, self.auth, self.posts, self.sent = list(faults), [], [], 0, 0
+        self.tokens = {"prompt": 0, "completion": 0}
         hop = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -144,6 +147,7 @@ class FaultyHop:
             def _relay(self, method: str):
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0)) if method == "POST" else None
                 hop.auth.append(self.headers.get("Authorization", ""))
+                hop.sent += method == "POST"
                 fault = always or (hop.faults.pop(0) if method == "POST" and hop.faults else None)
                 hop.seen.append(fault or 200)
                 if fault == "hang":
@@ -160,6 +164,10 @@ class FaultyHop:
                                              headers={"Content-Type": "application/json"})
                 with urllib.request.urlopen(req, timeout=60) as r:
                     data = r.read()
+                if method == "POST":  # what the teacher says it billed
+                    usage = json.loads(data or b"{}").get("usage") or {}
+                    hop.tokens["prompt"] += usage.get("prompt_tokens") or 0
+                    hop.tokens["completion"] += usage.get("completion_tokens") or 0
                 self.send_response(r.status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
