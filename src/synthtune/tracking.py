@@ -184,7 +184,7 @@ class Session:
                   "cost.usd_per_point": ledger["usd_per_point"], "cost.retries": ledger["retries"],
                   "cost.cache_hits": ledger["cache_hits"],
                   **{f"cost.{role}.{f}": ledger[f][role] for f in ("requests", "prompt_tokens", "completion_tokens")
-                     for role in ledger[f] if ledger[f][role]}}
+                     for role in ledger[f] if ledger[f][role] or role == "teacher"}}  # a cached night: 0
         self._metrics({k: v for k, v in values.items() if v is not None})
         self.client.set_tag(self.run_id, "synthtune.cost", summary_line(ledger)[:5000])
 
