@@ -4,7 +4,8 @@ Started by `synthtune.stages.train` (never imported by the parent) as
 `python -m synthtune.stages._train_child SPEC.json`, in its own process group, so it dies with its
 parent and a cancelled run never leaves a process holding the GPU. It trains once (resuming from the
 newest valid checkpoint), writes `final/` (adapter, metrics, loss history) and exits 0, or exits
-`OOM_EXIT` when CUDA runs out of memory so the parent can halve the micro-batch.
+`OOM_EXIT` when CUDA runs out of memory so the parent can halve the micro-batch, or `BUDGET_EXIT` when
+cost.max_gpu_hours stopped it at a checkpoint (`over_budget.json` says where; synthtune.budget).
 
 `python -m synthtune.stages._train_child --merge SPEC.json` merges a saved adapter into the
 unquantized base instead (train.merge) and checks that the export generates what the adapter does;
