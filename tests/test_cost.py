@@ -117,6 +117,10 @@ def test_the_budget_counts_only_what_the_row_cache_lacks(demo_cfg, tmp_path, cou
          for r in rows[:36]])
     plan = planned(cfg.generate, rows, {"teacher": teacher}, generate.cache_url(store))
     assert plan["teacher"] == 4 and plan["by_file"] == {"usual.jsonl": 4}
+    tight = cfg.model_copy(update={"cost": cfg.cost.model_copy(update={"max_teacher_requests": 3})})
+    with pytest.raises(BudgetError, match=r"4 requests .* > cost.max_teacher_requests=3"):
+        generate.run(tight, store)
+    assert RowCache(f"{generate.cache_url(store)}/answers").size() == 36  # nothing made before is lost
     with pytest.raises(generate.GenerationError, match="the teacher gave up on 4 of 4 requests"):
         generate.run(cfg, store)  # within the budget: the four are asked for
     assert counter.posts == 4
