@@ -79,7 +79,9 @@ class TrainConfig(Section):
     save_steps: int = field(50, "Save a checkpoint every this many steps.", ge=1, affects_output=False)
     save_total_limit: int = field(2, "Checkpoints kept on disk.", ge=1, affects_output=False)
     num_processes: int = field(
-        1, "GPUs to train on: above 1 the child is started with `accelerate launch` (DDP; FSDP for QLoRA).",
+        1, "Processes to train on, one per GPU: above 1 the child is started with `accelerate launch` (DDP; FSDP "
+        "for QLoRA), or on a CPU with torch's launcher (gloo). The global batch (batch_size x "
+        "gradient_accumulation_steps) stays what it is on one process: each rank takes an equal share.",
         ge=1, affects_output=False)
 
     @model_validator(mode="after")

@@ -75,6 +75,27 @@ def _first_step_callback():
     return FirstStep()
 
 
+def _rank_callback(work: Path):
+    """A callback each rank (process) runs: at the end it writes what it stepped (`ranks/rank{N}.json`),
+    which the parent puts in the metrics: every rank of a multi-process run is seen to train."""
+    from transformers import TrainerCallback
+
+    class Rank(TrainerCallback):
+        steps = 0
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.steps += 1
+
+        def on_train_end(self, args, state, control, **kwargs):
+            folder = work / "ranks"
+            folder.mkdir(exist_ok=True)
+            (folder / f"rank{args.process_index}.json").write_text(json.dumps({
+                "rank": args.process_index, "world_size": args.world_size, "steps": self.steps,
+                "examples": self.steps * args.per_device_train_batch_size * args.gradient_accumulation_steps}))
+
+    return Rank()
+
+
 def _progress_callback(path: Path, tokens_per_epoch: int):
     """A callback writing one JSON line per optimizer step (step, total, loss, tokens/s) to `path`,
     which the parent tails for the terminal's progress bar."""
@@ -92,6 +113,8 @@ def _progress_callback(path: Path, tokens_per_epoch: int):
                 self.loss = logs["loss"]
 
         def on_step_end(self, args, state, control, **kwargs):
+            if not state.is_world_process_zero:  # one line per step, from rank 0
+                return
             seconds = time.perf_counter() - (self.start or time.perf_counter())
             done = (state.epoch or 0.0) - (self.epoch0 or 0.0)
             record = {"step": state.global_step, "total": state.max_steps, "loss": self.loss,
@@ -304,7 +327,7 @@ def main(spec_path: str) -> int:
         device = torch.cuda.get_device_name() if runtime.device == "cuda" else "cpu"
         spending = _budget_callback(work, cfg.cost.max_gpu_hours, device)
         trainer = trainer_cls(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                              callbacks=[first_step, progress, spending])
+                              callbacks=[first_step, progress, spending, _rank_callback(work)])
         from transformers.trainer_callback import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)  # raw {'loss': ...} dicts: the progress file has them

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -337,6 +338,18 @@ def training_failed(rc: int, work: Path, tc: TrainConfig) -> str:
             "steps): a retry starts from the beginning; the training child's error is in its output (the run's log)")
 
 
+def per_rank(batch: int, accum: int, ranks: int) -> tuple[int, int]:
+    """The global batch (micro-batch x accumulation, as configured for one process) split between `ranks`
+    processes: the accumulation divided first, then the micro-batch, so N processes train what one
+    would (same global batch, same schedule); a ValueError naming the fields when it does not divide."""
+    from_accum = math.gcd(accum, ranks)  # the part of the split the accumulation takes ...
+    from_batch = ranks // from_accum  # ... and the rest, from the micro-batch
+    if batch % from_batch == 0:
+        return batch // from_batch, accum // from_accum
+    raise ValueError(f"train.num_processes={ranks} must divide the global batch train.batch_size x "
+                     f"train.gradient_accumulation_steps = {batch} x {accum}: each process takes an equal share")
+
+
 def next_batch_plan(batch: int, accum: int) -> tuple[int, int] | None:
     """After an out-of-memory: half the micro-batch, twice the accumulation (same effective batch)."""
     return (batch // 2, accum * 2) if batch > 1 else None
@@ -345,10 +358,15 @@ def next_batch_plan(batch: int, accum: int) -> tuple[int, int] | None:
 CHILD = "synthtune.stages._train_child"
 
 
-def launch_command(spec: Path, num_processes: int, four_bit: bool) -> list[str]:
-    """The child's command: a plain interpreter, or `accelerate launch` across GPUs (FSDP for QLoRA)."""
+def launch_command(spec: Path, num_processes: int, four_bit: bool, device: str = "cuda") -> list[str]:
+    """The child's command: a plain interpreter; `accelerate launch` across GPUs (DDP, FSDP for QLoRA); or,
+    on a CPU, torch's own launcher (what `accelerate launch` starts on GPUs: accelerate's CPU path wants
+    MPI) with one rank per process on the gloo backend."""
     if num_processes == 1:
         return [sys.executable, "-m", CHILD, str(spec)]
+    if device == "cpu":
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(num_processes),
+                "-m", CHILD, str(spec)]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes),
            "--mixed_precision", "bf16"]
     if four_bit:  # QLoRA across GPUs: shard with FSDP, 4-bit weights kept as stored
@@ -525,6 +543,7 @@ def _train(cfg: PipelineConfig, store: ArtifactStore, staging: Staging, data_dir
     if (batch, accum) != (tc.batch_size, tc.gradient_accumulation_steps) or checkpointing:
         log.info("memory plan: micro-batch %d x accumulation %d%s (estimate %.1f GiB)", batch, accum,
                  ", activation checkpointing" if checkpointing else "", plan.estimate_gib)
+    batch, accum = per_rank(batch, accum, tc.num_processes)
     run_cfg = cfg  # what the child trains with: a continued night has its own schedule
     if parent is not None:
         run_cfg = cfg.model_copy(update={"train": tc.model_copy(update={
@@ -539,7 +558,9 @@ def _train(cfg: PipelineConfig, store: ArtifactStore, staging: Staging, data_dir
                                         "parent_adapter": str(parent_dir / "adapter") if parent_dir else None}))
             for stale in ("progress.jsonl", "error.txt", budget.STOPPED):
                 (work / stale).unlink(missing_ok=True)
-            rc = run_child(launch_command(spec, tc.num_processes, runtime.four_bit), work / "progress.jsonl")
+            shutil.rmtree(work / "ranks", ignore_errors=True)
+            rc = run_child(launch_command(spec, tc.num_processes, runtime.four_bit, runtime.device),
+                           work / "progress.jsonl")
             if rc == 0:
                 break
             if rc == BUDGET_EXIT:
@@ -555,7 +576,8 @@ def _train(cfg: PipelineConfig, store: ArtifactStore, staging: Staging, data_dir
     metrics = json.loads((final / "metrics.json").read_text())
     counted = {"optimizer_steps": metrics["steps"],
                "tokens_trained": round(metrics["tokens_per_epoch"] * (metrics.get("epochs") or run_cfg.train.epochs))}
-    metrics.update(start, learning_rate=run_cfg.train.learning_rate, **counted)
+    ranks = [json.loads(p.read_text()) for p in sorted((work / "ranks").glob("rank*.json"))]
+    metrics.update(start, learning_rate=run_cfg.train.learning_rate, ranks=ranks, **counted)
     staging.extra.update(counted)
     history = json.loads((final / "loss_history.json").read_text())
     shutil.copytree(final / "adapter", staging.path / "adapter")
