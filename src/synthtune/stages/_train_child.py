@@ -87,11 +87,18 @@ def _rank_callback(work: Path):
             self.steps += 1
 
         def on_train_end(self, args, state, control, **kwargs):
+            import resource
+
+            import torch
+
             folder = work / "ranks"
             folder.mkdir(exist_ok=True)
+            cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
             (folder / f"rank{args.process_index}.json").write_text(json.dumps({
                 "rank": args.process_index, "world_size": args.world_size, "steps": self.steps,
-                "examples": self.steps * args.per_device_train_batch_size * args.gradient_accumulation_steps}))
+                "examples": self.steps * args.per_device_train_batch_size * args.gradient_accumulation_steps,
+                "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),  # KiB on Linux
+                "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None}))
 
     return Rank()
 
