@@ -42,6 +42,49 @@ def test_base_and_tuned_flags_differ_only_by_the_adapter(demo_cfg, tmp_path):
     assert base == tuned
 
 
+def _on(cfg, backend):
+    return cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(update={"backend": backend})})
+
+
+def test_vllm_backend_serves_the_adapter_as_a_lora_and_is_its_own_key(demo_cfg, tmp_path):
+    from synthtune.stages import evaluate
+
+    vllm = _on(demo_cfg, "vllm")
+    base, tuned = lm_eval_args(vllm, None, tmp_path), lm_eval_args(vllm, tmp_path / "adapter", tmp_path)
+    assert base["model"] == tuned["model"] == "vllm"
+    assert tuned["model_args"]["lora_local_path"] == str(tmp_path / "adapter") and tuned["model_args"]["enable_lora"]
+    assert tuned["model_args"]["max_lora_rank"] >= demo_cfg.train.lora.r and not base["model_args"]["enable_lora"]
+    assert {k: v for k, v in base.items() if k != "model_args"} == {k: v for k, v in tuned.items() if k != "model_args"}
+    assert evaluate.key(vllm, {}) != evaluate.key(demo_cfg, {})  # scores from two backends never share a key
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("vllm") is not None, reason="vLLM is installed here")
+def test_vllm_backend_is_refused_where_vllm_is_not_installed(demo_cfg, tmp_path):
+    from synthtune.stages import evaluate, preflight
+    from synthtune.store import ArtifactStore
+
+    vllm = _on(demo_cfg, "vllm").model_copy(update={"artifact_root": str(tmp_path / "a")})
+    problems, _ = preflight.checks(vllm, ArtifactStore(vllm.artifact_root))
+    assert any(p.startswith("evaluate.backend: vllm needs vLLM, which is not installed here: `pip install "
+                            "'synthtune[vllm]'`") for p in problems), problems
+    with pytest.raises(ValueError, match="evaluate.backend: vllm needs vLLM"):
+        evaluate.run(vllm, ArtifactStore(vllm.artifact_root))
+
+
+def test_the_gate_refuses_scores_from_two_backends(demo_cfg, tmp_path):
+    from synthtune.stages import promote
+    from synthtune.store import ArtifactRef, ArtifactStore
+
+    cfg = demo_cfg.model_copy(update={"artifact_root": str(tmp_path / "a")})
+    scores = {"demo_facts": {"acc": 0.5}}
+    base = ArtifactRef(stage="evaluate", key="b", uri="-", digest="db", summary={"scores": scores, "backend": "hf"})
+    tuned = ArtifactRef(stage="evaluate", key="t", uri="-", digest="dt", summary={"scores": scores, "backend": "vllm"})
+    train = ArtifactRef(stage="train", key="tr", uri="-", digest="dtr")
+    with pytest.raises(ValueError, match=r"refusing to compare scores from different evaluate backends \(base hf, "
+                                         r"tuned vllm\)"):
+        promote.run(cfg, ArtifactStore(cfg.artifact_root), {"base": base, "tuned": tuned, "train": train})
+
+
 def test_portable_task_dir_makes_data_files_absolute(demo_cfg, tmp_path):
     out = portable_task_dir(demo_cfg.evaluate.task_dir, tmp_path / "copy")
     text = (out / "demo_facts.yaml").read_text()

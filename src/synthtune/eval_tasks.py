@@ -450,3 +450,14 @@ def forgetting_task(sample: Path, into: Path) -> list[str]:
     (into / "forgetting.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     (into / "forgetting.yaml").write_text(FORGETTING_YAML.format(data=into / "forgetting.jsonl"))
     return texts
+
+
+def backend_problems(ec: EvaluateConfig) -> list[str]:
+    """The evaluate backend cannot run here: vLLM not installed (checked by preflight, before any GPU time,
+    and by evaluate itself)."""
+    import importlib.util
+
+    if ec.backend == "vllm" and importlib.util.find_spec("vllm") is None:
+        return ["evaluate.backend: vllm needs vLLM, which is not installed here: `pip install 'synthtune[vllm]'` on "
+                "a CUDA machine, or evaluate.backend: hf"]
+    return []

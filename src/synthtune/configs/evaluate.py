@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from synthtune.fields import InputDir, InputFile, Section, field
 
 IN_DOMAIN = "in_domain"
@@ -34,6 +36,10 @@ class EvaluateConfig(Section):
         None, f"A fixed general-text sample (paragraphs separated by blank lines; '#' lines skipped) scored as `{FORGETTING}`: "
         "mean token loss of base, champion and candidate, so forgetting shows on every verdict "
         "(promote.max_forgetting gates it). synthtune:general_text.txt is the sample synthtune ships.")
+    backend: Literal["hf", "vllm"] = field(
+        "hf", "lm-eval's model backend: `hf` (transformers, the adapter through PEFT) or `vllm` (vLLM with the adapter "
+        "as a LoRA, `pip install 'synthtune[vllm]'`, a CUDA machine). Base, champion and candidate are always scored "
+        "on the same backend: it is in the evaluate key, and the gate refuses to compare scores from two backends.")
     batch_size: int = field(16, "lm-eval batch size.", ge=1)
     limit: int | None = field(None, "Evaluate only the first N items of each task (None: all).", ge=1)
     seed: int = field(1234, "Seed passed to lm-eval (python, numpy, torch and few-shot sampling).")

@@ -19,7 +19,15 @@ from typing import TYPE_CHECKING
 
 from synthtune import parity
 from synthtune.configs import FORGETTING, IN_DOMAIN, EvaluateConfig
-from synthtune.eval_tasks import chat_payload, forgetting_task, in_domain_task, local_tasks, portable_task_dir, task_data
+from synthtune.eval_tasks import (
+    backend_problems,
+    chat_payload,
+    forgetting_task,
+    in_domain_task,
+    local_tasks,
+    portable_task_dir,
+    task_data,
+)
 from synthtune.keys import key_payload, stage_key
 from synthtune.models import fingerprint, load_tokenizer, resolve, revision_kw
 from synthtune.seeds import field_values
@@ -40,7 +48,10 @@ def key(cfg: PipelineConfig, upstream: dict[str, str]) -> str:
     the device and dtype, and the digests of the adapter's train output (`upstream['train']`; none for
     the base model) and, with evaluate.in_domain, of the filter output that holds the in-domain rows."""
     ec = cfg.evaluate
-    payload = {"evaluate": key_payload(ec), "data_files": task_data(ec), "chat": chat_payload(cfg), "libs": stage_libs(STAGE),
+    settings = key_payload(ec)
+    if ec.backend == "hf":  # the backend every key before it had: those outputs keep their keys
+        settings.pop("backend")
+    payload = {"evaluate": settings, "data_files": task_data(ec), "chat": chat_payload(cfg), "libs": stage_libs(STAGE),
                "student": fingerprint(cfg.student, cfg.student_revision), "runtime": eval_runtime()}
     if not ec.in_domain:  # base scores stay cached across nights unless they depend on the data
         upstream = {k: v for k, v in upstream.items() if k != "filter"}
@@ -56,6 +67,9 @@ def eval_runtime() -> dict[str, str]:
     return {"device": "cuda" if cuda else "cpu", "dtype": "auto" if cuda else "float32"}
 
 
+ADAPTER_ARG = {"hf": "peft", "vllm": "lora_local_path"}  # lm-eval's model argument naming the adapter, by backend
+
+
 def lm_eval_args(cfg: PipelineConfig, adapter: Path | None, task_dir: Path | None, tokenizer=None) -> dict:
     """The simple_evaluate arguments: everything but `peft` identical for base and tuned."""
 
@@ -65,9 +79,11 @@ def lm_eval_args(cfg: PipelineConfig, adapter: Path | None, task_dir: Path | Non
     if ec.apply_chat_template and (chat := parity.chat_template_args(cfg, tokenizer or _tokenizer(cfg))):
         model_args["chat_template_args"] = chat  # the template training rendered with, its variables pinned
     if adapter is not None:
-        model_args["peft"] = str(adapter)
+        model_args[ADAPTER_ARG[ec.backend]] = str(adapter)
+    if ec.backend == "vllm":  # the adapter served as a LoRA of the base, as a vLLM server would serve it
+        model_args = {**model_args, "enable_lora": adapter is not None, "max_lora_rank": max(16, cfg.train.lora.r)}
     return {
-        "model": "hf",
+        "model": ec.backend,
         "model_args": model_args,
         "tasks": list(ec.tasks),
         "num_fewshot": ec.num_fewshot,
@@ -213,6 +229,8 @@ def _evaluate(cfg: PipelineConfig, staging: Staging, adapter: Path | None, heldo
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
+    if problems := backend_problems(cfg.evaluate):
+        raise ValueError(problems[0])
     tokenizer = _tokenizer(cfg)  # loaded once: the template's arguments, the in-domain lead-in, the forgetting tokens
     with tempfile.TemporaryDirectory(prefix=f"synthtune-tasks-{os.getpid()}-") as tmp:
         task_dir = portable_task_dir(cfg.evaluate.task_dir, Path(tmp) / "tasks") or Path(tmp) / "tasks"
@@ -236,12 +254,13 @@ def _evaluate(cfg: PipelineConfig, staging: Staging, adapter: Path | None, heldo
     (staging.path / "results.json").write_text(json.dumps(results, indent=2, default=str))
     args["model_args"]["pretrained"] = cfg.student  # record identities, not machine-local paths
     if adapter is not None:
-        args["model_args"]["peft"] = f"train/{adapter_key}/adapter"
+        args["model_args"][ADAPTER_ARG[cfg.evaluate.backend]] = f"train/{adapter_key}/adapter"
     (staging.path / "lm_eval_args.json").write_text(json.dumps(args, indent=2, default=str))
     found = scores(results)
     if FORGETTING in samples:
         found.setdefault(FORGETTING, {})["loss"] = token_loss(tokenizer, samples[FORGETTING])
     staging.metrics.update(scores=found, model="tuned" if adapter else "base", adapter_key=adapter_key,
+                           backend=cfg.evaluate.backend,
                            student=cfg.student, lm_eval_version=results.get("lm_eval_version"),
                            task_versions=results.get("versions", {}))
 

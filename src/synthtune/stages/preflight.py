@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from synthtune import tracking
 from synthtune.configs import PreflightConfig
-from synthtune.eval_tasks import chat_payload, check_tasks, local_tasks, task_data
+from synthtune.eval_tasks import backend_problems, chat_payload, check_tasks, local_tasks, task_data
 from synthtune.keys import key_payload, stage_key
 from synthtune.models import fingerprint, identity, resolve, revision_kw
 from synthtune.store import ArtifactRef, ArtifactStore, Staging, produce
@@ -164,7 +164,7 @@ def checks(cfg: PipelineConfig, store: ArtifactStore) -> tuple[list[str], dict]:
         problems += check_model(gen.rejected_model, "rejected_model", cfg.preflight.allow_remote_code)
     if not problems:
         problems += check_tokenizer(cfg.student, cfg.student_revision)
-    problems += task_problems(cfg)
+    problems += task_problems(cfg) + backend_problems(cfg.evaluate)
     parity = {}
     if not problems:
         errors, parity = format_parity(cfg)

@@ -283,6 +283,11 @@ def run(cfg: PipelineConfig, store: ArtifactStore, upstream: dict[str, ArtifactR
     registry = Registry(store, cfg.name)
 
     def build(staging: Staging) -> None:
+        backends = {role: ref.summary.get("backend", "hf") for role, ref in
+                    (("base", base), ("tuned", tuned), ("champion", champion_eval)) if ref is not None}
+        if len(set(backends.values())) > 1:
+            raise ValueError("refusing to compare scores from different evaluate backends ("
+                             + ", ".join(f"{r} {b}" for r, b in backends.items()) + "): rerun them on one backend")
         b, t = base.summary["scores"], tuned.summary["scores"]
         c = champion_eval.summary["scores"] if champion_eval else None
         champion_key = champion_eval.summary.get("adapter_key") if champion_eval else None
