@@ -72,17 +72,16 @@ class Calls:
 def row_tokens(row: dict) -> tuple[int, int]:
     """(prompt, completion) tokens of a row a distilabel task made with a local model: its
     `distilabel_metadata` statistics, counted by distilabel with the model's tokenizer."""
+    def count(values) -> int:  # one number, or one per generation
+        if isinstance(values, list):
+            return sum(v for v in values if isinstance(v, int))
+        return values if isinstance(values, int) else 0
+
     prompt = completion = 0
     for name, stats in (row.get("distilabel_metadata") or {}).items():
         if name.startswith("statistics_") and isinstance(stats, dict):
-            for field_, total in (("input_tokens", "p"), ("output_tokens", "c")):
-                values = stats.get(field_)
-                n = sum(v for v in values if isinstance(v, int)) if isinstance(values, list) else (
-                    values if isinstance(values, int) else 0)
-                if total == "p":
-                    prompt += n
-                else:
-                    completion += n
+            prompt += count(stats.get("input_tokens"))
+            completion += count(stats.get("output_tokens"))
     return prompt, completion
 
 
