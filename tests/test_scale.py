@@ -37,6 +37,28 @@ def test_on_a_cpu_the_ranks_start_under_torch_launcher(tmp_path):
     assert cmd[-3:] == ["-m", "synthtune.stages._train_child", str(spec)]
 
 
+def test_evaluation_ranks_start_under_torch_launcher_on_a_cpu_and_accelerate_on_gpus(tmp_path):
+    from synthtune.stages import evaluate
+
+    spec = tmp_path / "spec.json"
+    cpu = evaluate.launch_command(spec, 2, "cpu")
+    assert cpu[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    assert cpu[-3:] == ["-m", "synthtune.stages._evaluate_ranks", str(spec)]
+    gpus = evaluate.launch_command(spec, 8, "cuda")
+    assert gpus[1:7] == ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "8", "-m"]
+
+
+def test_evaluation_processes_are_in_no_key_and_vllm_takes_them_as_data_parallel(demo_cfg, tmp_path):
+    from synthtune.runner import plan
+    from synthtune.stages.evaluate import lm_eval_args
+
+    two = demo_cfg.model_copy(update={"evaluate": demo_cfg.evaluate.model_copy(update={"num_processes": 2})})
+    assert plan(two) == plan(demo_cfg)  # the same scores: the same keys, cached across the change
+    vllm = two.model_copy(update={"evaluate": two.evaluate.model_copy(update={"backend": "vllm"})})
+    assert lm_eval_args(vllm, None, tmp_path)["model_args"]["data_parallel_size"] == 2
+    assert "data_parallel_size" not in lm_eval_args(two, None, tmp_path)["model_args"]
+
+
 def _short(cfg, **update):
     return cfg.model_copy(update={"train": cfg.train.model_copy(update={
         "epochs": 6, "logging_steps": 2, "batch_size": 4, "gradient_accumulation_steps": 2, "seed": 5, **update})})
@@ -145,3 +167,27 @@ def test_killing_the_stage_leaves_no_rank_alive(demo_run):
         time.sleep(0.2)
     assert not any(_alive(pid) for pid in ranks.values()), f"ranks outlived the stage: {ranks}"
     subprocess.run(["pkill", "-9", "-f", f"synthtune.stages._train_child {work}"], check=False)  # tidy on failure
+
+
+@pytest.mark.integration
+def test_two_evaluation_ranks_score_what_one_process_does(demo_run):
+    """lm-eval data-parallel on two gloo ranks: each scores half of every task, and the numbers, base and
+    tuned, are those of one process, to the last digit, item by item."""
+    from synthtune.stages import evaluate
+
+    cfg, refs = demo_run
+    store = ArtifactStore(cfg.artifact_root)
+    two = cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(update={"num_processes": 2})})
+    for model, upstream in (("base", {}), ("tuned", {"train": refs["train"]})):
+        one = refs[f"evaluate[{model}]"]
+        ref = evaluate.run(two, store, upstream, output_key=f"dp-two-{model}")
+        assert ref.summary["scores"] == one.summary["scores"], model
+        (alone,), ranks = one.summary["ranks"], ref.summary["ranks"]
+        assert [(r["rank"], r["world_size"]) for r in ranks] == [(0, 2), (1, 2)]
+        # each rank scored about half of what one process scored (lm-eval pads the shorter share)
+        assert all(0 < r["requests"] < alone["requests"] for r in ranks)
+        assert alone["requests"] <= sum(r["requests"] for r in ranks) <= alone["requests"] + 4
+        for task in ("demo_facts", "forgetting"):
+            ours, theirs = (Path(f"{r.uri}/samples_{task}.jsonl").read_text().splitlines() for r in (ref, one))
+            assert [json.loads(x)["filtered_resps"] for x in ours] == [json.loads(x)["filtered_resps"] for x in theirs]
+            assert [json.loads(x)["doc_id"] for x in ours] == sorted(json.loads(x)["doc_id"] for x in theirs)

@@ -77,6 +77,17 @@ def test_corrupt_latest_checkpoint_is_skipped_for_the_previous_one(tmp_path, cap
     assert "checkpoint-100: optimizer.pt is not a readable torch file" in caplog.text
 
 
+def test_a_committed_run_drops_its_work_and_the_work_folder_with_the_last_one(tmp_path):
+    store = ArtifactStore(str(tmp_path))
+    a, b = work_dir(store, "a"), work_dir(store, "b")
+    for w in (a, b):
+        (w / "checkpoints" / "checkpoint-10").mkdir(parents=True)
+    train.drop_work(store, "a")
+    assert not a.exists() and b.exists()  # another run's checkpoints stay
+    train.drop_work(store, "b")
+    assert not b.exists() and not b.parent.exists()
+
+
 def test_the_retry_hint_is_true(tmp_path):
     from synthtune.stages.train import TrainConfig, training_failed
 
@@ -232,7 +243,8 @@ def test_sigkill_mid_run_then_retry_resumes_from_the_checkpoint(demo_run, tmp_pa
 
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(resolve(cfg.student), dtype=torch.float32),
                               f"{ref.uri}/adapter")
-    assert not work.exists() and not work.parent.exists()  # checkpoints dropped once the adapter is committed
+    assert not work.exists()  # checkpoints dropped once the adapter is committed
+    assert not work.parent.exists() or any(work.parent.iterdir())  # `.work` goes with its last run's folder
 
 
 @pytest.mark.integration

@@ -79,6 +79,59 @@ def die_with_parent(sig: int | None = None) -> None:
         pass
 
 
+def run_group(cmd: list[str], progress_file=None, kind: str = "train") -> int:
+    """Run `cmd` (a training or evaluation child, or a launcher and its ranks) in its own process
+    group and return its exit code; whatever happens here, the group dies. It is tracked, so an
+    interrupted command (Ctrl-C) stops it at once (stop_all). Its output goes to the run's log file
+    when there is one; each JSON line it appends to `progress_file` is forwarded as a `kind` event."""
+    import os
+    import signal
+    import subprocess
+
+    from synthtune import tracking
+
+    log_file = os.environ.get("SYNTHTUNE_LOG_FILE")
+    out = open(log_file, "a") if log_file else None  # noqa: SIM115  (closed below)
+    env = {**os.environ, **tracking.child_env()}  # TRL's metrics go into this pipeline run's MLflow run
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=out, stderr=out, preexec_fn=die_with_parent, env=env)
+    track(proc)
+    try:
+        if progress_file is None:
+            return proc.wait()
+        return _forward_progress(proc, progress_file, kind)
+    finally:
+        if out is not None:
+            out.close()
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        untrack(proc)
+
+
+def _forward_progress(proc, path, kind: str) -> int:
+    """Wait for the child, forwarding each progress line it writes as a `kind` event."""
+    import json
+    import time
+
+    from synthtune import progress
+
+    offset = 0
+    while True:
+        rc = proc.poll()
+        if path.exists() and progress.active():
+            with open(path) as f:
+                f.seek(offset)
+                for line in f:
+                    if line.endswith("\n"):
+                        offset += len(line.encode())
+                        with contextlib.suppress(ValueError):
+                            progress.emit(kind, **json.loads(line))
+        if rc is not None:
+            return rc
+        time.sleep(0.5)
+
+
 def _stop_descendants_on_term() -> None:
     """SIGTERM (from the parent's death or stop_all) takes this child's own workers down with it."""
     import os

@@ -40,6 +40,10 @@ class EvaluateConfig(Section):
         "hf", "lm-eval's model backend: `hf` (transformers, the adapter through PEFT) or `vllm` (vLLM with the adapter "
         "as a LoRA, `pip install 'synthtune[vllm]'`, a CUDA machine). Base, champion and candidate are always scored "
         "on the same backend: it is in the evaluate key, and the gate refuses to compare scores from two backends.")
+    num_processes: int = field(
+        1, "Score data-parallel on this many processes, one per GPU (on a CPU: gloo ranks): with `hf`, lm-eval "
+        "under `accelerate launch`, each rank scoring a share of every task; with `vllm`, vLLM's data_parallel_size. "
+        "The scores are those of one process, so it is in no cache key.", ge=1, affects_output=False)
     batch_size: int = field(16, "lm-eval batch size.", ge=1)
     limit: int | None = field(None, "Evaluate only the first N items of each task (None: all).", ge=1)
     seed: int = field(1234, "Seed passed to lm-eval (python, numpy, torch and few-shot sampling).")

@@ -13,11 +13,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
+import sys
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from synthtune import parity
+from synthtune.child import run_group
 from synthtune.configs import FORGETTING, IN_DOMAIN, EvaluateConfig
 from synthtune.eval_tasks import (
     backend_problems,
@@ -41,6 +44,7 @@ __all__ = ["IN_DOMAIN", "EvaluateConfig", "key", "run"]
 
 STAGE = "evaluate"
 VERSION = "2"
+CHILD = "synthtune.stages._evaluate_ranks"  # one rank of a data-parallel evaluation
 
 
 def key(cfg: PipelineConfig, upstream: dict[str, str]) -> str:
@@ -82,6 +86,8 @@ def lm_eval_args(cfg: PipelineConfig, adapter: Path | None, task_dir: Path | Non
         model_args[ADAPTER_ARG[ec.backend]] = str(adapter)
     if ec.backend == "vllm":  # the adapter served as a LoRA of the base, as a vLLM server would serve it
         model_args = {**model_args, "enable_lora": adapter is not None, "max_lora_rank": max(16, cfg.train.lora.r)}
+        if ec.num_processes > 1:
+            model_args["data_parallel_size"] = ec.num_processes
     return {
         "model": ec.backend,
         "model_args": model_args,
@@ -208,7 +214,7 @@ class _Requests:
         self.n += n
         if time.monotonic() - self._last > 0.2 or self.n == self.total:
             self._last = time.monotonic()
-            progress.emit("evaluate", done=self.n, total=self.total)
+            progress.emit("evaluate", done=self.n, total=self.total, bar=id(self))
 
     def close(self) -> None:
         pass
@@ -223,15 +229,25 @@ class _Requests:
         pass
 
 
-def _evaluate(cfg: PipelineConfig, staging: Staging, adapter: Path | None, heldout: Path | None,
-              adapter_key: str | None = None) -> None:
+def harness(cfg: PipelineConfig, adapter: Path | None, heldout: Path | None,
+            tokenizer=None) -> tuple[dict | None, dict, dict]:
+    """lm-eval's results (samples included), the simple_evaluate arguments, and this process's share
+    (rank, world_size, the requests it scored), in this process. Under torch's launcher
+    (evaluate.num_processes) this process is one rank: it scores its share of every task, and the
+    results are rank 0's alone (None on the others)."""
     import lm_eval.models.huggingface
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    if problems := backend_problems(cfg.evaluate):
-        raise ValueError(problems[0])
-    tokenizer = _tokenizer(cfg)  # loaded once: the template's arguments, the in-domain lead-in, the forgetting tokens
+    from synthtune import progress
+
+    bars: dict[int, int] = {}  # lm-eval's progress bars (one per request type): requests scored
+
+    def count(event: dict) -> None:
+        if event["kind"] == STAGE and "bar" in event:
+            bars[event["bar"]] = event["done"]
+
+    tokenizer = tokenizer or _tokenizer(cfg)
     with tempfile.TemporaryDirectory(prefix=f"synthtune-tasks-{os.getpid()}-") as tmp:
         task_dir = portable_task_dir(cfg.evaluate.task_dir, Path(tmp) / "tasks") or Path(tmp) / "tasks"
         own = own_tasks(cfg, task_dir, heldout, tokenizer)
@@ -241,12 +257,74 @@ def _evaluate(cfg: PipelineConfig, staging: Staging, adapter: Path | None, heldo
                               include_defaults=not set(cfg.evaluate.tasks) <= local)
         args = lm_eval_args(cfg, adapter, task_dir, tokenizer)
         args["tasks"] += own
-        bars, lm_eval.models.huggingface.tqdm = lm_eval.models.huggingface.tqdm, _Requests
+        model = _rank_model(args) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else args["model"]
+        own_bars, lm_eval.models.huggingface.tqdm = lm_eval.models.huggingface.tqdm, _Requests
         try:
-            results = simple_evaluate(task_manager=manager, **args)
+            with progress.listen(count):
+                results = simple_evaluate(task_manager=manager, **{**args, "model": model})
         finally:
-            lm_eval.models.huggingface.tqdm = bars
-    samples = results.pop("samples", {})
+            lm_eval.models.huggingface.tqdm = own_bars
+    share = {"rank": int(os.environ.get("RANK", "0")), "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+             "requests": sum(bars.values())}
+    return results, args, share
+
+
+def _rank_model(args: dict):
+    """lm-eval's HF model as one rank of a data-parallel evaluation. lm-eval splits the requests between
+    the ranks accelerate knows only when it counts several CUDA devices; on a CPU (gloo) it would score
+    everything on every rank, so the ranks are made explicit, exactly as lm-eval sets them on GPUs."""
+    from lm_eval.api.registry import get_model
+
+    lm = get_model(args["model"]).create_from_arg_obj(
+        args["model_args"], {"batch_size": args["batch_size"], "device": args["device"]})
+    accelerator = getattr(lm, "accelerator", None)
+    if lm.world_size == 1 and accelerator is not None and accelerator.num_processes > 1:
+        lm._rank, lm._world_size = accelerator.process_index, accelerator.num_processes
+    return lm
+
+
+def launch_command(spec: Path, num_processes: int, device: str) -> list[str]:
+    """The ranks' command: `accelerate launch` across GPUs (lm-eval's own data-parallel recipe) or, on a
+    CPU, torch's launcher with one gloo rank per process."""
+    if device == "cpu":
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                str(num_processes), "-m", CHILD, str(spec)]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
+            "-m", CHILD, str(spec)]
+
+
+def _harness_ranks(cfg: PipelineConfig, adapter: Path | None, heldout: Path | None) -> tuple[dict, dict, list[dict]]:
+    """harness() on evaluate.num_processes ranks (a process group of their own, killed with the stage):
+    each scores its share and writes it down, rank 0 gathers the results and writes them for this process."""
+    n = cfg.evaluate.num_processes
+    with tempfile.TemporaryDirectory(prefix="synthtune-eval-ranks-") as tmp:
+        spec = Path(tmp) / "spec.json"
+        spec.write_text(json.dumps({"cfg": cfg.model_dump(mode="json"), "out": tmp,
+                                    "adapter": str(adapter) if adapter else None,
+                                    "heldout": str(heldout) if heldout else None}))
+        rc = run_group(launch_command(spec, n, eval_runtime()["device"]), Path(tmp) / "progress.jsonl", STAGE)
+        done = Path(tmp) / "results.json"
+        if rc != 0 or not done.exists():
+            how = f"stopped by {signal.Signals(-rc).name}" if rc < 0 else f"exit code {rc}"
+            raise RuntimeError(f"evaluate.num_processes={n}: the evaluation ranks failed ({how}); "
+                               "their output is in the run's log")
+        found = json.loads(done.read_text())
+        shares = [json.loads(p.read_text()) for p in sorted(Path(tmp).glob("rank-*.json"))]
+    return found["results"], found["args"], sorted(shares, key=lambda r: r["rank"])
+
+
+def _evaluate(cfg: PipelineConfig, staging: Staging, adapter: Path | None, heldout: Path | None,
+              adapter_key: str | None = None) -> None:
+    if problems := backend_problems(cfg.evaluate):
+        raise ValueError(problems[0])
+    tokenizer = _tokenizer(cfg)  # loaded once: the template's arguments, the in-domain lead-in, the forgetting tokens
+    if cfg.evaluate.num_processes > 1 and cfg.evaluate.backend == "hf":
+        results, args, ranks = _harness_ranks(cfg, adapter, heldout)
+    else:
+        results, args, share = harness(cfg, adapter, heldout, tokenizer)
+        ranks = [share]
+    samples = {task: sorted(rows, key=lambda r: r["doc_id"])  # ranks gather in rank order; one order for all
+               for task, rows in results.pop("samples", {}).items()}
     for task, rows in samples.items():
         with open(staging.path / f"samples_{task}.jsonl", "w") as f:
             for row in rows:
@@ -260,7 +338,7 @@ def _evaluate(cfg: PipelineConfig, staging: Staging, adapter: Path | None, heldo
     if FORGETTING in samples:
         found.setdefault(FORGETTING, {})["loss"] = token_loss(tokenizer, samples[FORGETTING])
     staging.metrics.update(scores=found, model="tuned" if adapter else "base", adapter_key=adapter_key,
-                           backend=cfg.evaluate.backend,
+                           backend=cfg.evaluate.backend, ranks=ranks,
                            student=cfg.student, lm_eval_version=results.get("lm_eval_version"),
                            task_versions=results.get("versions", {}))
 

@@ -24,14 +24,13 @@ import math
 import os
 import shutil
 import signal
-import subprocess
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from synthtune import budget, cards, lineage
+from synthtune.child import run_group
 from synthtune.configs import LoraParams, TrainConfig
 from synthtune.keys import key_payload, stage_key
 from synthtune.models import fingerprint, resolve, revision_kw
@@ -400,52 +399,6 @@ def drop_work(store: ArtifactStore, k: str) -> None:
         work.parent.rmdir()
 
 
-def run_child(cmd: list[str], progress_file: Path | None = None) -> int:
-    """Run the training child in its own process group; whatever happens here, the group dies. It is
-    tracked, so an interrupted command (Ctrl-C) stops it at once (synthtune.child.stop_all). Its
-    output goes to the run's log file when there is one; its progress lines are forwarded as events."""
-    from synthtune import tracking
-    from synthtune.child import die_with_parent, track, untrack
-
-    log_file = os.environ.get("SYNTHTUNE_LOG_FILE")
-    out = open(log_file, "a") if log_file else None  # noqa: SIM115  (closed below)
-    env = {**os.environ, **tracking.child_env()}  # TRL's metrics go into this pipeline run's MLflow run
-    proc = subprocess.Popen(cmd, start_new_session=True, stdout=out, stderr=out, preexec_fn=die_with_parent, env=env)
-    track(proc)
-    try:
-        if progress_file is None:
-            return proc.wait()
-        return _forward_progress(proc, progress_file)
-    finally:
-        if out is not None:
-            out.close()
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        untrack(proc)
-
-
-def _forward_progress(proc: subprocess.Popen, path: Path) -> int:
-    """Wait for the child, forwarding each progress line it writes as a `train` event."""
-    from synthtune import progress
-
-    offset = 0
-    while True:
-        rc = proc.poll()
-        if path.exists() and progress.active():
-            with open(path) as f:
-                f.seek(offset)
-                for line in f:
-                    if line.endswith("\n"):
-                        offset += len(line.encode())
-                        with contextlib.suppress(ValueError):
-                            progress.emit("train", **json.loads(line))
-        if rc is not None:
-            return rc
-        time.sleep(0.5)
-
-
 def loss_curve(history: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
@@ -559,7 +512,7 @@ def _train(cfg: PipelineConfig, store: ArtifactStore, staging: Staging, data_dir
             for stale in ("progress.jsonl", "error.txt", budget.STOPPED):
                 (work / stale).unlink(missing_ok=True)
             shutil.rmtree(work / "ranks", ignore_errors=True)
-            rc = run_child(launch_command(spec, tc.num_processes, runtime.four_bit, runtime.device),
+            rc = run_group(launch_command(spec, tc.num_processes, runtime.four_bit, runtime.device),
                            work / "progress.jsonl")
             if rc == 0:
                 break
@@ -641,7 +594,7 @@ def export_merged(cfg: PipelineConfig, store: ArtifactStore, ref: ArtifactRef, d
                 spec.write_text(json.dumps({"cfg": cfg.model_dump(mode="json"), "adapter": str(out / "adapter"),
                                             "data": str(rows / "data.parquet"), "out": str(work),
                                             "runtime": asdict(resolve_runtime(cfg.train))}))
-                rc = run_child([sys.executable, "-m", CHILD, "--merge", str(spec)])
+                rc = run_group([sys.executable, "-m", CHILD, "--merge", str(spec)])
             if rc == SERVING_EXIT:
                 raise ServingError((work / "error.txt").read_text())
             if rc:
