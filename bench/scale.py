@@ -1,5 +1,6 @@
-"""Training on 1 vs 2 processes (train.num_processes), side by side in one run, through the train stage
-itself (`synthtune.stages.train.run`: the launcher, the ranks, the adapter written once).
+"""Training and evaluation on 1 vs 2 processes (train.num_processes, evaluate.num_processes), side by side
+in one run, through the stages themselves (`synthtune.stages.train.run`: the launcher, the ranks, the
+adapter written once; `synthtune.stages.evaluate.run`: lm-eval data-parallel, rank 0 gathering).
 
 Run as: .venv/bin/python -m bench.scale [--epochs 20]
 
@@ -8,7 +9,9 @@ process and on two ranks (torch's launcher and gloo on a CPU; `accelerate launch
 wall seconds of the stage, the speed-up, the largest difference between the two loss curves, and the
 peak memory of every rank (resident set on a CPU, allocated CUDA memory on a GPU). On a 2-core machine
 expect little speed-up: two ranks share the two cores; the figures that matter here are correctness
-and the overhead. Evaluation is single-process (lm-eval shards only across GPUs).
+and the overhead. Then the tuned adapter is evaluated (the demo task and the forgetting sample) on one
+process and on two ranks: wall seconds, speed-up, whether the scores are identical, and each rank's
+requests and peak memory (with one process, the peak of this whole benchmark process).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ def main() -> None:
 
     from synthtune.config import load_config
     from synthtune.runner import run_all
-    from synthtune.stages import train
+    from synthtune.stages import evaluate, train
     from synthtune.store import ArtifactStore
 
     with tempfile.TemporaryDirectory(prefix="synthtune-bench-scale-") as tmp:
@@ -58,6 +61,20 @@ def main() -> None:
         print(f"  speed-up 2 vs 1: {seen[1][0] / seen[2][0]:.2f}x")
         diff = max(abs(a - b) / a for a, b in zip(seen[1][1], seen[2][1], strict=True))
         print(f"  loss curves: largest relative difference {diff:.2e} over {len(seen[1][1])} logged steps")
+
+        adapter = store.ref("train", "bench-scale-1")
+        scored = {}
+        for n in (1, 2):
+            c = cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(update={"num_processes": n})})
+            start = time.perf_counter()
+            ref = evaluate.run(c, store, {"train": adapter}, output_key=f"bench-scale-eval-{n}")
+            scored[n] = (time.perf_counter() - start, ref.summary["scores"], ref.summary["ranks"])
+        print(f"evaluate, the tuned adapter on {', '.join(scored[1][1])}")
+        for n, (seconds, _, ranks) in scored.items():
+            shares = ", ".join(f"rank {r['rank']}: {r['requests']} requests, {r['peak_rss_gib']:.2f} GiB RSS" for r in ranks)
+            print(f"  {n} process{'es' if n > 1 else ''}: {seconds:6.1f} s   ({shares})")
+        print(f"  speed-up 2 vs 1: {scored[1][0] / scored[2][0]:.2f}x")
+        print(f"  scores identical: {scored[1][1] == scored[2][1]}")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import signal
 import sys
 import tempfile
@@ -265,7 +266,8 @@ def harness(cfg: PipelineConfig, adapter: Path | None, heldout: Path | None,
         finally:
             lm_eval.models.huggingface.tqdm = own_bars
     share = {"rank": int(os.environ.get("RANK", "0")), "world_size": int(os.environ.get("WORLD_SIZE", "1")),
-             "requests": sum(bars.values())}
+             "requests": sum(bars.values()),  # peak memory of this process (with one process, the stage's own)
+             "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}  # KiB on Linux
     return results, args, share
 
 
