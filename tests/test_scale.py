@@ -191,3 +191,39 @@ def test_two_evaluation_ranks_score_what_one_process_does(demo_run):
             ours, theirs = (Path(f"{r.uri}/samples_{task}.jsonl").read_text().splitlines() for r in (ref, one))
             assert [json.loads(x)["filtered_resps"] for x in ours] == [json.loads(x)["filtered_resps"] for x in theirs]
             assert [json.loads(x)["doc_id"] for x in ours] == sorted(json.loads(x)["doc_id"] for x in theirs)
+
+
+def test_preflight_counts_the_requests_lm_eval_will_score(demo_cfg):
+    from synthtune.eval_tasks import task_requests
+
+    ec = demo_cfg.evaluate
+    assert task_requests(ec) == (32 * 4 + 16, [])  # 32 questions of 4 choices, 16 forgetting paragraphs
+    assert task_requests(ec.model_copy(update={"limit": 5})) == (5 * 4 + 16, [])
+    more = ec.model_copy(update={"tasks": [*ec.tasks, "hellaswag"], "in_domain": True})
+    assert task_requests(more) == (32 * 4 + 16, ["hellaswag", "in_domain"])  # not countable before the night
+
+
+@pytest.mark.integration
+def test_preflight_says_when_evaluation_will_dominate_the_night(demo_run, tmp_path):
+    """Timed by the demo night on this root: its tasks take less than its training; a task 200x the size
+    would not, and preflight says so with the figures, before anything runs."""
+    import shutil
+
+    from synthtune.stages.preflight import estimate_warning, evaluation_estimate
+
+    cfg, refs = demo_run
+    store = ArtifactStore(cfg.artifact_root)
+    small = evaluation_estimate(cfg, store)
+    assert small["requests_per_model"] == refs["evaluate[tuned]"].summary["ranks"][0]["requests"] == 144
+    assert small["seconds_per_request"] > 0 and small["train_s"] > 0 and not small["dominates"]
+    assert estimate_warning(small) is None
+
+    tasks = shutil.copytree(ROOT / "configs" / "eval_tasks", tmp_path / "tasks")
+    data = tasks / "demo_facts.jsonl"
+    data.write_text(data.read_text() * 200)
+    big = evaluation_estimate(cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(update={"task_dir": tasks})}),
+                              store)
+    assert big["requests_per_model"] == 200 * 32 * 4 + 16
+    assert big["dominates"] and big["evaluate_s"] > big["train_s"] == small["train_s"]
+    assert estimate_warning(big).startswith(
+        f"evaluation will dominate the night: about {big['evaluate_s']:.0f} s per model to score 25616 requests")

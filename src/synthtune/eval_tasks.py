@@ -452,6 +452,47 @@ def forgetting_task(sample: Path, into: Path) -> list[str]:
     return texts
 
 
+def task_requests(ec: EvaluateConfig) -> tuple[int, list[str]]:
+    """What lm-eval will score per model, counted from the tasks' own data: (requests, the tasks it
+    cannot count here). A local task's items are its test split's rows (capped at evaluate.limit), each a
+    request, or one per choice for multiple choice; the forgetting sample is a request per paragraph
+    (one the model's context cannot hold is scored in several windows).
+    Registry tasks and groups (data not local) and the in-domain task (its rows exist after filter)
+    are named instead."""
+    local = local_tasks(ec.task_dir)
+    requests, unknown = 0, []
+    for name in ec.tasks:
+        if name not in local or "include" in local[name][1]:
+            unknown.append(name)
+            continue
+        path, doc = local[name]
+        files = (doc.get("dataset_kwargs") or {}).get("data_files")
+        split = doc.get("test_split")
+        if isinstance(files, dict) and split in files:
+            files = data_files(path, {"dataset_kwargs": {"data_files": files[split]}})
+        else:
+            files = data_files(path, doc)
+        try:
+            rows = [row for f in files for row in read_task_rows(f)][:ec.limit]
+        except (OSError, ValueError):  # unreadable data is check_data's to report
+            unknown.append(name)
+            continue
+        choices = doc.get("doc_to_choice")
+        if doc.get("output_type") == "multiple_choice" and isinstance(choices, list):
+            requests += len(rows) * len(choices)
+        elif doc.get("output_type") == "multiple_choice" and (ref := _field_ref(choices)):
+            requests += sum(len(row.get(ref) or ()) for row in rows)
+        elif doc.get("output_type") == "multiple_choice":
+            unknown.append(name)
+        else:
+            requests += len(rows)
+    if ec.forgetting is not None:
+        requests += len(paragraphs(ec.forgetting))
+    if ec.in_domain:
+        unknown.append("in_domain")  # synthtune.configs.IN_DOMAIN
+    return requests, unknown
+
+
 def backend_problems(ec: EvaluateConfig) -> list[str]:
     """The evaluate backend cannot run here: vLLM not installed (checked by preflight, before any GPU time,
     and by evaluate itself)."""

@@ -215,7 +215,8 @@ class _Requests:
         self.n += n
         if time.monotonic() - self._last > 0.2 or self.n == self.total:
             self._last = time.monotonic()
-            progress.emit("evaluate", done=self.n, total=self.total, bar=id(self))
+            # a bar built with a total (not over an iterable) counts the model's inputs: contexts, windows
+            progress.emit("evaluate", done=self.n, total=self.total, bar=id(self), inputs=self.iterable is None)
 
     def close(self) -> None:
         pass
@@ -242,10 +243,10 @@ def harness(cfg: PipelineConfig, adapter: Path | None, heldout: Path | None,
 
     from synthtune import progress
 
-    bars: dict[int, int] = {}  # lm-eval's progress bars (one per request type): requests scored
+    bars: dict[int, int] = {}  # lm-eval's progress bars (one per request type): the inputs it scored
 
     def count(event: dict) -> None:
-        if event["kind"] == STAGE and "bar" in event:
+        if event["kind"] == STAGE and event.get("inputs"):
             bars[event["bar"]] = event["done"]
 
     tokenizer = tokenizer or _tokenizer(cfg)

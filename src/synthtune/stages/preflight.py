@@ -14,9 +14,9 @@ import json
 import logging
 from typing import TYPE_CHECKING
 
-from synthtune import tracking
+from synthtune import ledger, tracking
 from synthtune.configs import PreflightConfig
-from synthtune.eval_tasks import backend_problems, chat_payload, check_tasks, local_tasks, task_data
+from synthtune.eval_tasks import backend_problems, chat_payload, check_tasks, local_tasks, task_data, task_requests
 from synthtune.keys import key_payload, stage_key
 from synthtune.models import fingerprint, identity, resolve, revision_kw
 from synthtune.store import ArtifactRef, ArtifactStore, Staging, produce
@@ -152,6 +152,44 @@ def format_parity(cfg: PipelineConfig) -> tuple[list[str], dict]:
             for f in found], report
 
 
+def evaluation_estimate(cfg: PipelineConfig, store: ArtifactStore, nights: int = 10) -> dict:
+    """How long tonight's evaluation will take against training, before either runs: the requests lm-eval
+    will score per model (counted from the tasks' data), timed by the pipeline's newest evaluation built
+    on this root (its seconds per request) and set against its newest training's seconds. `dominates`
+    when scoring tonight's candidate alone would take longer than that training; none of it without an
+    earlier night to time by."""
+    requests, unknown = task_requests(cfg.evaluate)
+    out = {"requests_per_model": requests, "uncounted_tasks": unknown, "seconds_per_request": None,
+           "evaluate_s": None, "train_s": None, "dominates": False}
+    per_request = train_s = None
+    for night in reversed(ledger.history(store, cfg.name, nights)):
+        for step in night["steps"]:
+            if step["cached"] or not step.get("wall_s"):
+                continue
+            if step["stage"] == "train" and train_s is None:
+                train_s = step["wall_s"]
+            elif step["stage"] == "evaluate" and per_request is None:
+                metrics = (store.manifest("evaluate", step["key"]) or {}).get("metrics", {})
+                scored = sum(r.get("requests", 0) for r in metrics.get("ranks", []))
+                per_request = step["wall_s"] / scored if scored else None
+    if per_request is None or train_s is None:
+        return out
+    evaluate_s = per_request * requests
+    return {**out, "seconds_per_request": round(per_request, 6), "evaluate_s": round(evaluate_s, 1),
+            "train_s": round(train_s, 1), "dominates": evaluate_s > train_s}
+
+
+def estimate_warning(estimate: dict) -> str | None:
+    """The preflight warning when evaluation will dominate the night."""
+    if not estimate["dominates"]:
+        return None
+    return (f"evaluation will dominate the night: about {estimate['evaluate_s']:.0f} s per model to score "
+            f"{estimate['requests_per_model']} requests (at {estimate['seconds_per_request'] * 1000:.1f} ms each, as "
+            f"measured on this root) against {estimate['train_s']:.0f} s for the last training; base and champion "
+            "add as much on nights their scores are not cached. Cut evaluate.limit or the tasks, or raise "
+            "evaluate.num_processes")
+
+
 def checks(cfg: PipelineConfig, store: ArtifactStore) -> tuple[list[str], dict]:
     problems = check_model(cfg.student, "student", cfg.preflight.allow_remote_code, cfg.student_revision)
     gen = cfg.generate
@@ -187,7 +225,12 @@ def checks(cfg: PipelineConfig, store: ArtifactStore) -> tuple[list[str], dict]:
         if warning := teacher_warning(gen.teacher, prompts):
             log.warning(warning)
             warnings.append(warning)
-    return problems + disk, {"free_gb": free_gb, "format_parity": parity, "warnings": warnings}
+    estimate = evaluation_estimate(cfg, store)
+    if warning := estimate_warning(estimate):
+        log.warning(warning)
+        warnings.append(warning)
+    return problems + disk, {"free_gb": free_gb, "format_parity": parity, "warnings": warnings,
+                             "evaluation": estimate}
 
 
 def run(cfg: PipelineConfig, store: ArtifactStore, upstream: dict[str, ArtifactRef] | None = None,
