@@ -6,28 +6,18 @@ from __future__ import annotations
 import json
 
 import pandas as pd
-import psutil
 import pytest
 
 from synthtune.stages import generate
 from synthtune.store import ArtifactStore
+from tests.support import ray_processes
 
 pytestmark = pytest.mark.integration
 
 
-def _ray_processes() -> list[str]:
-    names = ("raylet", "gcs_server", "ray::", "plasma_store", "default_worker.py")
-    found = []
-    for p in psutil.process_iter(["name", "cmdline"]):
-        text = f"{p.info['name']} {' '.join(p.info['cmdline'] or [])}"
-        if any(n in text for n in names):
-            found.append(text[:100])
-    return found
-
-
 def test_ray_gives_the_local_engines_rows_and_shares_its_row_cache(demo_run, tmp_path):
     cfg, refs = demo_run
-    assert not _ray_processes()
+    assert not ray_processes()
     on_ray = cfg.generate.model_copy(update={"engine": "ray", "replicas": 2})  # two teacher actors
     store = ArtifactStore(str(tmp_path / "root"))
     ref = generate.run(cfg.model_copy(update={"generate": on_ray, "artifact_root": store.root_url}), store)
@@ -37,7 +27,7 @@ def test_ray_gives_the_local_engines_rows_and_shares_its_row_cache(demo_run, tmp
     assert ray.to_dict("records") == local.to_dict("records")
     assert (ref.summary["rows"]["generated"], ref.summary["rows"]["reused"]) == (35, 0)
     assert store.manifest("generate", ref.key)["replica_requests"] == [18, 17]  # split, each asked once
-    assert not _ray_processes(), "the local Ray cluster outlived the run"
+    assert not ray_processes(), "the local Ray cluster outlived the run"
 
     # the next night on Ray: one new seed file; only its row goes to the teacher
     seeds = tmp_path / "seeds"
@@ -66,4 +56,4 @@ def test_two_replicas_of_an_http_teacher_split_the_seeds_and_ask_nothing_twice(d
     assert seen["requests"] == 40 and not seen["asked_twice"] and ref.summary["rows"]["output"] == 40
     assert store.manifest("generate", ref.key)["replica_requests"] == [20, 20]
     assert seen["max_in_flight"] <= 2 * 4  # replicas x concurrency
-    assert not _ray_processes(), "the local Ray cluster outlived the run"
+    assert not ray_processes(), "the local Ray cluster outlived the run"

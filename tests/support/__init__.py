@@ -29,3 +29,16 @@ def demo_preference_pairs(cfg):
     store = ArtifactStore(cfg.artifact_root)
     pairs = produce(store, "filter", "pairs", {}, {}, lambda st: pd.DataFrame(rows).to_parquet(st.path / "data.parquet"))
     return template.run(cfg, store, {"filter": pairs})
+
+
+def ray_processes() -> list[str]:
+    """Ray's processes alive on this machine (the GCS, raylets, object stores, workers and actors)."""
+    import psutil
+
+    names = ("raylet", "gcs_server", "ray::", "plasma_store", "default_worker.py")
+    found = []
+    for p in psutil.process_iter(["name", "cmdline"]):
+        text = f"{p.info['name']} {' '.join(p.info['cmdline'] or [])}"
+        if any(n in text for n in names):
+            found.append(text[:100])
+    return found

@@ -83,10 +83,34 @@ class TrainConfig(Section):
         "for QLoRA), or on a CPU with torch's launcher (gloo). The global batch (batch_size x "
         "gradient_accumulation_steps) stays what it is on one process: each rank takes an equal share.",
         ge=1, affects_output=False)
+    engine: Literal["local", "ray"] = field(
+        "local", "Where training runs: `local` (this machine, num_processes ranks) or `ray` (Ray Train's TorchTrainer, "
+        "num_workers workers on a Ray cluster; pip install 'synthtune[ray]'). Checkpoints go to the artifact root; a "
+        "lost worker resumes from the newest one.", affects_output=False)
+    ray_address: str = field(
+        "", "engine=ray: the cluster (`ray://head:10001`, or `auto` on a cluster node). Empty: start a local cluster "
+        "for the run and stop it after.", affects_output=False)
+    num_workers: int = field(
+        2, "engine=ray: training workers (ranks). The global batch stays what it is on one process: each worker "
+        "takes an equal share.", ge=1, le=1024, affects_output=False)
+    ray_cpus_per_worker: int = field(1, "engine=ray: CPUs each worker asks Ray for.", ge=1, affects_output=False)
+    ray_gpus_per_worker: int = field(0, "engine=ray: GPUs each worker asks Ray for (0: train on CPUs).", ge=0,
+                                     affects_output=False)
+    ray_max_failures: int = field(
+        3, "engine=ray: worker failures Ray Train recovers from in one run (FailureConfig), each time on a new worker "
+        "group resuming from the newest checkpoint.", ge=0, affects_output=False)
 
     @model_validator(mode="after")
     def _lineage(self) -> TrainConfig:
         if self.data == "new" and self.init != "champion":
             raise ValueError("train.data: new trains on what the starting adapter has not seen, so it needs "
                              f"train.init: champion (train.init is {self.init})")
+        if self.engine == "ray" and self.num_processes > 1:
+            raise ValueError("train.engine: ray runs train.num_workers workers (ranks); leave train.num_processes at 1 "
+                             f"(it is {self.num_processes})")
         return self
+
+    @property
+    def ranks(self) -> int:
+        """How many processes train: Ray's workers, or this machine's processes."""
+        return self.num_workers if self.engine == "ray" else self.num_processes

@@ -13,15 +13,13 @@ it down after (nothing outlives the run).
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 
 from pydantic import SecretStr
 
-from synthtune.child import kill_survivors
 from synthtune.configs import GenerateConfig
 from synthtune.generation import Pass, http_pass, make_llm, make_task, row_tokens, usable
+from synthtune.raycluster import ray_session
 from synthtune.rowcache import RowCache
 
 STAGE = "generate"
@@ -50,11 +48,6 @@ def local_pass(gen: GenerateConfig, p: Pass, cache_url: str) -> tuple[dict[str, 
     return found, {"failed": 0, "retries": 0, "failures": {}, "sent": len(p.inputs), "tokens": tokens}
 
 
-# what Ray workers need from this process's environment (offline mode, no telemetry, tokenizers)
-RAY_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_DISABLE_TELEMETRY", "DO_NOT_TRACK",
-           "TOKENIZERS_PARALLELISM", "HF_HOME", "HF_HUB_CACHE", "SYNTHTUNE_CACHE", "PYTHONPATH")
-
-
 class Replica:
     """One teacher replica (a Ray actor): the passes of its share of the inputs."""
 
@@ -66,32 +59,9 @@ class Replica:
         return local_pass(gen, p, cache_url)
 
 
-@contextlib.contextmanager
-def ray_session(gen: GenerateConfig):
-    """Connect to `generate.ray_address` (ray://head:10001, or `auto` on a cluster node), or start a local
-    Ray cluster for this child, and shut it down after (this child exits without running atexit hooks,
-    which would otherwise be what stops a local cluster)."""
-    import ray
-
-    env = {k: os.environ[k] for k in RAY_ENV if k in os.environ}
-    kwargs: dict = {"runtime_env": {"env_vars": env}, "log_to_driver": False, "ignore_reinit_error": True}
-    if not gen.ray_address:  # a local cluster sized to this machine, without the dashboard
-        kwargs.update(num_cpus=os.cpu_count(), include_dashboard=False, object_store_memory=256 << 20)
-    ray.init(address=gen.ray_address or None, **kwargs)
-    log.info("generate on Ray: %s, resources %s", gen.ray_address or "a local cluster", ray.cluster_resources())
-    try:
-        yield ray
-    finally:
-        import psutil
-
-        started = psutil.Process().children(recursive=True)  # raylet, GCS, the actors' workers
-        ray.shutdown()
-        kill_survivors(started, grace=10)  # workers orphaned by the raylet's exit: nothing outlives the run
-
-
 def ray_pass(gen: GenerateConfig, p: Pass, cache_url: str, api_key: SecretStr | None = None) -> tuple[dict, dict]:
     """`p`'s inputs split round-robin between `replicas` actors; their answers merged."""
-    with ray_session(gen) as ray:
+    with ray_session(gen.ray_address, "generate") as ray:
         replicas = max(1, min(gen.replicas, len(p.inputs)))
         actor = ray.remote(num_cpus=1, num_gpus=gen.ray_gpus_per_replica or 0)(Replica)
         actors = [actor.remote() for _ in range(replicas)]

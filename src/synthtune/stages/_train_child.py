@@ -143,16 +143,24 @@ def _budget_callback(work: Path, max_hours: float | None, device: str):
             self.start, self.before = time.monotonic(), budget.hours_used(work)
 
         def on_save(self, args, state, control, **kwargs):
-            if not state.is_world_process_zero:
-                return
-            devices = args.world_size if device != "cpu" else 1
-            used = self.before + (time.monotonic() - self.start) * devices / 3600
-            budget.record_hours(work, used)
-            if max_hours is not None and used > max_hours:
+            stop = False
+            if state.is_world_process_zero:  # rank 0 counts and decides ...
+                devices = args.world_size if device != "cpu" else 1
+                used = self.before + (time.monotonic() - self.start) * devices / 3600
+                budget.record_hours(work, used)
+                if max_hours is not None and used > max_hours:
+                    stop = True
+                    (work / budget.STOPPED).write_text(json.dumps({
+                        "hours": used, "step": state.global_step, "devices": devices, "device": device,
+                        "checkpoint": str(Path(args.output_dir) / f"checkpoint-{state.global_step}")}))
+            if args.world_size > 1:  # ... and every rank stops with it (a rank stepping alone would hang)
+                import torch.distributed as dist
+
+                decision = [stop]
+                dist.broadcast_object_list(decision, src=0)
+                stop = decision[0]
+            if stop:
                 control.should_training_stop = True
-                (work / budget.STOPPED).write_text(json.dumps({
-                    "hours": used, "step": state.global_step, "devices": devices, "device": device,
-                    "checkpoint": str(Path(args.output_dir) / f"checkpoint-{state.global_step}")}))
 
     return Budget()
 
@@ -295,8 +303,10 @@ def _finish(run: Finished) -> None:
     (final / "metrics.json").write_text(json.dumps(metrics, indent=2))
 
 
-def main(spec_path: str) -> int:
-    """Train once (resuming from the newest valid checkpoint) and write `final/`. Exit 3 on OOM."""
+def main(spec_path: str, resume_from: Path | None = None, newest: bool = True, callbacks: tuple = ()) -> int:
+    """Train once and write `final/`; returns the exit code (OOM_EXIT on CUDA out of memory). It resumes
+    from `resume_from` or, with `newest`, from the newest valid checkpoint in the work folder (under Ray,
+    Ray's checkpoint is the one: synthtune.stages._train_ray). `callbacks` join the trainer's."""
     import torch
     from datasets import Dataset
     from peft import get_peft_model
@@ -334,11 +344,11 @@ def main(spec_path: str) -> int:
         device = torch.cuda.get_device_name() if runtime.device == "cuda" else "cpu"
         spending = _budget_callback(work, cfg.cost.max_gpu_hours, device)
         trainer = trainer_cls(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                              callbacks=[first_step, progress, spending, _rank_callback(work)])
+                              callbacks=[first_step, progress, spending, _rank_callback(work), *callbacks])
         from transformers.trainer_callback import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)  # raw {'loss': ...} dicts: the progress file has them
-        resume = latest_valid_checkpoint(work / "checkpoints")
+        resume = resume_from or (latest_valid_checkpoint(work / "checkpoints") if newest else None)
         resumed = json.loads((resume / "trainer_state.json").read_text())["global_step"] if resume else 0
         if runtime.device == "cuda":
             torch.cuda.reset_peak_memory_stats()

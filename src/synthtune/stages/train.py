@@ -47,6 +47,7 @@ VERSION = "3"
 OOM_EXIT = 3
 SERVING_EXIT = 4  # the export would not serve what was trained: work/error.txt says why
 BUDGET_EXIT = 5  # cost.max_gpu_hours stopped training at a checkpoint: work/over_budget.json says where
+OOM_MARK = "out_of_memory.json"  # train.engine: ray: a worker ran out of CUDA memory (the driver exits OOM_EXIT)
 MAX_OOM_RETRIES = 3
 log = logging.getLogger("synthtune.train")
 
@@ -337,7 +338,7 @@ def training_failed(rc: int, work: Path, tc: TrainConfig) -> str:
             "steps): a retry starts from the beginning; the training child's error is in its output (the run's log)")
 
 
-def per_rank(batch: int, accum: int, ranks: int) -> tuple[int, int]:
+def per_rank(batch: int, accum: int, ranks: int, setting: str = "train.num_processes") -> tuple[int, int]:
     """The global batch (micro-batch x accumulation, as configured for one process) split between `ranks`
     processes: the accumulation divided first, then the micro-batch, so N processes train what one
     would (same global batch, same schedule); a ValueError naming the fields when it does not divide."""
@@ -345,7 +346,7 @@ def per_rank(batch: int, accum: int, ranks: int) -> tuple[int, int]:
     from_batch = ranks // from_accum  # ... and the rest, from the micro-batch
     if batch % from_batch == 0:
         return batch // from_batch, accum // from_accum
-    raise ValueError(f"train.num_processes={ranks} must divide the global batch train.batch_size x "
+    raise ValueError(f"{setting}={ranks} must divide the global batch train.batch_size x "
                      f"train.gradient_accumulation_steps = {batch} x {accum}: each process takes an equal share")
 
 
@@ -355,6 +356,7 @@ def next_batch_plan(batch: int, accum: int) -> tuple[int, int] | None:
 
 
 CHILD = "synthtune.stages._train_child"
+RAY_DRIVER = "synthtune.stages._train_ray"  # train.engine: ray: Ray Train's TorchTrainer runs the child's training
 
 
 def launch_command(spec: Path, num_processes: int, four_bit: bool, device: str = "cuda") -> list[str]:
@@ -390,13 +392,23 @@ def work_dir(store: ArtifactStore, k: str) -> Path:
     return cache_root() / "work" / STAGE / k
 
 
+def ray_storage(store: ArtifactStore, k: str) -> str:
+    """Where Ray Train keeps run `k`'s checkpoints (train.engine: ray): under the artifact root, which every
+    node reaches (the work folder itself on a local root; a path of the root's filesystem otherwise), so a
+    worker lost on one node resumes on another."""
+    return str(work_dir(store, k)) if store.local else store.path(STAGE, ".work", k)
+
+
 def drop_work(store: ArtifactStore, k: str) -> None:
     """Run `k`'s work folder removed (committed: its checkpoints are no longer needed), and the
-    `.work` folder above it once no other run uses it."""
+    `.work` folder above it once no other run uses it; on a remote root, Ray Train's checkpoints too."""
     work = work_dir(store, k)
     shutil.rmtree(work, ignore_errors=True)
     with contextlib.suppress(OSError):
         work.parent.rmdir()
+    if not store.local:
+        with contextlib.suppress(FileNotFoundError):
+            store.remove(STAGE, ".work", k)
 
 
 def loss_curve(history: list[dict], path: Path, title: str) -> None:
@@ -496,7 +508,7 @@ def _train(cfg: PipelineConfig, store: ArtifactStore, staging: Staging, data_dir
     if (batch, accum) != (tc.batch_size, tc.gradient_accumulation_steps) or checkpointing:
         log.info("memory plan: micro-batch %d x accumulation %d%s (estimate %.1f GiB)", batch, accum,
                  ", activation checkpointing" if checkpointing else "", plan.estimate_gib)
-    batch, accum = per_rank(batch, accum, tc.num_processes)
+    batch, accum = per_rank(batch, accum, tc.ranks, "train.num_workers" if tc.engine == "ray" else "train.num_processes")
     run_cfg = cfg  # what the child trains with: a continued night has its own schedule
     if parent is not None:
         run_cfg = cfg.model_copy(update={"train": tc.model_copy(update={
@@ -508,12 +520,15 @@ def _train(cfg: PipelineConfig, store: ArtifactStore, staging: Staging, data_dir
             spec.write_text(json.dumps({"cfg": run_cfg.model_dump(mode="json"), "work": str(work), "data": str(data),
                                         "batch_size": batch, "gradient_accumulation_steps": accum,
                                         "activation_checkpointing": checkpointing, "runtime": asdict(runtime),
-                                        "parent_adapter": str(parent_dir / "adapter") if parent_dir else None}))
-            for stale in ("progress.jsonl", "error.txt", budget.STOPPED):
+                                        "parent_adapter": str(parent_dir / "adapter") if parent_dir else None,
+                                        "ray_storage": ray_storage(store, k)}))
+            for stale in ("progress.jsonl", "error.txt", budget.STOPPED, OOM_MARK):
                 (work / stale).unlink(missing_ok=True)
             shutil.rmtree(work / "ranks", ignore_errors=True)
-            rc = run_group(launch_command(spec, tc.num_processes, runtime.four_bit, runtime.device),
-                           work / "progress.jsonl")
+            shutil.rmtree(work / "final", ignore_errors=True)
+            cmd = ([sys.executable, "-m", RAY_DRIVER, str(spec)] if tc.engine == "ray" else
+                   launch_command(spec, tc.num_processes, runtime.four_bit, runtime.device))
+            rc = run_group(cmd, work / "progress.jsonl")
             if rc == 0:
                 break
             if rc == BUDGET_EXIT:
