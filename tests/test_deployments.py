@@ -144,3 +144,29 @@ def test_seeds_arrived_fails_when_no_server_takes_the_event(tmp_path):
                           env={**os.environ, "PREFECT_API_URL": url}, capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and "did not take synthtune.seeds.arrived" in done.stderr, done
     assert "emitted" not in done.stdout + done.stderr
+
+
+def test_the_rayjob_runs_a_valid_night_its_workers_can_hold():
+    """The RayJob example's entrypoint is a valid pipeline on Ray (generate and train), its training
+    workers fit the worker group's GPUs, and every pod mounts the artifact root at the same path."""
+    import shlex
+
+    from synthtune.config import load_config
+    from synthtune.stages.train import per_rank
+
+    job = yaml.safe_load((ROOT / "deployments" / "job-templates" / "rayjob.yaml").read_text())
+    command = shlex.split(job["spec"]["entrypoint"])
+    assert command[:3] == ["synthtune", "run", "configs/my.yaml"]
+    cfg = load_config(ROOT / "configs" / "demo.yaml", command[3:])
+    tc = cfg.train
+    assert (cfg.generate.engine, tc.engine, tc.ray_address) == ("ray", "ray", "auto")
+    per_rank(tc.batch_size, tc.gradient_accumulation_steps, tc.num_workers, "train.num_workers")  # divides
+    cluster = job["spec"]["rayClusterSpec"]
+    (group,) = cluster["workerGroupSpecs"]
+    gpus = group["replicas"] * group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
+    assert tc.num_workers * tc.ray_gpus_per_worker <= gpus
+    pods = [cluster["headGroupSpec"]["template"]["spec"], group["template"]["spec"]]
+    for pod in pods:
+        claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
+        mounts = {m["name"]: m["mountPath"] for c in pod["containers"] for m in c["volumeMounts"]}
+        assert claims == {"artifacts": "synthtune-artifacts"} and mounts["artifacts"] == cfg.artifact_root

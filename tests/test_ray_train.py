@@ -75,11 +75,8 @@ def test_a_ray_worker_killed_mid_run_is_recovered_from_the_checkpoint_on_the_art
         deadline = time.time() + 240
         while time.time() < deadline:
             # a checkpoint persisted by Ray under the artifact root, and registered (Ray polls every 2 s)
-            snapshot = work / "ray" / "checkpoint_manager_snapshot.json"
-            with contextlib.suppress(OSError, ValueError):
-                latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result")
-                if latest and (work / "ray" / latest["checkpoint_dir_name"]).is_dir() and (workers := _workers()):
-                    seen.update(checkpoint=latest["checkpoint_dir_name"], worker=workers[-1])
+            if (registered := _registered(work)) and (workers := _workers()):
+                seen.update(checkpoint=registered, worker=workers[-1])
                 os.kill(workers[-1], signal.SIGKILL)
                 return
             time.sleep(0.2)
@@ -95,21 +92,33 @@ def test_a_ray_worker_killed_mid_run_is_recovered_from_the_checkpoint_on_the_art
     assert not ray_processes(), "the local Ray cluster outlived the stage"
 
 
-def test_killing_the_stage_leaves_no_ray_process(demo_run):
+def _registered(work: Path) -> str | None:
+    """The newest checkpoint Ray has registered for the run in `work` (persisted under the artifact root)."""
+    with contextlib.suppress(OSError, ValueError):
+        latest = json.loads((work / "ray" / "checkpoint_manager_snapshot.json").read_text()).get("latest_checkpoint_result")
+        if latest and (work / "ray" / latest["checkpoint_dir_name"]).is_dir():
+            return latest["checkpoint_dir_name"]
+    return None
+
+
+def test_killing_the_stage_leaves_no_ray_process_and_the_retry_resumes(demo_run):
     """A cancelled flow run, a Ctrl-C or a killed worker ends the stage's process: the Ray driver, the
-    local cluster it started and the training workers go with it."""
+    local cluster it started and the training workers go with it. The retry, a new Ray run, restores the
+    newest checkpoint Ray registered under the artifact root."""
     cfg, refs = demo_run
-    run = _on_ray(cfg, max_steps=2000, save_steps=20, seed=17)
+    run = _on_ray(cfg, max_steps=400, save_steps=20, seed=17)
+    store = ArtifactStore(cfg.artifact_root)
+    work = work_dir(store, train.key(run, {"template": refs["template"].digest}))
     script = ("from synthtune.config import PipelineConfig; from synthtune.store import ArtifactStore, ArtifactRef\n"
               f"from synthtune.stages import train\ncfg = PipelineConfig.model_validate_json({run.model_dump_json()!r})\n"
               "train.run(cfg, ArtifactStore(cfg.artifact_root), "
               f"{{'template': ArtifactRef.model_validate_json({refs['template'].model_dump_json()!r})}})\n")
     stage = subprocess.Popen([sys.executable, "-c", script], start_new_session=True,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while len(_workers()) < 2 and time.time() < deadline:
+    deadline = time.time() + 180
+    while not (_registered(work) and len(_workers()) == 2) and time.time() < deadline:
         time.sleep(0.2)
-    assert len(_workers()) == 2, "the Ray workers never started"
+    assert _registered(work) and len(_workers()) == 2, "no checkpoint registered while the workers ran"
     stage.send_signal(signal.SIGKILL)  # only the stage's own process
     stage.wait()
     deadline = time.time() + 30
@@ -118,3 +127,8 @@ def test_killing_the_stage_leaves_no_ray_process(demo_run):
     left = ray_processes()
     subprocess.run(["pkill", "-9", "-f", "ray::|raylet|gcs_server"], check=False)  # tidy on failure
     assert not left, f"Ray outlived the stage: {left}"
+
+    ref = train.run(run, store, {"template": refs["template"]})  # the retry
+    assert ref.summary["resumed_from_step"] >= 20 and ref.summary["steps"] == 400
+    assert ref.summary["first_step_this_run"] == ref.summary["resumed_from_step"] + 1
+    assert not ray_processes() and not work.exists()

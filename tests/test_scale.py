@@ -37,6 +37,22 @@ def test_on_a_cpu_the_ranks_start_under_torch_launcher(tmp_path):
     assert cmd[-3:] == ["-m", "synthtune.stages._train_child", str(spec)]
 
 
+def test_ray_training_settings_are_checked_and_in_no_key(demo_cfg):
+    from synthtune.config import ConfigError, load_config
+    from synthtune.runner import plan
+    from tests.support import DEMO
+
+    on_ray = demo_cfg.model_copy(update={"train": demo_cfg.train.model_copy(update={
+        "engine": "ray", "num_workers": 4, "ray_address": "ray://head:10001", "ray_gpus_per_worker": 1})})
+    assert plan(on_ray) == plan(demo_cfg)  # where it trains is not what it trains
+    assert on_ray.train.ranks == 4 and demo_cfg.train.ranks == 1
+    with pytest.raises(ConfigError, match=r"train.engine: ray runs train.num_workers workers \(ranks\); leave "
+                                          r"train.num_processes at 1 \(it is 2\)"):
+        load_config(DEMO, ["train.engine=ray", "train.num_processes=2"])
+    with pytest.raises(ValueError, match=r"train.num_workers=3 must divide the global batch"):
+        per_rank(8, 1, 3, "train.num_workers")
+
+
 def test_evaluation_ranks_start_under_torch_launcher_on_a_cpu_and_accelerate_on_gpus(tmp_path):
     from synthtune.stages import evaluate
 

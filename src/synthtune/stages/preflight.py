@@ -210,8 +210,9 @@ def checks(cfg: PipelineConfig, store: ArtifactStore) -> tuple[list[str], dict]:
     problems += registry_problems(cfg, store)[0]
     problems += lineage_problems(cfg, store)
     problems += tracking.check(cfg)
-    if gen.engine == "ray" and importlib.util.find_spec("ray") is None:
-        problems.append("generate.engine=ray: ray is not installed here (pip install 'synthtune[ray]')")
+    for section, engine in (("generate", gen.engine), ("train", cfg.train.engine)):
+        if engine == "ray" and importlib.util.find_spec("ray") is None:
+            problems.append(f"{section}.engine=ray: ray is not installed here (pip install 'synthtune[ray]')")
     disk, free_gb = check_disk(store, cfg.preflight.min_free_gb)
     warnings = []
     if gen.teacher == "tiny:teacher" and gen.seeds and gen.mode != "magpie":
