@@ -132,3 +132,40 @@ def test_killing_the_stage_leaves_no_ray_process_and_the_retry_resumes(demo_run)
     assert ref.summary["resumed_from_step"] >= 20 and ref.summary["steps"] == 400
     assert ref.summary["first_step_this_run"] == ref.summary["resumed_from_step"] + 1
     assert not ray_processes() and not work.exists()
+
+
+def test_on_an_object_store_root_ray_keeps_checkpoints_and_inputs_there(demo_run, s3_root):
+    """An S3 artifact root (a moto server): Ray persists the checkpoints there through the root's own
+    filesystem, the workers read the night's rows from a copy staged there (never the driver's disk), and
+    all of it goes once the adapter is committed."""
+    cfg, refs = demo_run
+    local = ArtifactStore(cfg.artifact_root)
+    store = ArtifactStore(s3_root)
+    for stage in ("generate", "filter", "template"):  # the demo's data chain, on the S3 root
+        store.fs.put(local.path(stage, refs[stage].key), store.path(stage, refs[stage].key), recursive=True)
+    run = _on_ray(cfg, max_steps=120, save_steps=10, logging_steps=10, seed=19).model_copy(
+        update={"artifact_root": s3_root})
+    k = train.key(run, {"template": refs["template"].digest})
+    remote = store.path("train", ".work", k)
+    seen: set[str] = set()
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            with contextlib.suppress(OSError):
+                seen.update(p.rsplit("/", 1)[-1] for p in store.fs.ls(f"{remote}/ray", detail=False, refresh=True))
+                seen.update(p.rsplit("/", 1)[-1] for p in store.fs.ls(f"{remote}/inputs", detail=False, refresh=True))
+            time.sleep(0.5)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        ref = train.run(run, store, {"template": store.ref("template", refs["template"].key)})
+    finally:
+        done.set()
+        watcher.join()
+    assert ref.uri.startswith("s3://") and ref.summary["steps"] == 120
+    assert any(name.startswith("checkpoint_") for name in seen), seen  # Ray's checkpoints, on S3
+    assert "data.parquet" in seen  # the rows the workers read
+    assert not store.fs.exists(remote)  # dropped with the work folder once committed
+    assert not ray_processes()

@@ -13,10 +13,14 @@ from synthtune.child import kill_survivors
 log = logging.getLogger("synthtune")
 
 # what Ray workers need from this process's environment (offline mode, no telemetry, tokenizers)
-# (and, for training, the pipeline run's MLflow run: synthtune.tracking.child_env)
+# (for training, the pipeline run's MLflow run: synthtune.tracking.child_env), and how this process reaches
+# an object-store artifact root, when it does so through the environment (the workers write the row cache
+# and Ray's checkpoints there; a cluster whose nodes hold their own credentials needs none of these)
 RAY_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_DISABLE_TELEMETRY", "DO_NOT_TRACK",
            "TOKENIZERS_PARALLELISM", "HF_HOME", "HF_HUB_CACHE", "SYNTHTUNE_CACHE", "PYTHONPATH",
-           "MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_MAX_LOG_PARAMS")
+           "MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_MAX_LOG_PARAMS",
+           "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL",
+           "GOOGLE_APPLICATION_CREDENTIALS")
 
 
 @contextlib.contextmanager

@@ -8,7 +8,9 @@ sets up (gloo on CPUs, NCCL on GPUs). Checkpoints are Ray's: rank 0 reports each
 saves, Ray persists it under the artifact root (RunConfig.storage_path, the run's work folder) and,
 after a lost worker (FailureConfig.max_failures), restarts the group from the newest; a stage retry
 finds them there too. The finished `final/` is reported last, so a driver on another node gets it and a
-retry after a finished but uncommitted run trains nothing again. Exit codes are the child's:
+retry after a finished but uncommitted run trains nothing again. On an object-store root the workers
+read nothing of the driver's disk: the rows (and a continued night's starting adapter) are staged
+beside the checkpoints, and each worker trains in a work folder of its own node. Exit codes are the child's:
 OOM_EXIT, BUDGET_EXIT, 1 when Ray gave up.
 """
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 from synthtune import budget
@@ -53,14 +56,41 @@ def _finished(folder: Path | None) -> bool:
     return folder is not None and (folder / "metrics.json").is_file()
 
 
+def _stage_inputs(store: ArtifactStore, spec: dict) -> str:
+    """On an object-store root, the files the workers read (the night's rows, the adapter a continued night
+    starts from) uploaded beside Ray's checkpoints, so a worker on any node reads them; returns where."""
+    inputs = f"{spec['ray_storage']}/inputs"
+    store.fs.put(spec["data"], f"{inputs}/data.parquet")
+    if spec.get("parent_adapter"):
+        store.fs.put(spec["parent_adapter"], f"{inputs}/parent_adapter", recursive=True)
+    return inputs
+
+
+def _local_spec(config: dict) -> str:
+    """This worker's spec file. On an object-store root its inputs come from the staged copies, into a
+    folder of this node (the driver's paths are on the driver's node), and its work folder is this node's."""
+    spec = dict(config["spec"])
+    folder = Path(tempfile.mkdtemp(prefix="synthtune-ray-worker-"))
+    if config.get("inputs"):
+        fs = ArtifactStore(config["artifact_root"]).fs
+        fs.get(f"{config['inputs']}/data.parquet", str(folder / "data.parquet"))
+        spec["data"] = str(folder / "data.parquet")
+        if spec.get("parent_adapter"):
+            fs.get(f"{config['inputs']}/parent_adapter/", str(folder / "parent_adapter"), recursive=True)
+            spec["parent_adapter"] = str(folder / "parent_adapter")
+    Path(spec["work"]).mkdir(parents=True, exist_ok=True)
+    (folder / "spec.json").write_text(json.dumps(spec))
+    return str(folder / "spec.json")
+
+
 def worker(config: dict) -> None:
     """One rank: the child's training, resumed from Ray's newest checkpoint; rank 0 reports `final/`."""
     import ray.train
 
     from synthtune.stages._train_child import main
 
-    spec_path = config["spec"]
-    work = Path(json.loads(Path(spec_path).read_text())["work"])
+    spec_path = _local_spec(config)
+    work = Path(config["spec"]["work"])
     rank = ray.train.get_context().get_world_rank()
     checkpoint = ray.train.get_checkpoint()
     with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as restored:
@@ -90,14 +120,16 @@ def main(spec_path: str) -> int:
     tc, work = cfg.train, Path(spec["work"])
     store = ArtifactStore(cfg.artifact_root)
     storage: dict = {"storage_path": spec["ray_storage"]}
+    loop = {"spec": spec, "artifact_root": cfg.artifact_root, "inputs": None}
     if not store.local:  # the root's own filesystem (its endpoint and credentials), through pyarrow
         import pyarrow.fs
 
         storage["storage_filesystem"] = pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(store.fs))
+        loop["inputs"] = _stage_inputs(store, spec)
     gpus = tc.ray_gpus_per_worker
     with ray_session(tc.ray_address, "train", num_cpus=tc.num_workers * tc.ray_cpus_per_worker, log_to_driver=True):
         trainer = TorchTrainer(
-            worker, train_loop_config={"spec": spec_path},
+            worker, train_loop_config=loop,
             scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=gpus > 0,
                                          resources_per_worker={"CPU": tc.ray_cpus_per_worker, **({"GPU": gpus} if gpus else {})}),
             run_config=RunConfig(name=RUN, failure_config=FailureConfig(max_failures=tc.ray_max_failures),
