@@ -66,11 +66,10 @@ def _stage_inputs(store: ArtifactStore, spec: dict) -> str:
     return inputs
 
 
-def _local_spec(config: dict) -> str:
-    """This worker's spec file. On an object-store root its inputs come from the staged copies, into a
-    folder of this node (the driver's paths are on the driver's node), and its work folder is this node's."""
+def _local_spec(config: dict, folder: Path) -> str:
+    """This worker's spec file, in `folder`. On an object-store root its inputs come from the staged copies,
+    into `folder` (the driver's paths are on the driver's node), and its work folder is this node's."""
     spec = dict(config["spec"])
-    folder = Path(tempfile.mkdtemp(prefix="synthtune-ray-worker-"))
     if config.get("inputs"):
         fs = ArtifactStore(config["artifact_root"]).fs
         fs.get(f"{config['inputs']}/data.parquet", str(folder / "data.parquet"))
@@ -89,15 +88,15 @@ def worker(config: dict) -> None:
 
     from synthtune.stages._train_child import main
 
-    spec_path = _local_spec(config)
     work = Path(config["spec"]["work"])
     rank = ray.train.get_context().get_world_rank()
     checkpoint = ray.train.get_checkpoint()
-    with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as restored:
+    with (tempfile.TemporaryDirectory(prefix="synthtune-ray-worker-") as own,
+          checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as restored):
         folder = Path(restored) if restored else None
         if _finished(folder):
             return  # trained already: the driver takes final/ from this checkpoint
-        rc = main(spec_path, resume_from=folder, newest=False, callbacks=(_report_callback(),))
+        rc = main(_local_spec(config, Path(own)), resume_from=folder, newest=False, callbacks=(_report_callback(),))
     if rc == OOM_EXIT:
         (work / OOM_MARK).write_text(json.dumps({"rank": rank}))
     elif rc not in (0, BUDGET_EXIT):  # over the GPU budget: stopped at a checkpoint, on purpose

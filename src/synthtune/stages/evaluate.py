@@ -234,7 +234,7 @@ class _Requests:
 def harness(cfg: PipelineConfig, adapter: Path | None, heldout: Path | None,
             tokenizer=None) -> tuple[dict | None, dict, dict]:
     """lm-eval's results (samples included), the simple_evaluate arguments, and this process's share
-    (rank, world_size, the requests it scored), in this process. Under torch's launcher
+    (rank, world_size, the requests it scored, its peak memory), in this process. Under torch's launcher
     (evaluate.num_processes) this process is one rank: it scores its share of every task, and the
     results are rank 0's alone (None on the others)."""
     import lm_eval.models.huggingface
@@ -266,9 +266,10 @@ def harness(cfg: PipelineConfig, adapter: Path | None, heldout: Path | None,
                 results = simple_evaluate(task_manager=manager, **{**args, "model": model})
         finally:
             lm_eval.models.huggingface.tqdm = own_bars
+    # peak memory of this process (with one process, the stage's own); ru_maxrss is in KiB on Linux
     share = {"rank": int(os.environ.get("RANK", "0")), "world_size": int(os.environ.get("WORLD_SIZE", "1")),
-             "requests": sum(bars.values()),  # peak memory of this process (with one process, the stage's own)
-             "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}  # KiB on Linux
+             "requests": sum(bars.values()),
+             "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}
     return results, args, share
 
 
