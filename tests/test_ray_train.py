@@ -169,3 +169,22 @@ def test_on_an_object_store_root_ray_keeps_checkpoints_and_inputs_there(demo_run
     assert "data.parquet" in seen  # the rows the workers read
     assert not store.fs.exists(remote)  # dropped with the work folder once committed
     assert not ray_processes()
+
+
+def test_the_workers_metrics_reach_the_pipeline_runs_mlflow_run(demo_run, tmp_path):
+    """With tracking on, TRL's metrics are logged live by rank 0's Ray worker into the pipeline run's MLflow
+    run, as the local training child does."""
+    from mlflow import MlflowClient
+
+    from synthtune import tracking
+    from tests.support.servers import mlflow_server
+
+    cfg, refs = demo_run
+    with mlflow_server(tmp_path) as uri:
+        tracked = _on_ray(cfg, max_steps=40, logging_steps=5, seed=23).model_copy(update={
+            "tracking": cfg.tracking.model_copy(update={"mlflow_uri": uri, "experiment": "ray"})})
+        with tracking.session(tracked, "ray-run", "ray-night") as run:
+            train.run(tracked, ArtifactStore(cfg.artifact_root), {"template": refs["template"]}, output_key="ray-mlflow")
+        history = MlflowClient(tracking_uri=uri).get_metric_history(run.run_id, "loss")
+        assert [h.step for h in history] == list(range(5, 41, 5))  # every logged step, once (rank 0 alone)
+    assert not ray_processes()
