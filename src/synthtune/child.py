@@ -79,6 +79,17 @@ def die_with_parent(sig: int | None = None) -> None:
         pass
 
 
+def ranks_command(module: str, spec, ranks: int, device: str, accelerate: list[str]) -> list[str]:
+    """`python -m module spec` on `ranks` processes: on a CPU torch's own launcher, one gloo rank per
+    process (what `accelerate launch` starts on GPUs: accelerate's CPU path wants MPI); on GPUs
+    `accelerate launch` with the `accelerate` flags (the process count among them)."""
+    import sys
+
+    launcher = (["torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)] if device == "cpu"
+                else ["accelerate.commands.launch", *accelerate])
+    return [sys.executable, "-m", *launcher, "-m", module, str(spec)]
+
+
 def run_group(cmd: list[str], progress_file=None, kind: str = "train") -> int:
     """Run `cmd` (a training or evaluation child, or a launcher and its ranks) in its own process
     group and return its exit code; whatever happens here, the group dies. It is tracked, so an

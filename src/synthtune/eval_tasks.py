@@ -70,9 +70,12 @@ def _absolute(folder: Path, files):
     return str(p if p.is_absolute() else (folder / p).resolve())
 
 
-def data_files(path: Path, doc: dict) -> list[Path]:
-    """Local data files a task YAML names, resolved against the YAML's folder."""
+def data_files(path: Path, doc: dict, split: str | None = None) -> list[Path]:
+    """Local data files a task YAML names, resolved against the YAML's folder: all of them, or those of
+    `split` where it names files per split."""
     files = (doc.get("dataset_kwargs") or {}).get("data_files")
+    if split is not None and isinstance(files, dict) and split in files:
+        files = files[split]
     if not files:
         return []
     flat, stack = [], [_absolute(path.parent, files)]
@@ -466,14 +469,8 @@ def task_requests(ec: EvaluateConfig) -> tuple[int, list[str]]:
             unknown.append(name)
             continue
         path, doc = local[name]
-        files = (doc.get("dataset_kwargs") or {}).get("data_files")
-        split = doc.get("test_split")
-        if isinstance(files, dict) and split in files:
-            files = data_files(path, {"dataset_kwargs": {"data_files": files[split]}})
-        else:
-            files = data_files(path, doc)
         try:
-            rows = [row for f in files for row in read_task_rows(f)][:ec.limit]
+            rows = [row for f in data_files(path, doc, doc.get("test_split")) for row in read_task_rows(f)][:ec.limit]
         except (OSError, ValueError):  # unreadable data is check_data's to report
             unknown.append(name)
             continue

@@ -15,13 +15,12 @@ import json
 import os
 import resource
 import signal
-import sys
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from synthtune import parity
-from synthtune.child import run_group
+from synthtune.child import ranks_command, run_group
 from synthtune.configs import FORGETTING, IN_DOMAIN, EvaluateConfig
 from synthtune.eval_tasks import (
     backend_problems,
@@ -290,11 +289,7 @@ def _rank_model(args: dict):
 def launch_command(spec: Path, num_processes: int, device: str) -> list[str]:
     """The ranks' command: `accelerate launch` across GPUs (lm-eval's own data-parallel recipe) or, on a
     CPU, torch's launcher with one gloo rank per process."""
-    if device == "cpu":
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                str(num_processes), "-m", CHILD, str(spec)]
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
-            "-m", CHILD, str(spec)]
+    return ranks_command(CHILD, spec, num_processes, device, ["--multi_gpu", "--num_processes", str(num_processes)])
 
 
 def _harness_ranks(cfg: PipelineConfig, adapter: Path | None, heldout: Path | None) -> tuple[dict, dict, list[dict]]:

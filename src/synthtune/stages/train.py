@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from synthtune import budget, cards, lineage
-from synthtune.child import run_group
+from synthtune.child import ranks_command, run_group
 from synthtune.configs import LoraParams, TrainConfig
 from synthtune.keys import key_payload, stage_key
 from synthtune.models import fingerprint, resolve, revision_kw
@@ -361,22 +361,17 @@ RAY_DRIVER = "synthtune.stages._train_ray"  # train.engine: ray: Ray Train's Tor
 
 def launch_command(spec: Path, num_processes: int, four_bit: bool, device: str = "cuda") -> list[str]:
     """The child's command: a plain interpreter; `accelerate launch` across GPUs (DDP, FSDP for QLoRA); or,
-    on a CPU, torch's own launcher (what `accelerate launch` starts on GPUs: accelerate's CPU path wants
-    MPI) with one rank per process on the gloo backend."""
+    on a CPU, torch's own launcher with one rank per process on the gloo backend."""
     if num_processes == 1:
         return [sys.executable, "-m", CHILD, str(spec)]
-    if device == "cpu":
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(num_processes),
-                "-m", CHILD, str(spec)]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes),
-           "--mixed_precision", "bf16"]
+    flags = ["--num_processes", str(num_processes), "--mixed_precision", "bf16"]
     if four_bit:  # QLoRA across GPUs: shard with FSDP, 4-bit weights kept as stored
-        cmd += ["--use_fsdp", "--fsdp_version", "1", "--fsdp_sharding_strategy", "FULL_SHARD",
-                "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP", "--fsdp_use_orig_params", "false",
-                "--fsdp_cpu_ram_efficient_loading", "true"]
+        flags += ["--use_fsdp", "--fsdp_version", "1", "--fsdp_sharding_strategy", "FULL_SHARD",
+                  "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP", "--fsdp_use_orig_params", "false",
+                  "--fsdp_cpu_ram_efficient_loading", "true"]
     else:
-        cmd += ["--multi_gpu"]
-    return cmd + ["-m", CHILD, str(spec)]
+        flags += ["--multi_gpu"]
+    return ranks_command(CHILD, spec, num_processes, device, flags)
 
 
 # ---------------------------------------------------------------- the stage
